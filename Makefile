@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the main job (configs/demo.yaml)
+#   make test   set up .venv and run the test suite
+# PYTHON picks the interpreter that makes the venv; VENV where it goes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch: keep one that is already there (a CUDA build); else the CPU build 2.13.0.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/domainlm run configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,153 @@
+"""The one CLI: `domainlm <stage> <command> [--config FILE] [--field.name=value ...]`.
+
+Commands are listed once, in COMMANDS, by import path, so `domainlm --help` loads only the
+light config modules and a command imports its stage (torch, Beam, megatron-core) when it runs.
+A command with a config class gets one flag per config field; its run function takes the
+resolved config. A `UserError` prints one line and exits 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from domainlm import __version__
+from domainlm.config import add_config_arguments, config_from_args, dump_yaml, normalize_argv
+from domainlm.errors import UserError
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    """Words after `domainlm`, e.g. 'tokenizer train'."""
+    help: str
+    """One line for the parent's --help."""
+    run: str
+    """'module:function' called with the resolved config (or the argparse namespace)."""
+    config: str | None = None
+    """'module:Class' of the stage config; None for commands with hand-written arguments."""
+    arguments: str | None = None
+    """'module:function(parser)' adding hand-written arguments, for commands without a config."""
+    inputs: str | None = None
+    """'module:function(cfg)' describing the inputs as the manifest records them; lets
+    `domainlm run` tell when the stage's output is up to date."""
+    description: str = ""
+    """Longer text for the command's own --help (the config class docstring when empty)."""
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "corpus pydoc", "build the embedded domain corpus from installed packages' API docs",
+        run="domainlm.tokenizer.pydoc:build", config="domainlm.tokenizer.config:PydocConfig",
+        inputs="domainlm.tokenizer.pydoc:inputs",
+    ),
+    Command(
+        "tokenizer train", "train a SentencePiece tokenizer and export it for Hugging Face",
+        run="domainlm.tokenizer.train:train", config="domainlm.tokenizer.config:TokenizerConfig",
+        inputs="domainlm.tokenizer.train:inputs",
+    ),
+    Command(
+        "tokenizer report", "bytes per token, tokens per word and byte fallback on held-out text",
+        run="domainlm.tokenizer.report:report", config="domainlm.tokenizer.config:ReportConfig",
+    ),
+    Command(
+        "run", "run a pipeline config: every stage in order, skipping those up to date",
+        run="domainlm.pipeline:run_command", arguments="domainlm.pipeline:add_arguments",
+    ),
+]
+
+GROUP_HELP = {
+    "corpus": "build a corpus to start from",
+    "tokenizer": "train and evaluate a domain tokenizer",
+}
+
+
+def resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def find_command(name: str) -> Command:
+    for c in COMMANDS:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=38, width=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="domainlm", formatter_class=_Formatter,
+        description="Build a domain-specific language model: corpus -> tokenizer -> shards -> "
+        "pretraining -> Hugging Face -> fine-tuning -> serving.",
+        epilog="Run `domainlm COMMAND --help` for a command's options and their defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        words = cmd.name.split()
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=cmd.help, formatter_class=_Formatter)
+        else:
+            if words[0] not in groups:
+                gp = top.add_parser(words[0], help=GROUP_HELP.get(words[0], ""), formatter_class=_Formatter,
+                                    description=GROUP_HELP.get(words[0], ""))
+                groups[words[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", title="subcommands")
+                gp.set_defaults(_group=gp)
+            sub = groups[words[0]].add_parser(words[1], help=cmd.help, formatter_class=_Formatter)
+        sub.set_defaults(_command=cmd, _parser=sub)
+        _fill(sub, cmd)
+    return parser
+
+
+def _fill(sub: argparse.ArgumentParser, cmd: Command) -> None:
+    if cmd.config:
+        cls = resolve(cmd.config)
+        sub.description = inspect.cleandoc(cmd.description or cls.__doc__ or cmd.help)
+        add_config_arguments(sub, cls)
+    elif cmd.arguments:
+        fn = resolve(cmd.run)
+        sub.description = inspect.cleandoc(cmd.description or fn.__doc__ or cmd.help)
+        resolve(cmd.arguments)(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from domainlm.progress import setup_logging
+
+    parser = build_parser()
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    setup_logging(ns.verbose)
+    cmd: Command | None = getattr(ns, "_command", None)
+    if cmd is None:
+        (getattr(ns, "_group", None) or parser).print_help(sys.stderr)
+        return 2
+    try:
+        if cmd.config:
+            cfg = config_from_args(resolve(cmd.config), ns)
+            if ns.print_config:
+                print(dump_yaml(cfg), end="")
+                return 0
+            result = resolve(cmd.run)(cfg)
+        else:
+            result = resolve(cmd.run)(ns)
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        print(f"domainlm {cmd.name}: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print(f"domainlm {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

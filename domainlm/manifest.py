@@ -1,0 +1,221 @@
+"""Stage outputs and their manifests (DESIGN.md, "Contracts between stages").
+
+Every stage writes a directory with a `manifest.json` saying what made it: the stage, the
+resolved config, the inputs with their checksums, the library versions and the counts. The next
+stage reads it to check what it is given; `domainlm run` compares fingerprints to skip stages
+whose outputs are up to date.
+
+A stage writes into a hidden sibling directory and renames it into place once the manifest is
+written, so an interrupted or failed run never leaves a half-written output behind, and an
+output directory that holds something other than this stage's earlier output is refused unless
+the user passes --overwrite.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from domainlm import __version__
+from domainlm.config import leaves, to_dict
+from domainlm.errors import UserError
+
+MANIFEST = "manifest.json"
+
+# The libraries whose versions decide what a stage produces; recorded in every manifest.
+TRACKED_LIBRARIES = (
+    "torch", "megatron-core", "sentencepiece", "tokenizers", "transformers", "apache-beam",
+    "webdataset", "datasets", "peft", "triton", "numpy", "pyarrow",
+)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "domainlm": __version__}
+    for name in TRACKED_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files named by paths, globs and directories (searched recursively), sorted, unique.
+
+    A directory that holds a manifest or a saved `datasets` dir is kept whole (the caller reads
+    it as one input). Names nothing -> UserError naming the pattern.
+    """
+    out: list[Path] = []
+    for pat in patterns:
+        hits = sorted(globlib.glob(os.path.expanduser(pat), recursive=True)) if globlib.has_magic(pat) else [pat]
+        found = False
+        for hit in hits:
+            p = Path(hit)
+            if p.is_dir():
+                if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+                    out.append(p)
+                    found = True
+                    continue
+                for f in sorted(p.rglob("*")):
+                    if f.is_file() and not f.name.startswith(".") and (suffixes is None or f.name.endswith(suffixes)):
+                        out.append(f)
+                        found = True
+            elif p.is_file():
+                out.append(p)
+                found = True
+        if not found:
+            what = "matches no file" if globlib.has_magic(pat) else "does not exist"
+            if Path(pat).is_dir():
+                what = f"is a directory with no {'/'.join(suffixes) if suffixes else ''} files"
+            raise UserError(f"input {pat!r} {what}; give a file, a glob or a directory of corpus files")
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return unique
+
+
+def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Path and checksum of each input; a stage output directory is named by its fingerprint."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            m = p / MANIFEST
+            if m.exists():
+                out.append({"path": str(p), "fingerprint": json.loads(m.read_text())["fingerprint"]})
+            else:
+                files = sorted(f for f in p.rglob("*") if f.is_file())
+                out.append({"path": str(p), "bytes": sum(f.stat().st_size for f in files),
+                            "sha256": sha256_json([[str(f.relative_to(p)), sha256_file(f)] for f in files])})
+        else:
+            out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+def recorded_config(cfg: Any) -> dict[str, Any]:
+    """The config as a manifest records it: runtime-only fields (workers, --overwrite) left out."""
+    data = to_dict(cfg)
+    for leaf in leaves(type(cfg)):
+        if leaf.role == "runtime":
+            *head, last = leaf.path.split(".")
+            node = data
+            for part in head:
+                node = node[part]
+            node.pop(last, None)
+    return data
+
+
+def fingerprint(stage: str, cfg: Any, inputs: list[dict[str, Any]]) -> str:
+    """What decides a stage's output: stage name, recorded config and input checksums."""
+    return sha256_json({"stage": stage, "config": recorded_config(cfg), "inputs": inputs})
+
+
+def make_manifest(stage: str, cfg: Any, inputs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint(stage, cfg, inputs),
+        "config": recorded_config(cfg),
+        "inputs": inputs,
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def read_manifest(directory: str | Path, stage: str | tuple[str, ...] | None = None, what: str = "") -> dict[str, Any]:
+    """Read DIR/manifest.json, checking it was written by `stage`; UserError otherwise."""
+    d = Path(directory)
+    stages = (stage,) if isinstance(stage, str) else stage
+    label = what or (f"a `domainlm {stages[0]}` output" if stages else "a domainlm output")
+    if not d.is_dir():
+        raise UserError(f"{str(d)!r} is not a directory; expected {label}")
+    m = d / MANIFEST
+    if not m.is_file():
+        raise UserError(f"{str(d)!r} has no {MANIFEST}, so it is not {label}")
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{str(m)!r} line {e.lineno}: not valid JSON ({e.msg}); rebuild that directory") from None
+    if stages and data.get("stage") not in stages:
+        raise UserError(f"{str(d)!r} was made by `domainlm {data.get('stage')}`; expected {label}")
+    return data
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+
+
+class StageOutput:
+    """Write a stage's output directory atomically.
+
+    with StageOutput(cfg.output, "tokenizer train", overwrite=cfg.overwrite) as out:
+        ... write files under out.tmp ...
+        out.commit(manifest)
+
+    The directory is refused if it holds anything but an earlier output of the same stage
+    (unless `overwrite`). Files go to a hidden sibling; `commit` writes the manifest and moves
+    it into place; an exception removes it, so nothing half-written is left.
+    """
+
+    def __init__(self, path: str | Path, stage: str, *, overwrite: bool = False):
+        self.path = Path(path)
+        self.stage = stage
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise UserError(f"output {str(self.path)!r} is a file; choose a directory path")
+            contents = sorted(p.name for p in self.path.iterdir())
+            if contents and not overwrite:
+                owner = None
+                if (self.path / MANIFEST).is_file():
+                    try:
+                        owner = json.loads((self.path / MANIFEST).read_text()).get("stage")
+                    except (json.JSONDecodeError, OSError):
+                        owner = None
+                if owner != stage:
+                    shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+                    raise UserError(
+                        f"output directory {str(self.path)!r} already holds something else ({shown}); "
+                        "choose an empty or new directory, or pass --overwrite to replace it"
+                    )
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> "StageOutput":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        return self
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        write_json(self.tmp / MANIFEST, manifest)
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+            self.path.rename(old)
+            self.tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.path)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""domainlm.finetune: instruction data, the chat template, PEFT SFT and adapter merging."""

@@ -1,0 +1,1 @@
+"""domainlm.pretrain.kernels: Triton fused kernels for training."""

@@ -1,0 +1,1 @@
+"""domainlm.serve: chunking, embeddings, the vector index, generation and the HTTP server."""

@@ -1,0 +1,178 @@
+"""Read corpus documents from JSONL, Parquet, plain text and saved `datasets` directories.
+
+This is the streaming reader used where the whole corpus must be read strictly, in one
+process: tokenizer training and reports. Any bad record stops the run with the file, the line
+and the fix, since a tokenizer trained on part of a corpus is a silent loss. (The Beam shard
+pipeline has its own readers that send bad records to a dead-letter file and go on.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from domainlm.errors import UserError
+from domainlm.manifest import expand_inputs
+
+# File name endings read as corpus files when a directory or glob is given.
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".txt.gz")
+
+
+@dataclass(slots=True)
+class Document:
+    key: str
+    """Stable id: the record's `id` field when present, else 'file:line' (or the .txt path)."""
+    text: str
+    source: str
+    """Where it came from, 'file:line' or 'file:row', for messages and provenance."""
+
+
+def corpus_files(patterns: list[str]) -> list[Path]:
+    """Expand the --input paths, globs and directories into corpus files, sorted."""
+    if not patterns:
+        raise UserError("no input given; pass --input with corpus files, globs or directories")
+    return expand_inputs(patterns, CORPUS_SUFFIXES)
+
+
+def kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        return "datasets"
+    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"),
+                         (".parquet", "parquet"), (".txt", "txt"), (".txt.gz", "txt")):
+        if name.endswith(suffix):
+            return kind
+    raise UserError(
+        f"{str(path)!r}: unknown corpus format; use .jsonl/.json (JSON lines), .parquet, .txt "
+        "(one document per file) or a saved `datasets` directory"
+    )
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def read_documents(patterns: list[str], text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    """Yield every document of the inputs in a fixed order (files sorted, records in order)."""
+    for path in corpus_files(patterns):
+        yield from read_file(path, text_field, id_field)
+
+
+def read_file(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+    try:
+        kind = kind_of(path)
+        if kind == "jsonl":
+            yield from _read_jsonl(path, text_field, id_field)
+        elif kind == "parquet":
+            yield from _read_parquet(path, text_field, id_field)
+        elif kind == "txt":
+            with _open_text(path) as f:
+                yield Document(str(path), f.read(), str(path))
+        else:
+            yield from _read_datasets(path, text_field, id_field)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{str(path)!r}: not valid UTF-8 (byte {e.start} of the text being read: {e.reason}); "
+            "re-encode the file as UTF-8"
+        ) from None
+    except PermissionError:
+        raise UserError(f"{str(path)!r}: permission denied; make the file readable") from None
+    except IsADirectoryError:
+        raise UserError(f"{str(path)!r} is a directory but not a saved `datasets` directory") from None
+    except (OSError, EOFError) as e:  # unreadable file, truncated or corrupt gzip
+        raise UserError(f"{str(path)!r}: cannot be read ({e}); check the file is complete and readable") from None
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    with _open_text(path) as f:
+        line_no = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason}); re-encode the file as UTF-8"
+                ) from None
+            if not line:
+                break
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(
+                    f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            yield _record(rec, text_field, id_field, f"{path}:{line_no}")
+
+
+def _record(rec: object, text_field: str, id_field: str, where: str) -> Document:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(rec).__name__}")
+    if text_field not in rec:
+        fields = ", ".join(sorted(map(str, rec))) or "none"
+        raise UserError(
+            f"{where}: no {text_field!r} field (fields: {fields}); pass --text-field NAME to read another"
+        )
+    text = rec[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+    key = rec.get(id_field)
+    return Document(str(key) if key is not None else where, text, where)
+
+
+def _check_column(path: Path, columns: list[str], text_field: str) -> None:
+    if text_field not in columns:
+        raise UserError(
+            f"{str(path)!r}: no {text_field!r} column (columns: {', '.join(columns)}); "
+            "pass --text-field NAME to read another"
+        )
+
+
+def _read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{str(path)!r}: not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    _check_column(path, names, text_field)
+    cols = [text_field] + ([id_field] if id_field in names else [])
+    row = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=4096):
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column(id_field).to_pylist() if id_field in names else [None] * len(texts)
+        for text, key in zip(texts, ids):
+            where = f"{path}:row {row}"
+            if not isinstance(text, str):
+                raise UserError(f"{where}: column {text_field!r} is {type(text).__name__}, expected a string")
+            yield Document(str(key) if key is not None else where, text, where)
+            row += 1
+
+
+def _read_datasets(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{str(path)!r}: not a saved `datasets` directory ({e})") from None
+    splits = [(name, ds[name]) for name in sorted(ds)] if isinstance(ds, datasets.DatasetDict) else [("", ds)]
+    for split, d in splits:
+        _check_column(path, d.column_names, text_field)
+        has_id = id_field in d.column_names
+        for i, rec in enumerate(d.select_columns([text_field] + ([id_field] if has_id else []))):
+            where = f"{path}:{split + ':' if split else ''}row {i}"
+            text = rec[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{where}: column {text_field!r} is {type(text).__name__}, expected a string")
+            key = rec.get(id_field) if has_id else None
+            yield Document(str(key) if key is not None else where, text, where)
