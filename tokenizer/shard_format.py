@@ -15,6 +15,17 @@ The key is derived from the document id and its input file (readable prefix + ha
 dots (WebDataset splits the member name at the first dot) and is unique in the directory.
 Stock `webdataset.WebDataset(urls).decode()` yields {"__key__", "npy", "json"}.
 
+manifest.json (stage "data shard") holds, besides the common fields (fingerprint, config, inputs,
+versions):
+    "tokenizer": {"sha256", "vocab_size", "eos_id", "bos_id", "pad_id", "path"},
+    "token_dtype": "uint16" | "uint32",
+    "splits": {"train": {"documents", "tokens", "shards": [{"name": "train/shard-000000.tar",
+                "sha256", "bytes", "documents", "tokens"}, ...]}, "valid": {...}},
+    "dropped": {reason: count, ...}      every input record not in a shard, by reason
+    "counts": {"records", "kept", ...}   records read = kept + sum(dropped)
+The loader trusts "splits" for the shard list and token counts, and "tokenizer" to refuse a
+model whose vocab differs.
+
 Tar members are written with fixed metadata (mtime 0, uid/gid 0, mode 0644, USTAR), so the
 same samples give byte-identical shards on any machine.
 """
