@@ -45,7 +45,7 @@ class PydocConfig:
 class SpecialTokens:
     """Names of the special tokens (ids 0-3, then the chat and reserved tokens)."""
 
-    unk: str = "<unk>"
+    unk: str = "<|unk|>"
     """Unknown token (id 0); with byte fallback it is never produced for text."""
     bos: str = "<|begin_of_text|>"
     """Beginning of sequence (id 1)."""

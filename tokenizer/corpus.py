@@ -89,18 +89,15 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id") -> Ite
 
 
 def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
-    with _open_text(path) as f:
-        line_no = 0
-        while True:
+    # Bytes in, decoded line by line: a bad byte is reported at its own line.
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        for line_no, raw in enumerate(f, 1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(
-                    f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason}); re-encode the file as UTF-8"
+                    f"{path}:{line_no}: not valid UTF-8 (byte {e.start}: {e.reason}); re-encode the file as UTF-8"
                 ) from None
-            if not line:
-                break
-            line_no += 1
             if not line.strip():
                 continue
             try:

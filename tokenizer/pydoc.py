@@ -16,6 +16,7 @@ qa.jsonl:     {"id", "symbol", "question", "answer", "source", "split"}; a symbo
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -68,6 +69,11 @@ class Entry:
 # Locating sources
 
 
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()
+
+
 def package_root(name: str) -> tuple[Path, str]:
     """(directory holding the package's top-level folder, version) for a package or 'stdlib'."""
     if name == "stdlib":
@@ -79,14 +85,14 @@ def package_root(name: str) -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"package {name!r} is not installed (or is not a package); check --packages")
     root = Path(list(spec.submodule_search_locations)[0]).parent
-    try:
-        version = metadata.version(name.replace("_", "-"))
-    except metadata.PackageNotFoundError:
+    # The import name is not always the distribution's (megatron -> megatron-core).
+    dists = _distributions().get(name, []) + [name, name.replace("_", "-")]
+    for dist in dists:
         try:
-            version = metadata.version(name)
+            return root, metadata.version(dist)
         except metadata.PackageNotFoundError:
-            version = "unknown"
-    return root, version
+            continue
+    return root, "unknown"
 
 
 def source_files(name: str) -> list[tuple[Path, str, str]]:
@@ -303,14 +309,15 @@ def summary_sentence(doc: str) -> str | None:
     return text if text.endswith((".", "!", "?", ":")) else text + "."
 
 
-_NUMPY_PARAMS = re.compile(r"^(Parameters|Args|Arguments)\s*:?\s*\n(?:-{3,}\s*\n)?", re.M)
+_PARAM_SECTION = re.compile(r"^(Parameters|Args|Arguments)\s*:?\s*\n(-{3,}\s*\n)?", re.M)
 
 
 def parameter_docs(doc: str) -> list[tuple[str, str]]:
     """(name, description) pairs from a numpy-style or Google-style parameter section."""
-    m = _NUMPY_PARAMS.search(doc)
+    m = _PARAM_SECTION.search(doc)
     if not m:
         return []
+    numpy_style = m.group(2) is not None  # "Parameters" underlined: "name : type" then the text
     lines = doc[m.end():].split("\n")
     out: list[tuple[str, str]] = []
     cur: list[str] | None = None
@@ -335,7 +342,7 @@ def parameter_docs(doc: str) -> list[tuple[str, str]]:
             name, cur = pm.group(1), []
             rest = pm.group(3)
             # Google style puts the description after the colon; numpy style puts the type there.
-            if pm.group(2) is not None or (rest and not re.match(r"^[\w\[\], .|`'\"-]+$", rest)):
+            if rest and not numpy_style:
                 cur.append(rest)
         elif cur is not None:
             cur.append(line.strip())

@@ -11,6 +11,7 @@ SentencePiece reads, and trained with options chosen so the HF export encodes id
 from __future__ import annotations
 
 import heapq
+import re
 import math
 import os
 import time
@@ -155,6 +156,7 @@ def train_spm(options: dict) -> float:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        msg = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", msg)  # drop "INTERNAL: file.cc(678) [check] "
         hint = ""
         if "Vocabulary size" in msg or "vocab_size" in msg:
             hint = "; lower --vocab-size or give more text (--sample-bytes, more input)"

@@ -1,0 +1,79 @@
+"""`domainlm run`: stages in order, skipped when up to date, rerun when config or inputs change."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+PIPELINE = """\
+# domainlm run pipeline.yaml
+workdir: {workdir}
+stages:
+  corpus:
+    command: corpus pydoc
+    set: {{output: "${{workdir}}/corpus", packages: [peft]}}
+  tokenizer:
+    command: tokenizer train
+    set:
+      input: ["${{workdir}}/corpus/corpus.jsonl"]
+      output: ${{workdir}}/tok
+      vocab_size: 640
+      heldout_fraction: 0.1
+"""
+
+
+def _statuses(out: str) -> dict[str, str]:
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0] in ("corpus", "tokenizer"):
+            rows[parts[0]] = parts[1]
+    return rows
+
+
+def test_run_skips_up_to_date_stages(tmp_path, capsys):
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
+    code, out, err = run_cli(["run", cfg], capsys)
+    assert code == 0, err
+    s = _statuses(out)
+    assert s["corpus"].startswith("ran") and s["tokenizer"].startswith("ran")
+    fp = json.loads((tmp_path / "w/tok/manifest.json").read_text())["fingerprint"]
+
+    code, out, _ = run_cli(["run", cfg], capsys)
+    s = _statuses(out)
+    assert s["corpus"].startswith("skipped, up to date") and s["tokenizer"].startswith("skipped, up to date")
+
+    # A changed value reruns that stage only.
+    code, out, _ = run_cli(["run", cfg, "--set", "tokenizer.vocab_size=768"], capsys)
+    s = _statuses(out)
+    assert s["corpus"].startswith("skipped") and "config or inputs changed" in s["tokenizer"]
+    assert json.loads((tmp_path / "w/tok/manifest.json").read_text())["fingerprint"] != fp
+
+    # A changed input file reruns the stage that reads it.
+    corpus = tmp_path / "w/corpus/corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps({"id": "extra", "text": "one more document"}) + "\n")
+    code, out, _ = run_cli(["run", cfg, "--set", "tokenizer.vocab_size=768", "--dry-run"], capsys)
+    s = _statuses(out)
+    assert s["corpus"].startswith("skipped") and s["tokenizer"].startswith("would run: config or inputs changed")
+
+    code, out, _ = run_cli(["run", cfg, "--set", "tokenizer.vocab_size=768", "--force", "corpus", "--only", "corpus"], capsys)
+    s = _statuses(out)
+    assert s["corpus"].startswith("ran") and "forced" in s["corpus"] and "tokenizer" not in s
+
+
+def test_pipeline_errors(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("stages:\n  a:\n    command: tokenizer trian\n")
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "unknown command 'tokenizer trian'" in err and "did you mean 'tokenizer train'" in err
+    cfg.write_text("stages:\n  a:\n    command: tokenizer train\n    set: {input: [x], output: o, vocab: 3}\n")
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "stage 'a'" in err and "unknown config key 'vocab'" in err
+    cfg.write_text("stages:\n  a:\n    command: corpus pydoc\n    set: {output: '${nowhere}/x'}\n")
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "unknown variable ${nowhere}" in err
+    cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
+    code, _, err = run_cli(["run", cfg, "--only", "tokenzer"], capsys)
+    assert code == 2 and "no stage 'tokenzer'" in err

@@ -1,0 +1,155 @@
+"""Bad input to corpus and tokenizer commands: one line naming what is wrong, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def _fails(capsys, args, *needles):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.strip().splitlines() if "error:" in line]  # log lines may precede it
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _train(inp, out, *extra):
+    return ["tokenizer", "train", "--input", *([inp] if not isinstance(inp, list) else inp),
+            "--output", out, "--vocab-size", "1024", *extra]
+
+
+def test_missing_input(capsys, tmp_path):
+    _fails(capsys, _train(tmp_path / "nope.jsonl", tmp_path / "o"), "nope.jsonl", "does not exist")
+    _fails(capsys, _train(str(tmp_path / "*.jsonl"), tmp_path / "o"), "matches no file")
+    empty_dir = tmp_path / "emptydir"
+    empty_dir.mkdir()
+    _fails(capsys, _train(empty_dir, tmp_path / "o"), "emptydir", "no .jsonl")
+
+
+def test_unreadable_input(capsys, tmp_path):
+    bad = tmp_path / "broken.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100)[:40])  # truncated gzip
+    _fails(capsys, _train(bad, tmp_path / "o"), "broken.jsonl.gz", "cannot be read")
+    pq_bad = tmp_path / "bad.parquet"
+    pq_bad.write_bytes(b"not parquet at all")
+    _fails(capsys, _train(pq_bad, tmp_path / "o"), "bad.parquet", "not a readable Parquet file")
+
+
+def test_empty_corpus(capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(capsys, _train(empty, tmp_path / "o"), "the corpus is empty", "empty.jsonl")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": "   "}\n')
+    _fails(capsys, _train(blank, tmp_path / "o"), "no text to train on", "2 documents", "all are empty")
+
+
+def test_json_line_that_does_not_parse(capsys, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": "broken\n')
+    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:4:", "not valid JSON")
+    f.write_text('["a list"]\n')
+    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:1:", "expected a JSON object")
+
+
+def test_invalid_utf8(capsys, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe bytes"}\n')
+    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:2:", "not valid UTF-8")
+
+
+def test_missing_text_field(capsys, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"id": 1, "body": "text is here"}) + "\n")
+    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:1:", "no 'text' field", "fields: body, id", "--text-field")
+    f.write_text(json.dumps({"text": 42}) + "\n")
+    _fails(capsys, _train(f, tmp_path / "o"), "field 'text' is int")
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), p)
+    _fails(capsys, _train(p, tmp_path / "o"), "c.parquet", "no 'text' column (columns: body)")
+
+
+def test_vocab_too_small_for_special_tokens(capsys, tmp_path, pydoc_corpus):
+    _fails(capsys, ["tokenizer", "train", "--input", pydoc_corpus / "corpus.jsonl", "--output", tmp_path / "o",
+                    "--vocab-size", "300"], "vocab_size 300 is too small", "use --vocab-size 512")
+
+
+def test_vocab_too_large_for_the_corpus(capsys, tmp_path):
+    f = tmp_path / "small.jsonl"
+    f.write_text("".join(json.dumps({"text": f"tiny corpus line {i}"}) + "\n" for i in range(50)))
+    _fails(capsys, _train(f, tmp_path / "o", "--vocab-size", "8000", "--heldout-fraction", "0"),
+           "SentencePiece training failed", "lower --vocab-size")
+
+
+def test_output_dir_holding_something_else(capsys, tmp_path, pydoc_corpus):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = ["tokenizer", "train", "--input", pydoc_corpus / "corpus.jsonl", "--output", out,
+            "--vocab-size", "512", "--sample-bytes", "200000", "--heldout-max-bytes", "20000"]
+    _fails(capsys, args, str(out), "precious.txt", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"  # nothing touched
+    code, _, _ = run_cli(args + ["--overwrite"], capsys)
+    assert code == 0 and (out / "tokenizer.model").is_file() and not (out / "precious.txt").exists()
+    code, _, _ = run_cli(args, capsys)  # an earlier output of the same command is replaced
+    assert code == 0
+    assert not list(tmp_path.glob(".out.*")), "no temporary directory left behind"
+    # The corpus command refuses the tokenizer's directory: it holds something else.
+    _fails(capsys, ["corpus", "pydoc", "--output", out, "--packages", "stdlib"], "already holds something else")
+
+
+def test_failed_run_leaves_nothing_half_written(capsys, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "one"}\n{"oops": 1}\n')
+    _fails(capsys, _train(f, tmp_path / "o"), "no 'text' field")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_other_formats_read(capsys, tmp_path, pydoc_corpus):
+    """Parquet, .txt files, a saved `datasets` dir and a directory of JSONL all train."""
+    import datasets
+
+    rows = [json.loads(line) for line in (pydoc_corpus / "corpus.jsonl").read_text().splitlines()[:1500]]
+    pq.write_table(pa.table({"id": [r["id"] for r in rows[:500]], "text": [r["text"] for r in rows[:500]]}),
+                   tmp_path / "a.parquet")
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, r in enumerate(rows[500:600]):
+        (txt / f"doc{i}.txt").write_text(r["text"])
+    datasets.Dataset.from_dict({"text": [r["text"] for r in rows[600:1500]]}).save_to_disk(str(tmp_path / "ds"))
+    code, out, err = run_cli(["tokenizer", "train", "--input", tmp_path / "a.parquet", txt, tmp_path / "ds",
+                              "--output", tmp_path / "o", "--vocab-size", "512", "--heldout-fraction", "0.1"], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["counts"]["documents"] == 1500
+    assert len(m["inputs"]) == 1 + 100 + 1
+
+
+def test_unknown_key_in_yaml_via_cli(capsys, tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text("input: [x.jsonl]\noutput: o\nvocab: 8000\n")
+    _fails(capsys, ["tokenizer", "train", "--config", y], "unknown config key 'vocab'", "did you mean 'vocab_size'",
+           "valid keys: input, output, vocab_size")
+
+
+def test_console_script_prints_one_line(tmp_path):
+    """Through the installed entry point, as a user runs it."""
+    exe = REPO / ".venv" / "bin" / "domainlm"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "domainlm.cli"]
+    r = subprocess.run(cmd + ["tokenizer", "train", "--input", str(tmp_path / "x.jsonl"), "--output",
+                              str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"domainlm tokenizer train: error: input {str(tmp_path / 'x.jsonl')!r} does not exist; "
+                                "give a file, a glob or a directory of corpus files")
