@@ -1,0 +1,168 @@
+"""Loader throughput: tokens per second that TokenWindowLoader feeds from one process.
+
+    .venv/bin/python bench/loader.py                       # 64M tokens, workers 0 and 2
+    .venv/bin/python bench/loader.py --tokens 8e6 --seconds 5   # smoke run
+
+Writes a synthetic shards dir once under bench/work/ (uint16 token ids, log-normal document
+lengths, the real shard format and manifest), then for each worker count times the loader at
+seq_len 2048 and micro batch 8 from a fresh start (the first batch's latency reported apart),
+plus the cost of a resume deep into the stream, and stock webdataset decoding the same shards
+for reference (documents only, no packing). The shards were just written, so they are read from
+the page cache: this measures the loader, not the disk. Goal (issue 3): >= 2M tokens/s.
+Prints the machine and appends the table to bench/results/loader.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 32000
+EOS = 2
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{platform.node()} | {cpu} | {os.cpu_count()} cores visible | {platform.system()} {platform.release()} | "
+            f"python {platform.python_version()} numpy {np.__version__} torch {torch.__version__}")
+
+
+def write_synthetic(root: Path, tokens: int, shard_tokens: int, seed: int = 0) -> Path:
+    """A shards dir of random documents (log-normal lengths, median ~400 tokens)."""
+    from domainlm.tokenizer.shard_format import SHARD_PATTERN, ShardWriter, sample_key
+
+    manifest_path = root / "manifest.json"
+    if manifest_path.is_file():
+        m = json.loads(manifest_path.read_text())
+        if m.get("bench", {}).get("tokens") == tokens and m["bench"].get("seed") == seed:
+            return root
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    shards, total, doc = [], 0, 0
+    t0 = time.perf_counter()
+    while total < tokens:
+        name = f"train/{SHARD_PATTERN.format(index=len(shards))}"
+        n_docs = n_tok = 0
+        with open(root / name, "wb") as f, ShardWriter(f) as w:
+            while n_tok < shard_tokens and total + n_tok < tokens:
+                n = int(min(max(1, rng.lognormal(6.0, 1.0)), 200_000))
+                ids = rng.integers(4, VOCAB, n, dtype=np.uint16)
+                w.write(sample_key(f"doc{doc}", "synthetic.jsonl"), ids, {"id": f"doc{doc}", "source": f"synthetic.jsonl:{doc}", "tokens": n})
+                n_docs, n_tok, doc = n_docs + 1, n_tok + n, doc + 1
+        data = (root / name).read_bytes()
+        shards.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                       "documents": n_docs, "tokens": n_tok})
+        total += n_tok
+        print(f"  wrote {name}: {n_docs} docs, {n_tok / 1e6:.1f}M tokens ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    manifest = {
+        "stage": "data shard",
+        "tokenizer": {"sha256": "synthetic", "vocab_size": VOCAB, "eos_id": EOS, "bos_id": 1, "pad_id": 3, "path": ""},
+        "token_dtype": "uint16",
+        "splits": {"train": {"documents": doc, "tokens": total, "shards": shards}},
+        "bench": {"tokens": tokens, "seed": seed},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def time_loader(root: Path, workers: int, seq_len: int, mbs: int, seconds: float, buffer: int) -> dict:
+    from domainlm.pretrain.loader import DataArgs, TokenWindowLoader
+
+    args = DataArgs(shards=[str(root)], num_workers=workers, shuffle_buffer=buffer)
+    loader = TokenWindowLoader(args, split="train", seq_len=seq_len, micro_batch_size=mbs)
+    t0 = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - t0
+    n, t1 = 0, time.perf_counter()
+    while time.perf_counter() - t1 < seconds:
+        for _ in range(64):
+            batch = next(it)
+        n += 64
+    dt = time.perf_counter() - t1
+    state = loader.state_dict()
+    del it
+    # Resume deep in the stream: a new loader, the saved state, one batch.
+    t2 = time.perf_counter()
+    again = TokenWindowLoader(args, split="train", seq_len=seq_len, micro_batch_size=mbs)
+    again.load_state_dict(state)
+    next(iter(again))
+    resume = time.perf_counter() - t2
+    assert batch.shape == (mbs, seq_len + 1)
+    return {"workers": workers, "batches": n, "seconds": dt, "tokens_per_s": n * mbs * seq_len / dt,
+            "first_batch_s": first, "resume_s": resume, "epoch": state["sources"][0]["epoch"],
+            "epoch_tokens": state["sources"][0]["epoch_tokens"]}
+
+
+def time_webdataset(root: Path, seconds: float) -> float:
+    import webdataset as wds
+
+    m = json.loads((root / "manifest.json").read_text())
+    urls = [str(root / s["name"]) for s in m["splits"]["train"]["shards"]]
+    tokens, t0 = 0, time.perf_counter()
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        tokens += len(sample["npy"])
+        if time.perf_counter() - t0 > seconds:
+            break
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=float, default=64e6, help="tokens in the synthetic shards dir")
+    p.add_argument("--shard-tokens", type=float, default=8e6, help="tokens per shard")
+    p.add_argument("--workdir", default=str(HERE / "work" / "loader"), help="where the shards dir goes")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to time")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--shuffle-buffer", type=int, default=10000)
+    p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per configuration")
+    p.add_argument("--out", default=str(HERE / "results" / "loader.txt"), help="append the results here")
+    a = p.parse_args()
+
+    root = write_synthetic(Path(a.workdir) / f"synthetic-{int(a.tokens)}", int(a.tokens), int(a.shard_tokens))
+    m = json.loads((root / "manifest.json").read_text())["splits"]["train"]
+    lines = [
+        f"# bench/loader.py  {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"command: {' '.join([Path(sys.executable).name] + sys.argv)}",
+        f"machine: {machine()}",
+        f"data: {m['tokens'] / 1e6:.1f}M tokens, {m['documents']} documents, {len(m['shards'])} shards "
+        f"(uint16, page cache warm); seq_len {a.seq_len}, micro batch {a.micro_batch_size}, "
+        f"shuffle_buffer {a.shuffle_buffer}",
+        f"{'workers':>8} {'tokens/s':>12} {'batches':>8} {'first batch':>12} {'resume':>8}  position reached",
+    ]
+    print("\n".join(lines))
+    for w in a.workers:
+        r = time_loader(root, w, a.seq_len, a.micro_batch_size, a.seconds, a.shuffle_buffer)
+        line = (f"{w:>8} {r['tokens_per_s'] / 1e6:>10.1f}M {r['batches']:>8} {r['first_batch_s']:>11.2f}s "
+                f"{r['resume_s']:>7.2f}s  epoch {r['epoch']} +{r['epoch_tokens'] / 1e6:.1f}M tokens")
+        print(line)
+        lines.append(line)
+    ref = f"stock webdataset decode (documents only, no packing): {time_webdataset(root, min(a.seconds, 10)) / 1e6:.1f}M tokens/s"
+    print(ref)
+    lines.append(ref)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
