@@ -1,0 +1,228 @@
+"""`domainlm data shard` benchmark (issue 3): tokens per second against two references.
+
+For each corpus (the pydoc corpus, and a >= 200 MB corpus made from it):
+  shard     `domainlm data shard` as a user runs it (a fresh process, DirectRunner, W workers),
+            wall clock from start to exit, tokens written / seconds. It also reads, normalizes,
+            filters, deduplicates (exact + MinHash) and writes shards; the references do not.
+  ceiling   raw SentencePieceProcessor.encode over the same texts in one process, one thread,
+            tokens/s x W (the cores the pipeline uses).
+  megatron  what Megatron-LM's tools/preprocess_data.py does: a multiprocessing.Pool of W
+            workers (json.loads + encode, imap chunks of 32) feeding megatron-core's
+            IndexedDatasetBuilder in the main process; wall clock, tokens/s.
+Goals: shard >= 0.7 x ceiling, and shard >= megatron.
+
+The big corpus is the pydoc corpus plus copies of it under new ids, each copy's words shuffled
+within every line (seeded): the copies tokenize like the original but are not near duplicates
+of it, so deduplication keeps them and every pipeline stage sees the full volume.
+
+    .venv/bin/python bench/shard.py                   # pydoc and 200 MB, all cores
+    .venv/bin/python bench/shard.py --only pydoc      # smoke run
+    .venv/bin/python bench/shard.py --size-mb 50 --workers 2
+
+Work files go to bench/work/shard/ (gitignored); the results are printed and written to
+bench/results/shard.txt (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import json
+import multiprocessing
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from machine import describe  # noqa: E402
+
+WORK = HERE / "work" / "shard"
+EXE = [sys.executable, "-m", "domainlm.cli"]
+
+
+def sh(cmd: list[str], **kw) -> tuple[float, float]:
+    """Run a command; (wall seconds, CPU seconds of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "DOMAINLM_PROGRESS": "0"}, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def pydoc_corpus() -> Path:
+    demo = REPO / "runs" / "demo" / "corpus" / "corpus.jsonl"
+    if demo.exists():
+        return demo
+    out = WORK / "pydoc"
+    if not (out / "manifest.json").exists():
+        sh(EXE + ["corpus", "pydoc", "--output", str(out), "--overwrite"], stdout=subprocess.DEVNULL)
+    return out / "corpus.jsonl"
+
+
+def tokenizer(corpus: Path) -> Path:
+    demo = REPO / "runs" / "demo" / "tokenizer"
+    if (demo / "manifest.json").exists():
+        return demo
+    out = WORK / "tokenizer"
+    if not (out / "manifest.json").exists():
+        sh(EXE + ["tokenizer", "train", "--config", str(REPO / "configs/tokenizer/pydoc.yaml"),
+                  "--input", str(corpus), "--output", str(out), "--overwrite"], stdout=subprocess.DEVNULL)
+    return out
+
+
+def big_corpus(src: Path, size_mb: int) -> Path:
+    out = WORK / f"pydoc_{size_mb}mb.jsonl"
+    if out.exists():
+        return out
+    lines = src.read_bytes().splitlines()
+    target = size_mb * 1_000_000
+    tmp = out.with_suffix(".tmp")
+    written, copy = 0, 0
+    with open(tmp, "wb") as f:
+        while written < target:
+            for line in lines:
+                rec = json.loads(line)
+                if copy:
+                    rng = random.Random(f"{copy}:{rec['id']}")
+                    shuffled = []
+                    for text_line in rec["text"].split("\n"):
+                        words = text_line.split(" ")
+                        rng.shuffle(words)
+                        shuffled.append(" ".join(words))
+                    rec = {"id": f"{rec['id']}#copy{copy}", "text": "\n".join(shuffled)}
+                data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+                f.write(data)
+                written += len(data)
+                if written >= target:
+                    break
+            copy += 1
+    tmp.rename(out)
+    return out
+
+
+def texts_of(corpus: Path) -> list[str]:
+    with open(corpus, "rb") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def run_shard(corpus: Path, tok: Path, workers: int, name: str) -> dict:
+    out = WORK / f"out_{name}"
+    wall, cpu = sh(EXE + ["data", "shard", "--input", str(corpus), "--tokenizer", str(tok), "--output", str(out),
+                          "--overwrite", "--beam.direct-num-workers", str(workers)], stdout=subprocess.DEVNULL)
+    m = json.loads((out / "manifest.json").read_text())
+    tokens = sum(s["tokens"] for s in m["splits"].values())
+    return {"seconds": wall, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "kept": m["counts"]["kept"], "records": m["counts"]["records"]}
+
+
+def ceiling(texts: list[str], tok: Path, workers: int) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        tokens += sum(map(len, sp.encode(texts[i:i + 1000], num_threads=1)))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s_1core": tokens / seconds,
+            "tokens_per_s": tokens / seconds * workers}
+
+
+class _Encoder:
+    """Megatron-LM tools/preprocess_data.py's Encoder, with SentencePiece as the tokenizer."""
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def initializer(self):
+        import sentencepiece as spm
+
+        _Encoder.sp = spm.SentencePieceProcessor(model_file=self.model)
+
+    def encode(self, json_line: bytes):
+        text = json.loads(json_line)["text"]
+        ids = _Encoder.sp.encode(text)
+        return ids, [len(ids)], len(json_line)
+
+
+def megatron(corpus: Path, tok: Path, workers: int) -> dict:
+    import numpy as np
+
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = WORK / "megatron_text_document"
+    enc = _Encoder(str(tok / "tokenizer.model"))
+    t0 = time.perf_counter()
+    tokens = 0
+    with open(corpus, "rb") as fin, multiprocessing.Pool(workers, initializer=enc.initializer) as pool:
+        builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+        for ids, lens, _ in pool.imap(enc.encode, fin, 32):
+            builder.add_document(ids, lens)
+            tokens += len(ids)
+        builder.finalize(str(prefix) + ".idx")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["pydoc", "big"], default=None)
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=0, help="0: every core")
+    ap.add_argument("--out", default=None, help="default: bench/results/shard.txt (shard_NNmb.txt for --size-mb)")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    src = pydoc_corpus()
+    tok = tokenizer(src)
+    corpora = []
+    if args.only in (None, "pydoc"):
+        corpora.append(("pydoc", src))
+    if args.only in (None, "big"):
+        corpora.append((f"{args.size_mb}MB", big_corpus(src, args.size_mb)))
+    lines = [describe(), f"workers: {workers}; tokenizer: {tok}; load average at start "
+             f"{os.getloadavg()[0]:.1f} (other processes share these cores when it is over 0)", ""]
+    print("\n".join(lines), flush=True)
+    tiny = WORK / "tiny.jsonl"
+    tiny.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:50]))
+    fixed = run_shard(tiny, tok, workers, "tiny")
+    row = f"fixed cost (50 documents): {fixed['seconds']:.1f} s wall, {fixed['cpu_seconds']:.1f} s CPU"
+    print(row, flush=True)
+    lines.append(row)
+    for name, corpus in corpora:
+        size = corpus.stat().st_size
+        r_shard = run_shard(corpus, tok, workers, name)
+        r_ceiling = ceiling(texts_of(corpus), tok, workers)
+        r_mega = megatron(corpus, tok, workers)
+        rows = [
+            f"{name}: {size / 1e6:.1f} MB, {r_shard['records']:,} documents ({r_shard['kept']:,} kept), "
+            f"{r_shard['tokens'] / 1e6:.2f}M tokens written",
+            f"  data shard : {r_shard['tokens_per_s'] / 1e6:6.3f} M tokens/s  ({r_shard['seconds']:.1f} s wall, "
+            f"{r_shard['cpu_seconds']:.1f} s CPU)",
+            f"  ceiling    : {r_ceiling['tokens_per_s'] / 1e6:6.3f} M tokens/s  (1 core: "
+            f"{r_ceiling['tokens_per_s_1core'] / 1e6:.3f} M/s x {workers}; {r_ceiling['tokens'] / 1e6:.2f}M tokens)",
+            f"  megatron   : {r_mega['tokens_per_s'] / 1e6:6.3f} M tokens/s  ({r_mega['seconds']:.1f} s wall)",
+            f"  data shard / ceiling = {r_shard['tokens_per_s'] / r_ceiling['tokens_per_s']:.2f} (goal >= 0.7); "
+            f"data shard / megatron = {r_shard['tokens_per_s'] / r_mega['tokens_per_s']:.2f} (goal >= 1)",
+            f"  CPU: data shard {r_shard['cpu_seconds']:.1f} s for {r_shard['tokens'] / 1e6:.1f}M tokens = "
+            f"{r_shard['cpu_seconds'] / r_shard['tokens'] * 1e6:.2f} s per M tokens; raw encode "
+            f"{1e6 / r_ceiling['tokens_per_s_1core']:.2f} s per M tokens; load average now {os.getloadavg()[0]:.1f}",
+        ]
+        print("\n".join(rows), flush=True)
+        lines += rows
+    out = Path(args.out or HERE / "results" / ("shard.txt" if args.size_mb == 200 else f"shard_{args.size_mb}mb.txt"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

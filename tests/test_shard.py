@@ -1,0 +1,541 @@
+"""`domainlm data shard`: the Beam pipeline from a corpus to WebDataset shards.
+
+One crafted corpus (a slice of the pydoc corpus plus exact and near duplicates, malformed
+records, filtered documents, a document to normalize) is sharded three times into the same
+path: in memory with one worker, with two worker processes and small read chunks, and once
+more with one worker. Every run must give the same bytes; the first run's output is checked
+against raw SentencePiece, stock webdataset and exact set Jaccard.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+N_PYDOC = 300
+SHARD_BYTES = 120_000
+MAX_CHARS = 50_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+
+
+def _pydoc_docs(pydoc_corpus: Path) -> list[dict]:
+    docs = []
+    with open(pydoc_corpus / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if 300 < len(rec["text"]) < 4000:
+                docs.append({"id": rec["id"], "text": rec["text"]})
+            if len(docs) == N_PYDOC:
+                break
+    return docs
+
+
+def _near_copy(text: str) -> str:
+    words = text.split(" ")
+    for i in (len(words) // 3, 2 * len(words) // 3):
+        words[i] = words[i] + "zq"
+    return " ".join(words)
+
+
+class Corpus:
+    """Files under `root` and what each crafted record is, by line."""
+
+    def __init__(self, root: Path, pydoc_corpus: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.docs = _pydoc_docs(pydoc_corpus)
+        long_doc = max(self.docs, key=lambda d: len(d["text"].split()))
+        self.near_source = long_doc["id"]
+        self.exact_source = self.docs[5]["id"]
+        lines: list[bytes] = []
+        self.line: dict[str, int] = {}
+
+        def add(name: str, raw: bytes) -> None:
+            lines.append(raw)
+            self.line[name] = len(lines)
+
+        def rec(name: str, obj) -> None:
+            add(name, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+
+        for d in self.docs:
+            rec(d["id"], d)
+        rec("dup-exact", {"id": "dup-exact", "text": self.docs[5]["text"]})
+        rec("dup-near", {"id": "dup-near", "text": _near_copy(long_doc["text"])})
+        add("bad-json", b'{"id": "bad-json", "text": "unterminated')
+        add("bad-utf8", b'{"id": "bad-utf8", "text": "caf\xe9 au lait, a long enough text"}')
+        add("surrogate", b'{"id": "surrogate", "text": "a lone \\ud800 surrogate in a long enough text"}')
+        rec("missing", {"id": "missing", "body": "the text is under another field name"})
+        rec("number", {"id": "number", "text": 42})
+        add("array", b"[1, 2, 3]")
+        add("blank1", b"")
+        add("blank2", b"   ")
+        rec("empty", {"id": "empty", "text": "   \n\t  "})
+        rec("short", {"id": "short", "text": "tiny"})
+        rec("long", {"id": "long", "text": "lengthy " * (MAX_CHARS // 8 + 10)})
+        rec("symbols", {"id": "symbols", "text": "!@#$%^&*()[]{}<>~" * 10})
+        rec("repeated", {"id": "repeated", "text": "the very same line\n" * 10 + "and one more line"})
+        self.norm_text = "Cafe\u0301 au lait\r\nline two\rline three\x00\x07 ends\twith a tab\x85."
+        self.norm_expected = "Café au lait\nline two\nline three ends\twith a tab."
+        rec("norm", {"id": "norm", "text": self.norm_text})
+        rec("same-id-1", {"id": "same-id", "text": "the first of two documents that share one id, long enough"})
+        rec("same-id-2", {"id": "same-id", "text": "the second of two documents that share one id, also long"})
+        rec("no-id", {"text": "a document without any id field, named by its file and line"})
+        self.jsonl = root / "a.jsonl"
+        self.jsonl.write_bytes(b"\n".join(lines) + b"\n")
+        # a second file, sorted after the first: its copy of a document is the later one
+        self.gz = root / "b.jsonl.gz"
+        with gzip.open(self.gz, "wb") as f:
+            f.write((json.dumps({"id": "gz-copy", "text": self.docs[7]["text"]}) + "\n").encode())
+            f.write((json.dumps({"id": "gz-own", "text": "a document that only the gzip file holds, long enough"})
+                     + "\n").encode())
+        self.malformed = {"invalid_json": 1, "invalid_utf8": 2, "missing_field": 1, "not_a_string": 1,
+                          "not_an_object": 1}
+
+    def text_at(self, source: str) -> str:
+        path, _, line = source.rpartition(":")
+        data = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+        return json.loads(data.split(b"\n")[int(line) - 1])["text"]
+
+
+def _args(corpus: Corpus, tok: Path, out: Path, *extra) -> list:
+    return ["data", "shard", "--input", corpus.root, "--tokenizer", tok, "--output", out,
+            "--valid-fraction", "0.2", "--shard-bytes", SHARD_BYTES, "--filters.max-chars", MAX_CHARS,
+            "--overwrite", *extra]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, pydoc_corpus) -> Corpus:
+    return Corpus(tmp_path_factory.mktemp("shard-corpus") / "corpus", pydoc_corpus)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus, tokenizer_dir) -> dict[str, Path]:
+    """Three runs into the same path (manifests record it); the first two are moved aside."""
+    from domainlm.cli import main
+
+    base = tmp_path_factory.mktemp("shard-runs")
+    out = base / "shards"
+    variants = {
+        "one": ["--beam.direct-num-workers", "1"],
+        "two": ["--beam.direct-num-workers", "2", "--beam.chunk-bytes", "16384"],
+        "again": ["--beam.direct-num-workers", "1"],
+    }
+    done = {}
+    for name, extra in variants.items():
+        assert main([str(a) for a in _args(corpus, tokenizer_dir, out, *extra)]) == 0, name
+        done[name] = out.rename(base / name) if name != "again" else out
+    return done
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _samples(out: Path):
+    from domainlm.tokenizer.shard_format import read_shard
+
+    m = json.loads((out / "manifest.json").read_text())
+    for split, s in m["splits"].items():
+        for shard in s["shards"]:
+            for key, ids, meta in read_shard(str(out / shard["name"])):
+                yield split, key, ids, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The main runs
+
+
+def test_same_bytes_for_one_and_two_workers_and_two_runs(runs):
+    one, two, again = (_files(runs[k]) for k in ("one", "two", "again"))
+    assert set(one) == set(two) == set(again)
+    assert any(k.startswith("train/shard-") for k in one) and "dead_letter.jsonl" in one
+    for name in one:
+        assert one[name] == two[name], f"{name} differs between 1 worker and 2 workers"
+        assert one[name] == again[name], f"{name} differs between two runs"
+
+
+def test_counts_reconcile_and_dead_letters_name_file_and_line(runs, corpus):
+    out = runs["one"]
+    m = json.loads((out / "manifest.json").read_text())
+    c, dropped = m["counts"], m["dropped"]
+    n_records = sum(1 for line in corpus.jsonl.read_bytes().split(b"\n") if line.strip()) + 2  # + gz
+    assert c["records"] == n_records
+    assert c["records"] == c["kept"] + sum(dropped.values())
+    assert c["blank_lines"] == 2
+    kept = sum(s["documents"] for s in m["splits"].values())
+    assert kept == c["kept"] == sum(1 for _ in _samples(out))
+    for reason, n in corpus.malformed.items():
+        assert dropped[reason] == n, reason
+    for reason in ("empty", "too_short", "too_long", "low_alnum", "repeated_lines", "duplicate_exact",
+                   "duplicate_near"):
+        assert dropped[reason] >= 1, reason
+    dead = [json.loads(line) for line in (out / "dead_letter.jsonl").read_text().splitlines()]
+    assert len(dead) == c["dead_letters"] == sum(corpus.malformed.values())
+    got = {(d["reason"], d["line"]) for d in dead}
+    assert got == {("invalid_json", corpus.line["bad-json"]), ("invalid_utf8", corpus.line["bad-utf8"]),
+                   ("invalid_utf8", corpus.line["surrogate"]), ("missing_field", corpus.line["missing"]),
+                   ("not_a_string", corpus.line["number"]), ("not_an_object", corpus.line["array"])}
+    assert all(d["file"] == str(corpus.jsonl) and d["message"] for d in dead)
+    assert "unterminated" in next(d["excerpt"] for d in dead if d["reason"] == "invalid_json")
+
+
+def test_kept_documents_decode_to_their_normalized_text(runs, corpus, tokenizer_dir):
+    import sentencepiece as spm
+
+    from domainlm.tokenizer.beam_clean import normalize
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    seen = {}
+    for _, key, ids, meta in _samples(runs["one"]):
+        assert ids.dtype == np.uint16 and meta["tokens"] == len(ids)
+        text = sp.decode(ids.tolist())
+        assert text == normalize(corpus.text_at(meta["source"])), meta["source"]
+        seen[meta["id"]] = text
+    assert seen["norm"] == corpus.norm_expected == unicodedata.normalize("NFC", corpus.norm_expected)
+    no_id = f"{corpus.jsonl}:{corpus.line['no-id']}"
+    assert no_id in seen  # named by file and line
+    for gone in ("dup-exact", "dup-near", "gz-copy", "empty", "short", "long", "symbols", "repeated",
+                 "bad-json", "missing"):
+        assert gone not in seen, gone
+    # the copy read first survives: the original of each duplicate is kept
+    assert corpus.exact_source in seen and corpus.near_source in seen and corpus.docs[7]["id"] in seen
+    assert "gz-own" in seen
+
+
+def test_duplicates_removed_with_the_earlier_survivor(runs, corpus):
+    """Reference: exact set Jaccard of the near copy's word shingles is over the threshold, and
+    no kept pair of documents is an exact copy."""
+    from domainlm.tokenizer.beam_clean import normalize
+
+    def shingles(t, k=5):
+        w = t.lower().split()
+        return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+
+    near = json.loads(corpus.jsonl.read_bytes().split(b"\n")[corpus.line["dup-near"] - 1])["text"]
+    src = next(d["text"] for d in corpus.docs if d["id"] == corpus.near_source)
+    a, b = shingles(src), shingles(near)
+    assert len(a & b) / len(a | b) >= 0.8
+    texts = [normalize(corpus.text_at(meta["source"])) for _, _, _, meta in _samples(runs["one"])]
+    assert len(set(texts)) == len(texts)
+
+
+def test_shards_read_by_stock_webdataset_and_agree_with_read_shard(runs):
+    import webdataset as wds
+
+    from domainlm.tokenizer.shard_format import read_shard
+
+    out = runs["one"]
+    m = json.loads((out / "manifest.json").read_text())
+    names = [s["name"] for split in m["splits"].values() for s in split["shards"]]
+    assert len(m["splits"]["train"]["shards"]) >= 2
+    urls = [str(out / n) for n in names]
+    stock = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    ours = [s for u in urls for s in read_shard(u)]
+    assert len(stock) == len(ours) == m["counts"]["kept"]
+    for s, (key, ids, meta) in zip(stock, ours):
+        assert s["__key__"] == key and s["json"] == meta
+        np.testing.assert_array_equal(s["npy"], ids)
+    keys = [k for k, _, _ in ours]
+    assert len(set(keys)) == len(keys)
+    same_id = [meta for _, _, meta in ours if meta["id"] == "same-id"]
+    assert len(same_id) == 2 and m["counts"]["renamed_duplicate_keys"] == 1
+
+
+def test_manifest_describes_shards_tokenizer_and_inputs(runs, corpus, tokenizer_dir):
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+    out = runs["one"]
+    m = json.loads((out / "manifest.json").read_text())
+    tok = load_tokenizer_dir(tokenizer_dir)
+    assert m["stage"] == "data shard" and m["token_dtype"] == "uint16"
+    assert m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["vocab_size"] == tok.vocab_size
+    assert m["tokenizer"]["eos_id"] == tok.eos_id
+    total = 0
+    for split, s in m["splits"].items():
+        assert s["documents"] == sum(x["documents"] for x in s["shards"])
+        assert s["tokens"] == sum(x["tokens"] for x in s["shards"])
+        for i, x in enumerate(s["shards"]):
+            assert x["name"] == f"{split}/shard-{i:06d}.tar"
+            data = (out / x["name"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == x["sha256"] and len(data) == x["bytes"]
+            total += len(data)
+    # shards of about the target size: the split's bytes over the shard size
+    train = m["splits"]["train"]["shards"]
+    assert len(train) >= 2 and abs(len(train) - sum(x["bytes"] for x in train) / SHARD_BYTES) <= 1
+    assert m["splits"]["valid"]["documents"] > 0
+    paths = {i["path"] for i in m["inputs"]}
+    assert {str(corpus.jsonl), str(corpus.gz), str(tokenizer_dir)} <= paths
+    assert m["config"]["beam"] == {} and "overwrite" not in m["config"]  # how it ran is not what it made
+
+
+def test_up_to_date_for_domainlm_run(runs, corpus, tokenizer_dir, tmp_path):
+    from domainlm.cli import find_command
+    from domainlm.config import load_config
+    from domainlm.pipeline import stage_state
+    from domainlm.tokenizer.config import ShardConfig
+
+    cmd = find_command("data shard")
+    args = _args(corpus, tokenizer_dir, runs["again"])
+    flags = {str(a).lstrip("-").replace("-", "_"): str(b) for a, b in zip(args[2::2], args[3::2])}
+    cfg = load_config(ShardConfig, None, {**flags, "input": str(corpus.root)})
+    assert stage_state(cmd, cfg) == "up to date"
+
+
+# ---------------------------------------------------------------------------------------------
+# Other formats and bad input
+
+
+def test_parquet_txt_gzip_and_datasets_inputs(tmp_path, tokenizer_dir, capsys):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "text": [
+        "the first row of a parquet file, long enough to keep", None, "the third row of the parquet file here"]}),
+        d / "t.parquet", row_group_size=2)
+    (d / "doc.txt").write_text("a whole text file is one document, and it is long enough\n")
+    (d / "bad.txt").write_bytes(b"line one is fine\nline two has \xff a bad byte\n")
+    whole = gzip.compress(b"".join(json.dumps({"id": f"z{i}", "text": f"gzip record number {i} of a file cut short"
+                                                          }).encode() + b"\n" for i in range(2000)))
+    (d / "cut.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])  # truncated: ends in the middle
+    ds = datasets.Dataset.from_dict({"text": ["a row of a saved datasets directory, long enough",
+                                              "another row of the saved datasets directory"]})
+    ds.save_to_disk(str(d / "nested" / "ds"))  # found inside the input directory, read as a dataset
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["unreadable_files"] == 1 and 0 < c["records"] - 7 < 2000
+    assert c["records"] == c["kept"] + sum(m["dropped"].values())
+    assert m["dropped"]["not_a_string"] == 1 and m["dropped"]["invalid_utf8"] == 1
+    ds_dir = d / "nested" / "ds"
+    sources = {meta["source"] for _, _, _, meta in _samples(out) if not meta["id"].startswith("z")}
+    assert {f"{d / 't.parquet'}:row 0", f"{d / 't.parquet'}:row 2", str(d / "doc.txt"),
+            f"{ds_dir}:row 0", f"{ds_dir}:row 1"} == sources
+    dead = [json.loads(x) for x in (out / "dead_letter.jsonl").read_text().splitlines()]
+    assert {(x["reason"], x.get("line"), x.get("row")) for x in dead} == {
+        ("not_a_string", None, 1), ("invalid_utf8", 2, None), ("unreadable_file", None, None)}
+    assert next(x for x in dead if x["reason"] == "unreadable_file")["file"] == str(d / "cut.jsonl.gz")
+
+
+def test_a_50_mb_document_is_dropped_as_too_long_or_kept_when_allowed(tmp_path, tokenizer_dir, capsys):
+    import sentencepiece as spm
+
+    d = tmp_path / "in"
+    d.mkdir()
+    big = ("a very long document " * 2_500_000)[:50_000_000]
+    with open(d / "big.jsonl", "w") as f:
+        f.write(json.dumps({"id": "big", "text": big}) + "\n")
+        f.write(json.dumps({"id": "small", "text": "a normal document next to a huge one"}) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--beam.direct-num-workers", "1"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dropped"]["too_long"] == 1 and m["counts"]["kept"] == 1
+    # raised limit: a 1 MB document is tokenized whole and decodes back
+    with open(d / "big.jsonl", "w") as f:
+        f.write(json.dumps({"id": "big", "text": big[:1_000_000]}) + "\n")
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--filters.max-chars", "2000000", "--overwrite", "--beam.direct-num-workers", "1",
+                            "--dedup.near", "false"], capsys)
+    assert code == 0, err
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    texts = {meta["id"]: sp.decode(ids.tolist()) for _, _, ids, meta in _samples(out)}
+    assert texts["big"] == big[:1_000_000]
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir, capsys, corpus):
+    def error(*args) -> str:
+        code, out, err = run_cli(["data", "shard", *args], capsys)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err and last.startswith("domainlm data shard: error:"), err
+        return last
+
+    out = tmp_path / "out"
+    assert "does not exist" in error("--input", tmp_path / "nope.jsonl", "--tokenizer", tokenizer_dir,
+                                     "--output", out)
+    assert "tokenizer directory" in error("--input", corpus.jsonl, "--tokenizer", corpus.root, "--output", out)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert "empty" in error("--input", tmp_path / "empty.jsonl", "--tokenizer", tokenizer_dir, "--output", out)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"body": "no text field here"}\nnot json\n')
+    err = error("--input", tmp_path / "bad.jsonl", "--tokenizer", tokenizer_dir, "--output", out,
+                "--beam.direct-num-workers", "1")
+    assert "nothing to shard" in err and "missing_field" in err and "--text-field" in err
+    assert not out.exists()  # nothing half-written
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert "--overwrite" in error("--input", corpus.jsonl, "--tokenizer", tokenizer_dir,
+                                  "--output", tmp_path / "taken")
+    assert "valid_fraction" in error("--input", corpus.jsonl, "--tokenizer", tokenizer_dir, "--output", out,
+                                     "--valid-fraction", "1.5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts, against references
+
+
+def test_iter_lines_matches_split_for_any_chunking():
+    import random
+
+    from domainlm.tokenizer import beam_read
+
+    rng = random.Random(0)
+    old = beam_read._READ_BLOCK
+    beam_read._READ_BLOCK = 7  # lines that cross read blocks too
+    try:
+        for _ in range(400):
+            data = bytes(rng.choice(b"ab\n") for _ in range(rng.randint(0, 60)))
+            size = rng.randint(1, 20)
+            got = [line for s in range(0, max(len(data), 1), size)
+                   for line in beam_read.iter_lines(io.BytesIO(data), s, min(s + size, len(data)))]
+            expected = data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+            assert got == expected, (data, size)
+    finally:
+        beam_read._READ_BLOCK = old
+
+
+def test_minhash_estimates_exact_jaccard(pydoc_corpus):
+    """The signature agreement is an unbiased estimate of the exact Jaccard of word shingles,
+    with the binomial spread of ideal MinHash."""
+    from domainlm.tokenizer.beam_dedup import jaccard_from_compact
+    from domainlm.tokenizer.beam_docs import compact
+    from domainlm.tokenizer.beam_minhash import MinHasher, jaccard_estimate
+
+    mh = MinHasher(128, 5, 0, 0.8)
+    docs = [d["text"] for d in _pydoc_docs(pydoc_corpus) if len(d["text"].split()) > 80][:150]
+    rng = np.random.default_rng(0)
+    z, err, err8 = [], [], []
+    for t in docs:
+        words = t.split(" ")
+        for j in rng.choice(len(words), size=int(len(words) * rng.uniform(0.01, 0.2)) + 1):
+            words[j] = f"zz{rng.integers(10**6)}"
+        u = " ".join(words)
+
+        def sh(s):
+            w = s.lower().split()
+            return {tuple(w[i:i + 5]) for i in range(len(w) - 4)}
+
+        a, b = sh(t), sh(u)
+        exact = len(a & b) / len(a | b)
+        sig, has = mh.signatures([t, u])
+        est = float(jaccard_estimate(sig[0], sig[1]))
+        err.append(est - exact)
+        small = compact(sig)  # what verification compares: 8 bits a value, corrected
+        err8.append(float(jaccard_from_compact(small[0], small[1])) - exact)
+        z.append((est - exact) / max(np.sqrt(exact * (1 - exact) / 128), 1e-3))
+    assert abs(np.mean(err)) < 0.01 and abs(np.mean(err8)) < 0.01
+    assert 0.7 < np.std(z) < 1.3 and np.std(err8) < 1.2 * np.std(err)
+    # equal texts, equal signatures; a text with no word has none
+    sig, has = mh.signatures([docs[0], docs[0], "   "])
+    assert (sig[0] == sig[1]).all() and list(has) == [True, True, False]
+    # a document's signature does not depend on the block it is hashed in
+    texts = docs[:40] + ["short text", "", "Ünïcode İstanbul ﬁ words here", "a\x00b c d e f g", "x " * 300_000]
+    together, _ = mh.signatures(texts)
+    alone = np.concatenate([mh.signatures([t])[0] for t in texts])
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_lsh_bands_follow_the_threshold():
+    from domainlm.tokenizer.beam_minhash import optimal_bands
+
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        b, r = optimal_bands(threshold, 128)
+        assert b * r <= 128
+        p = lambda s: 1 - (1 - s**r) ** b  # noqa: E731 - the S-curve
+        half = (1 - 0.5 ** (1 / b)) ** (1 / r)  # similarity found as a candidate half the time
+        assert abs(half - threshold) < 0.05
+        assert p(min(threshold + 0.15, 1.0)) > 0.95 and p(threshold - 0.2) < 0.1
+
+
+def test_dedup_rules_keep_the_smallest_ref():
+    from domainlm.tokenizer.beam_dedup import candidate_pairs, exact_drops
+
+    h1 = np.array([5, 5, 7, 5, 7, 9], dtype=np.uint64)
+    h2 = np.array([1, 1, 2, 1, 3, 0], dtype=np.uint64)
+    refs = np.array([40, 10, 30, 20, 31, 5], dtype=np.int64)
+    assert sorted(exact_drops(h1, h2, refs).tolist()) == [20, 40]
+    keys = np.array([3, 3, 3, 8, 8, 1], dtype=np.uint64)
+    a, b = candidate_pairs(keys, np.array([9, 4, 6, 2, 7, 1]))
+    assert sorted(zip(a.tolist(), b.tolist())) == [(2, 7), (4, 6), (4, 9), (6, 9)]
+    # the same answer whatever order the elements arrive in
+    perm = np.array([5, 3, 1, 0, 4, 2])
+    assert sorted(exact_drops(h1[perm], h2[perm], refs[perm]).tolist()) == [20, 40]
+
+
+def test_normalize_and_filters():
+    from domainlm.tokenizer.beam_clean import clean, filter_reason, normalize, repeated_line_fraction
+    from domainlm.tokenizer.config import FilterArgs
+
+    assert normalize("a\r\nb\rc\x00\x1b\x7f\x9fd\te\u0301") == "a\nb\ncd\t\u00e9"
+    for t in ("plain ascii", "x\r\ny", "caf\u00e9", "e\u0301", "\ufeffbom", "nel\x85", "\u0958", "tab\tok\n"):
+        text, raw = clean(t)
+        assert text == normalize(t) and raw == text.encode()
+    with pytest.raises(UnicodeEncodeError):
+        clean("lone \ud800")
+    f = FilterArgs()
+    assert filter_reason(" \n\t", b" \n\t", f) == "empty"
+    assert repeated_line_fraction("a\nb\na\n\n\nb\nc") == pytest.approx(2 / 5)
+    assert filter_reason("x" * 30 + "\n" + "x" * 30, ("x" * 30 + "\n" + "x" * 30).encode(), f) == "repeated_lines"
+    assert filter_reason("é" * 40, ("é" * 40).encode(), f) is None
+    assert filter_reason("+-*/" * 10, b"+-*/" * 10, f) == "low_alnum"
+
+
+def test_shard_writer_writes_what_tarfile_writes():
+    from domainlm.tokenizer.beam_write import meta_json
+    from domainlm.tokenizer.shard_format import ShardWriter, _member, meta_bytes, sample_key
+
+    rng = np.random.default_rng(0)
+    samples = [(sample_key(f"doc {i} é", "f.jsonl"), rng.integers(0, 60000, int(rng.integers(0, 900))).astype(
+        np.uint16 if i % 2 else np.uint32), {"id": f"d{i}\"é\n", "source": "x.jsonl:1", "tokens": i}) for i in range(300)]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ids, meta in samples:
+            buf = io.BytesIO()
+            np.save(buf, ids, allow_pickle=False)
+            tar.addfile(*_member(f"{key}.npy", buf.getvalue()))
+            tar.addfile(*_member(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
+    fast = io.BytesIO()
+    with ShardWriter(fast) as w:
+        for key, ids, meta in samples:
+            w.write(key, ids, meta)
+    assert fast.getvalue() == ref.getvalue()
+    for _, _, meta in samples:
+        assert meta_json(meta["id"], meta["source"], meta["tokens"]) == meta_bytes(meta)
+
+
+def test_runner_options_pass_through():
+    from domainlm.tokenizer.beam_pipeline import pipeline_flags
+    from domainlm.tokenizer.config import BeamArgs
+
+    flags = pipeline_flags(BeamArgs(runner="FlinkRunner", options=["--flink_master=host:8081 --parallelism=4"]))
+    assert flags == ["--runner=FlinkRunner", "--flink_master=host:8081", "--parallelism=4"]
+    direct = pipeline_flags(BeamArgs(direct_num_workers=3))
+    assert "--direct_num_workers=3" in direct and not any(f.startswith("--runner") for f in direct)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["data", "shard", "--help"], capsys)
+    text = capsys.readouterr().out
+    for flag in ("--input", "--tokenizer", "--valid-fraction", "--shard-bytes", "--dedup.threshold",
+                 "--filters.max-chars", "--beam.runner", "--beam.options", "--beam.direct-num-workers"):
+        assert flag in text
+

@@ -1,0 +1,63 @@
+"""`domainlm data shard`: corpus -> clean, deduplicated, tokenized WebDataset shards (Beam).
+
+The work is in the pipeline (beam_pipeline.py and the stages it names); this entry checks the
+inputs and the tokenizer, runs it into an atomic output directory and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from domainlm.errors import UserError
+from domainlm.manifest import StageOutput, describe_inputs, make_manifest
+from domainlm.tokenizer import beam_worker
+from domainlm.tokenizer.beam_manifest import (STAGE, RemoteOutput, bytes_per_token, check_something_kept,
+                                              manifest_fields, print_summary)
+from domainlm.tokenizer.beam_read import list_inputs, make_plan
+from domainlm.tokenizer.config import ShardConfig
+from domainlm.tokenizer.shard_format import SPLITS, token_dtype
+from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+
+def inputs(cfg: ShardConfig) -> list[dict]:
+    """The corpus files (path, size, checksum) and the tokenizer (its fingerprint)."""
+    beam_worker.install()  # before the first Beam import logs its start-up warnings
+    out = []
+    for path, size in list_inputs(cfg.input):
+        if "://" in path:
+            from apache_beam.io.filesystems import FileSystems
+
+            out.append({"path": path, "bytes": size, "checksum": FileSystems.checksum(path)})
+        else:
+            out.extend(describe_inputs([Path(path)]))
+    return out + describe_inputs([Path(cfg.tokenizer)])
+
+
+def shard(cfg: ShardConfig) -> dict:
+    beam_worker.install()
+    from domainlm.tokenizer.beam_pipeline import DEAD_LETTER, direct_workers, is_direct, run
+
+    tok = load_tokenizer_dir(cfg.tokenizer)
+    workers = direct_workers(cfg.beam)[0] if is_direct(cfg.beam) else 0
+    plan = make_plan(cfg.input, cfg.beam.chunk_bytes, workers)
+    if all(f.size == 0 for f in plan.files):
+        raise UserError(f"the input is empty: {', '.join(f.path for f in plan.files)} hold no bytes")
+    described = inputs(cfg)
+    dtype = token_dtype(tok.vocab_size).name
+    t0 = time.perf_counter()
+    remote = "://" in cfg.output
+    with (RemoteOutput(cfg.output, cfg.overwrite) if remote
+          else StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite)) as out:
+        root = str(out.tmp)
+        for split in SPLITS:
+            if not remote:
+                (out.tmp / split).mkdir(parents=True, exist_ok=True)
+        result = run(cfg, plan, tok.model_file.read_bytes(), dtype, bytes_per_token(tok), root)
+        fields = manifest_fields(result, tok, dtype, len(plan.files))
+        check_something_kept(fields, plan, f"{root}/{DEAD_LETTER}")
+        manifest = make_manifest(STAGE, cfg, described, **fields)
+        out.commit(manifest)
+    seconds = time.perf_counter() - t0
+    print_summary(cfg, fields, seconds)
+    return {**manifest, "seconds": seconds}
