@@ -1,0 +1,308 @@
+"""`domainlm pretrain` config: one PretrainConfig made of small sections (light: no torch import).
+
+    # domainlm pretrain --config configs/pretrain/tiny_cpu.yaml --train.max_steps=20
+    model:    {size: tiny}            # a named size (configs/model/NAME.yaml); set fields override it
+    data:     {shards: [runs/demo/shards], weights: [1.0], ...}
+    train:    {seq_len: 128, micro_batch_size: 8, global_batch_size: 16, max_steps: 300}
+    optim / schedule / parallel / checkpoint / eval / log
+
+Only what a user decides is here; pretrain/model.py maps the model section onto megatron-core's
+TransformerConfig, whose ~270 fields never appear in YAML. Checks that need only the config run in
+`validate()` at load time; those that need the world size (TP/PP/DP layout) run in
+`check_layout()` before any process group exists, so every bad combination fails before compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from domainlm.config import INPUT, OUTPUT, RUNTIME
+from domainlm.errors import UserError
+from domainlm.pretrain.loader_config import DataArgs
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelArgs:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases."""
+
+    size: str | None = None
+    """Named size: configs/model/NAME.yaml (tiny, 125M, 350M, 1B, 3B, 7B) or a path to such a
+    file. Fields set below override the size's values; fields left empty take them."""
+    num_layers: int | None = None
+    """Transformer layers."""
+    hidden_size: int | None = None
+    """Model width d."""
+    num_attention_heads: int | None = None
+    """Query heads; must divide hidden_size."""
+    num_query_groups: int | None = None
+    """Key/value heads (grouped-query attention); must divide num_attention_heads. Empty: one per
+    query head (multi-head attention)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width (Llama uses about 8/3 d, rounded)."""
+    rotary_base: float | None = None
+    """RoPE theta (10000 in Llama 2, 500000 in Llama 3)."""
+    norm_eps: float | None = None
+    """RMSNorm epsilon."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding and the output projection (untied by default)."""
+    init_std: float | None = None
+    """Std of the normal weight init; output projections are scaled by 1/sqrt(2 L)."""
+    make_vocab_size_divisible_by: int | None = None
+    """The embedding table is padded to a multiple of this times the tensor-parallel size, so
+    every TP rank holds an equal slice (as Megatron-LM does); padded rows are never targets."""
+    kernels: Literal["torch", "triton"] = "torch"
+    """Module set of the layer: 'torch' (megatron-core local layers, torch RMSNorm and SDPA) or
+    'triton' (the fused kernels of domainlm.pretrain.kernels, GPU only). Not part of the
+    architecture: a checkpoint resumes under either."""
+
+    # Fields that do not change the weights: a checkpoint resumes whatever they are.
+    NOT_ARCHITECTURE = ("size", "kernels")
+
+    def architecture(self) -> dict:
+        """The fields that decide the weights (what a resumed checkpoint must match)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in self.NOT_ARCHITECTURE}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainArgs:
+    """The training loop."""
+
+    seq_len: int = 128
+    """Tokens per training window (documents are packed, separated by EOS)."""
+    micro_batch_size: int = 4
+    """Windows per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Windows per optimizer step over all data-parallel ranks; gradients of
+    global / (micro x DP) micro-batches are accumulated."""
+    max_steps: int = 100
+    """Optimizer steps to run in total (a resumed run continues up to this step)."""
+    seed: int = 1234
+    """Seed of the weight init (and of the data order, via data.seed)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'auto': bf16 on GPU (fp32 master weights and optimizer), fp32 on CPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: 'selective' recomputes the attention core, 'full' each layer."""
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata=RUNTIME)
+    """'auto' uses CUDA when present (NCCL), else the CPU (gloo)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimArgs:
+    """AdamW (decoupled weight decay; none on norms) with global-norm gradient clipping."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings (not on norm weights)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleArgs:
+    """Learning-rate schedule (megatron-core OptimizerParamScheduler)."""
+
+    style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    """Decay after the warmup: 'cosine'; 'wsd' (warmup-stable-decay: constant, then a final
+    decay); 'linear'; 'constant'."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to optim.lr."""
+    decay_steps: int | None = None
+    """Steps at which the decay reaches optim.min_lr; empty: train.max_steps."""
+    wsd_decay_steps: int | None = None
+    """'wsd' only: length of the final decay; empty: 20% of decay_steps."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """'wsd' only: shape of the final decay."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelArgs:
+    """Model parallelism; data parallel is what is left: DP = world size / (TP x PP)."""
+
+    tensor: int = 1
+    """Tensor-parallel size: splits every matrix over this many ranks (on CPU at most 2)."""
+    pipeline: int = 1
+    """Pipeline-parallel size: splits the layers into this many stages. GPU only: refused on
+    CPU, where megatron-core's pipeline schedules and p2p communication need CUDA."""
+    sequence_parallel: bool = False
+    """With TP > 1 on GPU, also split norms/dropout activations along the sequence."""
+    distributed_optimizer: bool = True
+    """GPU: shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointArgs:
+    """megatron-core distributed checkpoints: DIR/iter_NNNNNNN/, DIR/latest written last."""
+
+    dir: str = field(default="", metadata=OUTPUT)
+    """Checkpoint directory (also holds the run config, a copy of the tokenizer, the manifest
+    and logs/). An existing one is resumed from its `latest` checkpoint."""
+    save_every: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints; older ones are deleted after `latest` moves (0: keep all)."""
+    resume: bool = True
+    """Resume from DIR/latest when there is one; false refuses a DIR that already has checkpoints."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Start afresh in a DIR that holds checkpoints of another run (deletes them)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalArgs:
+    """Validation on the shards' valid split."""
+
+    every: int = 50
+    """Validate every N steps (and after the last step); 0 turns it off."""
+    batches: int = 8
+    """Micro-batches per validation, the same windows each time."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LogArgs:
+    """Progress line, DIR/logs/metrics.jsonl and TensorBoard."""
+
+    every: int = 10
+    """Print and record metrics every N steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events to DIR/logs/tensorboard."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PretrainConfig:
+    """Pretrain a Llama-style GPT from scratch on megatron-core.
+
+    One process per rank under torchrun (`domainlm launch pretrain` prints and runs the
+    command); without torchrun it runs as a single process. Reads the shards of `domainlm data
+    shard` (blended by weight), trains with megatron-core's GPTModel, tensor/pipeline/data
+    parallelism, AdamW, warmup + cosine or WSD, gradient accumulation, bf16 on GPU, and saves
+    distributed checkpoints that resume exactly, also under another TP/PP/DP layout. SIGTERM
+    or SIGUSR1 finishes the step, saves and exits. CPU: gloo, tensor parallel up to 2,
+    pipeline parallel refused (GPU only).
+    """
+
+    tokenizer: str = field(default="", metadata=INPUT)
+    """Tokenizer directory the shards were built with (checked against them; copied into the
+    checkpoint dir for conversion)."""
+    init_from: str = field(default="", metadata=INPUT)
+    """Start from the weights of this checkpoint dir (a `domainlm convert from-hf` output, or
+    another run's); weights only: optimizer, schedule and step start afresh. Ignored when
+    checkpoint.dir already holds checkpoints (the run resumes from those)."""
+    data: DataArgs = field(default_factory=DataArgs)
+    """Training data: shard directories and their blend."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """Model architecture."""
+    train: TrainArgs = field(default_factory=TrainArgs)
+    """Training loop."""
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    """Optimizer."""
+    schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
+    """Learning-rate schedule."""
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    """Parallel layout."""
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    """Checkpoints."""
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    """Validation."""
+    log: LogArgs = field(default_factory=LogArgs)
+    """Metrics."""
+
+    def validate(self) -> None:
+        from domainlm.pretrain.sizes import resolve_model
+
+        self.model = resolve_model(self.model)
+        if self.data.shards:
+            self.data.validate()
+        m, t = self.model, self.train
+        if m.hidden_size % m.num_attention_heads:
+            raise UserError(f"model.num_attention_heads={m.num_attention_heads} does not divide "
+                            f"model.hidden_size={m.hidden_size}; pick heads that divide the width")
+        if m.num_attention_heads % m.num_query_groups:
+            raise UserError(f"model.num_query_groups={m.num_query_groups} does not divide "
+                            f"model.num_attention_heads={m.num_attention_heads}")
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps"):
+            if getattr(t, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.global_batch_size % t.micro_batch_size:
+            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size={t.micro_batch_size}")
+        if not 0 <= self.optim.min_lr <= self.optim.lr:
+            raise UserError(f"optim.min_lr={self.optim.min_lr} must be in [0, optim.lr={self.optim.lr}]")
+        s = self.schedule
+        decay = s.decay_steps or t.max_steps
+        if s.warmup_steps >= decay and s.style != "constant":
+            raise UserError(f"schedule.warmup_steps={s.warmup_steps} must be below the decay length "
+                            f"({decay} steps: schedule.decay_steps or train.max_steps)")
+        if s.wsd_decay_steps is not None and not 0 < s.wsd_decay_steps <= decay:
+            raise UserError(f"schedule.wsd_decay_steps={s.wsd_decay_steps} must be in [1, {decay}]")
+        p = self.parallel
+        if p.tensor < 1 or p.pipeline < 1:
+            raise UserError("parallel.tensor and parallel.pipeline must be >= 1")
+        if p.pipeline > m.num_layers:
+            raise UserError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
+        if m.num_layers % p.pipeline:
+            raise UserError(f"parallel.pipeline={p.pipeline} does not divide model.num_layers="
+                            f"{m.num_layers}; every stage holds the same number of layers")
+        if m.num_attention_heads % p.tensor or m.num_query_groups % p.tensor:
+            raise UserError(
+                f"parallel.tensor={p.tensor} does not divide the heads (model.num_attention_heads="
+                f"{m.num_attention_heads}, model.num_query_groups={m.num_query_groups}); "
+                "each TP rank must hold whole heads")
+        if m.ffn_hidden_size % p.tensor:
+            raise UserError(f"parallel.tensor={p.tensor} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+        if self.eval.every < 0 or self.eval.batches <= 0:
+            raise UserError("eval.every must be >= 0 and eval.batches > 0")
+        if self.log.every <= 0:
+            raise UserError(f"log.every must be positive, got {self.log.every}")
+        if self.checkpoint.save_every < 0 or self.checkpoint.keep_last < 0:
+            raise UserError("checkpoint.save_every and checkpoint.keep_last must be >= 0")
+
+    def check_layout(self, world_size: int, device: str) -> int:
+        """Check the TP/PP/DP layout against the world size and device; returns DP size."""
+        p, t = self.parallel, self.train
+        if device == "cpu":
+            if p.pipeline > 1:
+                raise UserError("parallel.pipeline > 1 needs GPUs: megatron-core's pipeline schedules "
+                                "and p2p exchange are CUDA-only; on CPU use parallel.pipeline=1")
+            if p.tensor > 2:
+                raise UserError(f"parallel.tensor={p.tensor}: the CPU path supports tensor parallel up "
+                                "to 2 (gloo); use GPUs for more")
+            if p.sequence_parallel:
+                raise UserError("parallel.sequence_parallel is GPU-only; set it false on CPU")
+        mp = p.tensor * p.pipeline
+        if world_size % mp:
+            raise UserError(
+                f"{world_size} processes cannot hold parallel.tensor={p.tensor} x parallel.pipeline="
+                f"{p.pipeline} = {mp} model-parallel ranks; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise UserError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size "
+                f"x data-parallel size = {t.micro_batch_size} x {dp}; make it a multiple of "
+                f"{t.micro_batch_size * dp}")
+        if p.sequence_parallel and p.tensor == 1:
+            raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
+        return dp
+
+
+def inputs(cfg: PretrainConfig) -> list[dict]:
+    """The inputs as the manifest records them: the tokenizer and shards dirs, by fingerprint."""
+    from pathlib import Path
+
+    from domainlm.manifest import describe_inputs
+
+    paths = [Path(cfg.tokenizer)] + [Path(s) for s in cfg.data.shards]
+    for field_name, p in zip(["tokenizer"] + ["data.shards"] * len(cfg.data.shards), paths):
+        if not p.is_dir():
+            raise UserError(f"{field_name}: {str(p)!r} is not a directory")
+    return describe_inputs(paths)

@@ -1,0 +1,249 @@
+"""Every CPU stand-in for megatron-core's hard-coded CUDA, in one place.
+
+megatron-core 0.16 assumes CUDA in a few calls the CPU path (gloo, tests, laptops) goes through.
+Each stand-in below names the megatron call it replaces, says why, and keeps its math, so the CPU
+and GPU paths compute the same thing (tests/test_pretrain_gpu.py compares them where a GPU is):
+
+    CpuRotaryEmbedding        RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()
+    model_parallel_manual_seed  tensor_parallel.model_parallel_cuda_manual_seed / its RNG tracker
+                              use torch.cuda RNG states (also used by activation recomputation)
+    forward_backward_no_pipelining  schedules.forward_backward_no_pipelining counts tokens in a
+                              tensor made with device="cuda"
+    CpuDataParallel           distributed.DistributedDataParallel keeps grad buffers on CUDA
+    CpuFP32Optimizer          optimizer.FP32Optimizer / clip_grads put scale, norm and overflow
+                              buffers on CUDA (get_megatron_optimizer builds it otherwise as is)
+    dist_checkpointing_on_cpu dist_checkpointing's torch_dist save calls torch.cuda.synchronize()
+                              and makes a status flag on torch.cuda.current_device(); its
+                              fully-parallel load exchanges shards through CUDA (not used on CPU)
+
+Nothing here runs on the GPU path, which uses megatron-core's own classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer.enums import ModelType
+from megatron.core.utils import get_model_config
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+# RoPE ------------------------------------------------------------------------------------------
+
+
+class CpuRotaryEmbedding(RotaryEmbedding):
+    """Replaces RotaryEmbedding.get_emb, which moves `inv_freq` to the current CUDA device on
+    the first call; the frequencies are computed exactly as there, on the CPU."""
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        assert not self.rotary_interleaved
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def use_cpu_rope(model: torch.nn.Module) -> None:
+    """Swap the class of the GPTModel's rotary embedding (its state stays as built)."""
+    if hasattr(model, "rotary_pos_emb"):
+        model.rotary_pos_emb.__class__ = CpuRotaryEmbedding
+
+
+# RNG -------------------------------------------------------------------------------------------
+
+
+class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+    """megatron's CudaRNGStatesTracker (named RNG streams that layers `fork()` into, e.g. for
+    tensor-parallel dropout) over the torch CPU generator instead of torch.cuda's."""
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG stream {name!r} / seed {seed} already added")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Replaces tensor_parallel.model_parallel_cuda_manual_seed: the same three named streams
+    (data parallel: seed; tensor parallel: seed + 2718 + tp_rank; expert: seed + 1024) on the CPU
+    generator. Also points megatron's private `_get/_set_cuda_rng_state`, which activation
+    recomputation (CheckpointFunction) calls to replay a layer's RNG, at the CPU generator."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tracker = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER = tracker
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    torch.manual_seed(seed)
+    tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+# Schedule --------------------------------------------------------------------------------------
+
+
+def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, num_microbatches: int,
+                                   seq_length: int, micro_batch_size: int, forward_only: bool = False,
+                                   **_unused) -> list:
+    """Replaces schedules.forward_backward_no_pipelining (its token counter is created with
+    device="cuda"). Same loop: megatron's own forward_step / backward_step per micro-batch, the
+    grad sync held back (no_sync) until the last one, then config.finalize_model_grads_func."""
+    config = get_model_config(model)
+    store: list = []
+    for i in range(num_microbatches):
+        last = i == num_microbatches - 1
+        hold = config.no_sync_func if (config.no_sync_func and not last and not forward_only) else contextlib.nullcontext
+        with hold():
+            output, _ = schedules.forward_step(
+                forward_step_func, data_iterator, model, num_microbatches, None, store, config,
+                1, is_first_microbatch=i == 0, current_microbatch=i)
+            if not forward_only:
+                schedules.backward_step(None, output, None, ModelType.encoder_or_decoder, config)
+    if config.finalize_model_grads_func is not None and not forward_only:
+        config.finalize_model_grads_func([model], None)
+    return store
+
+
+# Data parallel ---------------------------------------------------------------------------------
+
+
+class CpuDataParallel(torch.nn.Module):
+    """Replaces distributed.DistributedDataParallel, whose contiguous grad buffers are allocated
+    on CUDA. Gradients stay in `param.grad`; `finish_grad_sync` (called by megatron's
+    finalize_model_grads after the last micro-batch) scales them by 1/DP and all-reduces them
+    over the data-parallel group, which is what megatron's DDP does to its buffers."""
+
+    def __init__(self, config, module: torch.nn.Module):
+        super().__init__()
+        self.config = config
+        self.module = module
+        self.ddp_config = DistributedDataParallelConfig()
+        self.dp_group = parallel_state.get_data_parallel_group()
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+        size = torch.distributed.get_world_size(self.dp_group)
+        grads = [p.grad for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        if size == 1 or not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        flat.mul_(1.0 / size)
+        torch.distributed.all_reduce(flat, group=self.dp_group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def scale_gradients(self, scaling: float) -> None:
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scaling)
+
+    def zero_grad_buffer(self) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+
+    def sharded_state_dict(self, *args, **kwargs):
+        return self.module.sharded_state_dict(*args, **kwargs)
+
+
+# Optimizer -------------------------------------------------------------------------------------
+
+
+class CpuFP32Optimizer(FP32Optimizer):
+    """megatron's FP32Optimizer (its step, sharded_state_dict and load_state_dict are used as
+    they are) with the two pieces that allocate CUDA tensors replaced: the constant loss scale
+    made in __init__, and get_grad_norm_fp32 / clip_grad_by_total_norm_fp32. The norm is the
+    same: the L2 norm of all gradients, each counted once (shared and TP-duplicate parameters
+    skipped), summed over the model-parallel group."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig, init_state_fn):
+        MegatronOptimizer.__init__(self, optimizer, config, init_state_fn)
+        self._scale = torch.ones(1)
+        self.is_stub_optimizer = optimizer is None
+
+    @torch.no_grad()
+    def get_grad_norm(self) -> float:
+        grads = self.get_main_grads_for_grad_norm()
+        total = torch.zeros(1, dtype=torch.float64)
+        for g in grads:
+            total += g.double().pow(2).sum()
+        torch.distributed.all_reduce(total, group=self.get_grad_stats_parallel_group())
+        return float(total.sqrt().item())
+
+    @torch.no_grad()
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        norm = self.get_grad_norm()
+        coeff = clip_grad / (norm + 1.0e-6)
+        if coeff < 1.0:
+            for p in self.get_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coeff)
+        return norm
+
+
+def _init_adam_state(opt: torch.optim.Optimizer, config=None) -> None:
+    """Empty Adam moments, so a checkpoint's state has somewhere to load into (as megatron's
+    init_state_fn for Adam)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if len(opt.state[p]) == 0:
+                opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def cpu_optimizer(config: OptimizerConfig, model_chunks: list) -> CpuFP32Optimizer:
+    """What get_megatron_optimizer builds for fp32 without the distributed optimizer: megatron's
+    parameter groups (no weight decay on 1-D parameters), torch AdamW, FP32Optimizer."""
+    groups = _get_param_groups(model_chunks, config, None)
+    adam = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    opt = CpuFP32Optimizer(adam, config, _init_adam_state)
+    opt.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
+    opt.tp_group = parallel_state.get_tensor_model_parallel_group()
+    return opt
+
+
+# Distributed checkpointing --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dist_checkpointing_on_cpu():
+    """Around dist_checkpointing.save/load on a machine without CUDA: its torch_dist strategy
+    calls torch.cuda.synchronize() after the device-to-host copies (nothing to wait for on CPU)
+    and creates its write-failure flag on torch.cuda.current_device() (the CPU here). Both are
+    pointed at the CPU for the duration of the call only; with CUDA present this does nothing."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved

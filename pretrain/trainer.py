@@ -1,0 +1,472 @@
+"""`domainlm pretrain`: the trainer, in the shape every domainlm trainer has: setup, train,
+train_step, close. One process per rank (torchrun), or a single process without torchrun.
+
+setup: check everything that can be wrong (config, layout, tokenizer vs shards, checkpoint dir)
+before any compute, then process groups, model, optimizer, schedule, loaders, and the resume.
+The GPU path is megatron-core's: DistributedDataParallel, the distributed optimizer, and
+get_forward_backward_func's schedules (pipelined when PP > 1). The CPU path swaps in the
+stand-ins of cpu_compat.py, which keep the same math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from domainlm.errors import UserError
+from domainlm.manifest import make_manifest
+from domainlm.progress import log, summary
+from domainlm.pretrain import checkpoint, convert_init
+from domainlm.pretrain.config import PretrainConfig, inputs
+from domainlm.pretrain.metrics import Metrics, flops_per_token, memory_gb, peak_flops
+from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+# megatron-core warns at import that Transformer Engine / Apex are absent (the local path is
+# meant), about a cuda-graph default we do not use, and torch DCP about its ShardedTensor API.
+for _pattern in (r".*(Transformer Engine|Apex|apex).*", r"full scope is deprecated.*",
+                 r".*transformer_engine as the transformer implementation.*",
+                 r".*deprecating ShardedTensor.*", r"`load_state_dict` is deprecated.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def main(cfg: PretrainConfig) -> int:
+    """Entry point of `domainlm pretrain` (one rank)."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.stop_signal: int | None = None
+        self.metrics: Metrics | None = None
+        self.train_loader = self.valid_loader = None
+        self.history: list[dict] = []
+        self._owns_process_group = False
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        resume_step = self._check(world)
+        self._init_distributed(world)
+        self._build()
+        t = self.cfg.train
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.train_loader = self._loader("train")
+        self.valid_loader = self._loader("valid") if self.cfg.eval.every else None
+        if self.valid_loader is not None and len(self.valid_loader) == 0:
+            raise UserError("the shards' valid split holds less than one micro batch of windows; lower "
+                            "train.micro_batch_size / train.seq_len or set eval.every=0")
+        if self.rank == 0:
+            checkpoint.prepare(self.root, self.cfg, self.tok.path, self._manifest())
+        dist.barrier()
+        if resume_step is not None:
+            self._resume(resume_step)
+        elif self.init_from is not None:
+            self.init_from.load(self.model, self.optimizer)
+        self.train_iter = iter(self.train_loader)
+        self._install_signal_handlers()
+        self.metrics = self._metrics(world)
+
+    def _check(self, world: int) -> int | None:
+        """Every check that needs no process group, before any compute; the step to resume."""
+        cfg = self.cfg
+        self.device = _device(cfg.train.device)
+        if not cfg.data.shards:
+            raise UserError("data.shards: give at least one shards directory (from `domainlm data shard`)")
+        cfg.data.validate()
+        if not cfg.tokenizer:
+            raise UserError("tokenizer: give the tokenizer directory the shards were built with")
+        self.init_from = convert_init.check(cfg)
+        self.tok = load_tokenizer_dir(cfg.tokenizer)
+        _check_shards_tokenizer(cfg.data.shards, self.tok)
+        self.dp_size = cfg.check_layout(world, self.device.type)
+        cpu = self.device.type == "cpu"
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and not cpu)
+        if self.bf16 and cpu:
+            raise UserError("train.precision=bf16 needs a GPU (bf16 master-weight optimizer); use fp32 on CPU")
+        self.root = Path(cfg.checkpoint.dir)
+        resume_step = checkpoint.inspect(cfg, self.tok.sha256)
+        if resume_step is not None:
+            from domainlm.pretrain.model import padded_vocab
+
+            saved = checkpoint.read_run_manifest(self.root).get("padded_vocab_size")
+            now = padded_vocab(self.tok.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
+            if saved is not None and saved != now:
+                raise UserError(f"checkpoint.dir {cfg.checkpoint.dir!r} holds an embedding of {saved} rows; "
+                                f"parallel.tensor={cfg.parallel.tensor} pads the vocab to {now}; resume with a "
+                                f"tensor-parallel size that divides {saved}")
+        return resume_step
+
+    def _build(self) -> None:
+        """Process groups, seeds, model, DDP, optimizer, LR schedule, schedule function."""
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from domainlm.pretrain import cpu_compat
+        from domainlm.pretrain.model import build_model, count_parameters, padded_vocab, transformer_config
+
+        cfg, m, t, p, s = self.cfg, self.cfg.model, self.cfg.train, self.cfg.parallel, self.cfg.schedule
+        cpu = self.device.type == "cpu"
+        parallel_state.initialize_model_parallel(p.tensor, p.pipeline)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        if cpu:
+            cpu_compat.model_parallel_manual_seed(t.seed)
+        else:
+            torch.manual_seed(t.seed)
+            tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
+        self.vocab = padded_vocab(self.tok.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
+        self.params = count_parameters(m, self.vocab)
+        self.tconfig = transformer_config(m, tensor=p.tensor, pipeline=p.pipeline,
+                                          sequence_parallel=p.sequence_parallel, bf16=self.bf16,
+                                          recompute=t.recompute, cpu=cpu)
+        self.model = self._wrap_ddp(build_model(m, self.tconfig, vocab_size=self.vocab, seq_len=t.seq_len), cpu)
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = self.model.no_sync
+        self.optimizer = self._optimizer(cpu)
+        decay = s.decay_steps or t.max_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+            lr_warmup_steps=s.warmup_steps, lr_decay_steps=decay,
+            lr_decay_style={"wsd": "WSD"}.get(s.style, s.style),
+            start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=decay,
+            wd_incr_style="constant", wsd_decay_steps=s.wsd_decay_steps or max(1, decay // 5),
+            lr_wsd_decay_style=s.wsd_decay_style)
+        if cpu:
+            self.forward_backward = cpu_compat.forward_backward_no_pipelining
+        else:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            self.forward_backward = get_forward_backward_func()
+        self.positions = torch.arange(t.seq_len, device=self.device).unsqueeze(0)
+
+    def _metrics(self, world: int) -> Metrics:
+        m, t, p = self.cfg.model, self.cfg.train, self.cfg.parallel
+        peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        if self.rank == 0:
+            log.info("pretrain: %s params (%s non-embedding), vocab %d (padded %d), TP=%d PP=%d DP=%d, "
+                     "%d micro-batches of %d per step, %s, %s", f"{self.params['total']:,}",
+                     f"{self.params['non_embedding']:,}", self.tok.vocab_size, self.vocab, p.tensor,
+                     p.pipeline, self.dp_size, self.num_micro, t.micro_batch_size,
+                     "bf16" if self.bf16 else "fp32", self.device)
+        return Metrics(
+            self.root / "logs" if self.rank == 0 else None, total_steps=t.max_steps,
+            tokens_per_step=t.global_batch_size * t.seq_len,
+            flops_per_token=flops_per_token(self.params["flops"], m.num_layers, m.hidden_size, t.seq_len),
+            peak_flops_total=peak * world if peak else None, tensorboard=self.cfg.log.tensorboard)
+
+    def _init_distributed(self, world: int) -> None:
+        if dist.is_initialized():
+            return
+        backend = "gloo" if self.device.type == "cpu" else "nccl"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # Under torchrun the rendezvous is in the environment; a plain process makes its own.
+        init = "env://" if "WORLD_SIZE" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=init, rank=self.rank, world_size=world,
+                                timeout=timedelta(minutes=30))
+        self._owns_process_group = True
+
+    def _wrap_ddp(self, model, cpu: bool):
+        if cpu:
+            from domainlm.pretrain.cpu_compat import CpuDataParallel
+
+            return CpuDataParallel(self.tconfig, model)
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+        return DistributedDataParallel(self.tconfig, ddp, model)
+
+    def _optimizer(self, cpu: bool):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.cfg.optim
+        config = OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=self.bf16,
+            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer and not cpu)
+        if cpu:
+            from domainlm.pretrain.cpu_compat import cpu_optimizer
+
+            return cpu_optimizer(config, [self.model])
+        return get_megatron_optimizer(config, [self.model])
+
+    def _loader(self, split: str, seed: int | None = None):
+        from domainlm.pretrain.loader import TokenWindowLoader
+
+        t = self.cfg.train
+        data = self.cfg.data if seed is None else dataclasses.replace(self.cfg.data, seed=seed)
+        return TokenWindowLoader(
+            data, split=split, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, vocab_size=self.tok.vocab_size,
+            tokenizer_sha256=self.tok.sha256, infinite=split == "train")
+
+    def _manifest(self) -> dict:
+        cfg = self.cfg
+        return make_manifest(
+            checkpoint.STAGE, cfg, inputs(cfg), model=cfg.model.architecture(),
+            tokenizer={"sha256": self.tok.sha256, "vocab_size": self.tok.vocab_size,
+                       "eos_id": self.tok.eos_id, "bos_id": self.tok.bos_id, "pad_id": self.tok.pad_id},
+            padded_vocab_size=self.vocab, parameters=self.params, seq_len=cfg.train.seq_len)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        self._old_handlers = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+    # -- checkpoint state -------------------------------------------------------------------
+
+    def _state(self, *, loading: bool) -> dict:
+        """The sharded state dict of a checkpoint (model and optimizer in global coordinates)."""
+        from megatron.core import parallel_state
+        from domainlm.pretrain.model import unwrap
+
+        model_sd = unwrap(self.model).sharded_state_dict()
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {"step": self.step, "model": self.cfg.model.architecture(),
+                        "layout": self._layout(), "ranks": None if loading else self._gather_rank_states()},
+        }
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.dp_size, "world": dist.get_world_size()}
+
+    def _gather_rank_states(self) -> list:
+        """Per-rank RNG states and loader positions of every rank (saved in the common part)."""
+        from megatron.core.tensor_parallel import random as mp_random
+
+        mine = {"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "rng_tracker": mp_random.get_cuda_rng_tracker().get_states(),
+                "loader": self.train_loader.state_dict()}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {k: _to_cpu(v) for k, v in mine.items()})
+        return gathered
+
+    def save(self) -> None:
+        checkpoint.save(self.root, self.step, self._state(loading=False), self.cfg.checkpoint.keep_last,
+                        done=self.step >= self.cfg.train.max_steps)
+        if self.rank == 0:
+            log.info("saved %s", checkpoint.iter_name(self.step))
+
+    def _resume(self, step: int) -> None:
+        from megatron.core.tensor_parallel import random as mp_random
+        from domainlm.pretrain.model import unwrap
+
+        state = checkpoint.load(self.root, step, self._state(loading=True))
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["trainer"]["step"])
+        saved_layout, ranks = state["trainer"]["layout"], state["trainer"]["ranks"]
+        if saved_layout == self._layout():
+            mine = ranks[self.rank]
+            torch.set_rng_state(mine["rng_cpu"])
+            if mine["rng_cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["rng_cuda"])
+            mp_random.get_cuda_rng_tracker().set_states(mine["rng_tracker"])
+            self.train_loader.load_state_dict(mine["loader"])
+        else:
+            # Another TP/PP/DP layout: weights, optimizer and schedule reshard; per-rank streams
+            # cannot. Same DP size: each DP rank takes its old data position (TP/PP peers share it).
+            old = next(r for r in ranks if r["loader"]["dp_rank"] == self.dp_rank) \
+                if saved_layout["data"] == self.dp_size else None
+            if old is not None:
+                self.train_loader.load_state_dict(old["loader"])
+            else:
+                # A fresh order (seed + step), so the new stream does not replay the first steps'.
+                self.train_loader = self._loader("train", seed=self.cfg.data.seed + self.step)
+                if self.rank == 0:
+                    log.warning("resuming with data-parallel size %d (checkpoint: %d): loader positions cannot "
+                                "be mapped across DP sizes; the data stream restarts in a new order (seed %d)",
+                                self.dp_size, saved_layout["data"], self.cfg.data.seed + self.step)
+        if self.rank == 0:
+            log.info("resumed from %s (layout %s, now %s)", checkpoint.iter_name(step), saved_layout, self._layout())
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator).to(self.device, non_blocking=True)
+        tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        output = model(tokens, self.positions.expand_as(tokens), None, labels=labels)
+        return output, self._loss_func
+
+    def _loss_func(self, per_token: torch.Tensor):
+        # Megatron's 3-tuple convention: the schedule divides by the token count and the number
+        # of micro-batches, so gradients are the mean over the global batch.
+        total = per_token.float().sum()
+        count = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+    def _mean_loss(self, store: list) -> float:
+        """Mean token loss over the global batch, on every rank (the last PP stage holds it)."""
+        from megatron.core import parallel_state
+
+        sums = torch.zeros(2, device=self.device)
+        if store and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in store:
+                sums += item["lm loss"].to(sums.device)
+        dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
+
+    def train_step(self) -> tuple[float, float | None]:
+        """One optimizer step over global_batch_size windows; returns (loss, grad norm)."""
+        t = self.cfg.train
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
+            num_microbatches=self.num_micro, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
+            forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        self.step += 1
+        return self._mean_loss(store), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.train
+        batches = min(self.cfg.eval.batches, len(self.valid_loader))
+        self.model.eval()
+        store = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=iter(self.valid_loader), model=self.model,
+            num_microbatches=batches, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
+            forward_only=True)
+        self.model.train()
+        return self._mean_loss(store)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self.stop_signal else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        start, t0 = self.step, time.perf_counter()
+        self.metrics.start(self.step)
+        first_val = last_val = None
+        if self.valid_loader is not None and self.step == 0:   # the starting point of the curve
+            first_val = last_val = self.evaluate()
+            self.metrics.eval(0, first_val)
+            self.metrics.exclude(time.perf_counter() - t0)
+        stopped = False
+        while self.step < t.max_steps:
+            loss, grad_norm = self.train_step()
+            last = self.step == t.max_steps
+            rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+            if self.step % cfg.log.every == 0 or last or self.step == start + 1:
+                rec = self.metrics.train(self.step, loss=loss, lr=rec["lr"], grad_norm=grad_norm,
+                                         memory=memory_gb(self.device))
+            t_other = time.perf_counter()
+            if self.valid_loader is not None and (self.step % cfg.eval.every == 0 or last):
+                val = self.evaluate()
+                rec.update(self.metrics.eval(self.step, val))
+                first_val = val if first_val is None else first_val
+                last_val = val
+            self.history.append(rec)
+            stopped = self._stop_requested()
+            every = cfg.checkpoint.save_every
+            if last or stopped or (every and self.step % every == 0):
+                self.save()
+            self.metrics.exclude(time.perf_counter() - t_other)
+            if stopped:
+                break
+        self._summary(start, time.perf_counter() - t0, first_val, last_val, stopped)
+
+    def _summary(self, start: int, seconds: float, first_val, last_val, stopped: bool) -> None:
+        if self.rank != 0:
+            return
+        import math
+
+        t = self.cfg.train
+        done = self.step - start
+        rows = [("steps", f"{start} -> {self.step} of {t.max_steps}" + (
+                    f" (stopped by {signal.Signals(self.stop_signal).name}; rerun to resume)" if stopped else "")),
+                ("tokens", f"{done * t.global_batch_size * t.seq_len:,} in {seconds:.1f}s "
+                           f"({done * t.global_batch_size * t.seq_len / max(seconds, 1e-9):,.0f} tok/s)"),
+                ("loss", f"{self.history[0]['loss']:.4f} -> {self.history[-1]['loss']:.4f}" if self.history else "-")]
+        if first_val is not None:
+            rows.append(("val perplexity", f"{math.exp(first_val):.2f} -> {math.exp(last_val):.2f}"))
+        if self.metrics.last.get("mfu") is not None:
+            rows.append(("MFU", f"{100 * self.metrics.last['mfu']:.1f}%"))
+        rows += [("parameters", f"{self.params['total']:,}"),
+                 ("checkpoint", str(self.root / checkpoint.iter_name(self.step)))]
+        summary("domainlm pretrain", rows)
+
+    def close(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+        if self.metrics is not None:
+            self.metrics.close()
+        for loader in (self.train_loader, self.valid_loader):
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
+        if self._owns_process_group and dist.is_initialized():
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but CUDA is not available; use --train.device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _check_shards_tokenizer(shards: list[str], tok) -> None:
+    """Refuse shards made with another tokenizer, from their manifests (before any compute)."""
+    from domainlm.manifest import read_manifest
+
+    for path in shards:
+        m = read_manifest(path, "data shard", what="a shards directory (from `domainlm data shard`)")
+        made = m.get("tokenizer") or {}
+        if made.get("sha256") != tok.sha256 or made.get("vocab_size") != tok.vocab_size:
+            raise UserError(
+                f"data.shards {path!r} were built with another tokenizer (sha256 {str(made.get('sha256'))[:12]}..., "
+                f"vocab {made.get('vocab_size')}) than tokenizer {str(tok.path)!r} (sha256 {tok.sha256[:12]}..., "
+                f"vocab {tok.vocab_size}); give the tokenizer the shards were made with, or reshard")
