@@ -55,6 +55,30 @@ COMMANDS: list[Command] = [
         run="domainlm.tokenizer.report:report", config="domainlm.tokenizer.config:ReportConfig",
     ),
     Command(
+        "data shard", "clean, deduplicate and tokenize a corpus into WebDataset shards (Apache Beam)",
+        run="domainlm.tokenizer.shard:shard", config="domainlm.tokenizer.config:ShardConfig",
+        inputs="domainlm.tokenizer.shard:inputs",
+    ),
+    Command(
+        "pretrain", "pretrain a Llama-style GPT on megatron-core (one process per rank under torchrun)",
+        run="domainlm.pretrain.trainer:main", config="domainlm.pretrain.config:PretrainConfig",
+        inputs="domainlm.pretrain.config:inputs",
+    ),
+    Command(
+        "launch pretrain", "print and run the torchrun / Slurm command of `domainlm pretrain` on N nodes x G GPUs",
+        run="domainlm.pretrain.launch:launch", arguments="domainlm.pretrain.launch:add_arguments",
+    ),
+    Command(
+        "convert to-hf", "megatron checkpoint (any TP/PP layout) -> Hugging Face LlamaForCausalLM, verified by logits",
+        run="domainlm.pretrain.convert:to_hf", config="domainlm.pretrain.convert_config:ConvertToHFConfig",
+        inputs="domainlm.pretrain.convert:inputs_to_hf",
+    ),
+    Command(
+        "convert from-hf", "Hugging Face Llama / Mistral -> megatron checkpoint to continue pretraining from",
+        run="domainlm.pretrain.convert:from_hf", config="domainlm.pretrain.convert_config:ConvertFromHFConfig",
+        inputs="domainlm.pretrain.convert:inputs_from_hf",
+    ),
+    Command(
         "run", "run a pipeline config: every stage in order, skipping those up to date",
         run="domainlm.pipeline:run_command", arguments="domainlm.pipeline:add_arguments",
     ),
@@ -63,6 +87,9 @@ COMMANDS: list[Command] = [
 GROUP_HELP = {
     "corpus": "build a corpus to start from",
     "tokenizer": "train and evaluate a domain tokenizer",
+    "data": "turn a corpus into training shards",
+    "launch": "launch a stage on many processes, GPUs or nodes (torchrun, Slurm)",
+    "convert": "convert checkpoints between megatron-core and Hugging Face (Llama)",
 }
 
 

@@ -1,0 +1,135 @@
+"""Configs of `domainlm convert to-hf` and `domainlm convert from-hf` (light: no torch import).
+
+    # domainlm convert to-hf --checkpoint runs/demo/pretrain --output runs/demo/hf
+    # domainlm convert from-hf --model DIR --output runs/base --tp 2
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from domainlm.config import INPUT, OUTPUT, RUNTIME
+from domainlm.errors import UserError
+
+# Short prompts for the parity check and the samples the export prints; plain text, so any
+# tokenizer encodes them (the pydoc demo model continues them as API docs).
+DEFAULT_PROMPTS = [
+    "The json module",
+    "def read_csv(path):\n",
+    "import numpy as np\n\nx = np.",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class VerifyArgs:
+    """Logits parity between the Megatron model and the Hugging Face model."""
+
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Prompts both models run on (encoded with the exported tokenizer)."""
+    new_tokens: int = 32
+    """Greedy tokens generated from each prompt by both models (compared, and shown as samples)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ConvertToHFConfig:
+    """Convert a megatron-core checkpoint to a Hugging Face LlamaForCausalLM directory.
+
+    Loads one checkpoint of `domainlm pretrain` (or of `domainlm convert from-hf`), saved under any
+    TP/PP layout, into a single CPU process, maps it onto LlamaForCausalLM (fused QKV split by
+    query group, fused gate/up split, vocab padding removed) and writes config.json, safetensors
+    (sharded with an index above --max-shard-size), the tokenizer with its chat template,
+    generation_config.json, a model card README.md and manifest.json. Unless --no-verify, the
+    Megatron and the exported model then run the same prompts: the largest logit difference must
+    stay within the dtype's tolerance (relative to the largest |logit|: fp32 1e-4, fp16 1e-2,
+    bf16 5e-2) or nothing is written; greedy continuations of both are compared and shown.
+    """
+
+    checkpoint: str = field(metadata=INPUT)
+    """Checkpoint directory of `domainlm pretrain` or `domainlm convert from-hf`."""
+    iteration: int | None = None
+    """Step to convert (its iter_NNNNNNN dir); empty: the one `latest` points to."""
+    output: str = field(metadata=OUTPUT)
+    """Hugging Face model directory to write."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weights dtype of the export; 'auto': the dtype the checkpoint stores (fp32 from CPU runs,
+    bf16 from GPU runs), so nothing is rounded."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file (e.g. 5GB, 500MB, 2GiB); bigger models are split into
+    model-0000K-of-0000N.safetensors with model.safetensors.index.json."""
+    verify: bool = True
+    """Check logits parity and greedy generation against the Megatron model (--no-verify skips
+    it, e.g. for a model too large to hold twice in memory)."""
+    checks: VerifyArgs = field(default_factory=VerifyArgs)
+    """What the verification runs."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        parse_size(self.max_shard_size, "max_shard_size")
+        _validate_checks(self.checks)
+        if self.iteration is not None and self.iteration < 0:
+            raise UserError(f"iteration must be >= 0, got {self.iteration}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ConvertFromHFConfig:
+    """Convert a Hugging Face Llama-family model to a megatron-core checkpoint to continue pretraining.
+
+    Reads LlamaForCausalLM, or MistralForCausalLM without sliding-window attention, from
+    safetensors (pickled .bin weights are refused); other architectures (Qwen2's attention
+    biases, Gemma, GPT-2, Mixtral, ...) and RoPE scaling (Llama 3.1's 'llama3', YaRN, linear,
+    dynamic) are refused by name. Writes the checkpoint dir layout `domainlm pretrain` writes
+    (iter_0000000/, latest, manifest.json, tokenizer/) plus config.yaml, a pretrain config with the
+    model's architecture and init_from set: `domainlm pretrain --config OUT/config.yaml
+    --data.shards ... --checkpoint.dir ...` continues pretraining from these weights. Unless
+    --no-verify, the written checkpoint is loaded back and its logits compared with the HF model's.
+    """
+
+    model: str = field(metadata=INPUT)
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+    output: str = field(metadata=OUTPUT)
+    """Checkpoint directory to write."""
+    tp: int = 1
+    """Tensor-parallel size pretraining will continue with: checked against the heads and the
+    MLP width, used for the vocab padding, written to config.yaml (the checkpoint itself holds
+    global tensors and loads under any layout)."""
+    pp: int = 1
+    """Pipeline-parallel size pretraining will continue with (checked against the layers,
+    written to config.yaml)."""
+    make_vocab_size_divisible_by: int | None = None
+    """Pad the embedding rows to a multiple of this x TP; empty: the largest power of two up to
+    128 that divides the vocab, so no padding rows are added and the loss equals the HF model's."""
+    verify: bool = True
+    """Load the written checkpoint back and check its logits against the HF model's."""
+    checks: VerifyArgs = field(default_factory=VerifyArgs)
+    """What the verification runs."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise UserError(f"--tp and --pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
+            raise UserError("make_vocab_size_divisible_by must be >= 1")
+        _validate_checks(self.checks)
+
+
+def _validate_checks(c: VerifyArgs) -> None:
+    if not c.prompts or not all(p.strip() for p in c.prompts):
+        raise UserError("checks.prompts: give at least one non-empty prompt")
+    if c.new_tokens < 1:
+        raise UserError(f"checks.new_tokens must be >= 1, got {c.new_tokens}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, key: str = "size") -> int:
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30 (transformers' convention), '1000' -> 1000."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"{key}: {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
