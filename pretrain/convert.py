@@ -71,7 +71,6 @@ def to_hf(cfg: ConvertToHFConfig) -> dict:
         meg.load_weights(model, info)
         dtype = meg.stored_dtype(info.iter_dir) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         hf.copy_tokenizer(info.root / "tokenizer", out.tmp)
-        hf.note_no_prefix_space(out.tmp, info.root / "tokenizer")
         tok = hf.load_tokenizer(out.tmp, f"checkpoint {cfg.checkpoint!r}: tokenizer/")
         if len(tok) > info.vocab:
             raise UserError(f"checkpoint {cfg.checkpoint!r}: its tokenizer has {len(tok)} tokens but the model "

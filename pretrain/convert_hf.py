@@ -37,22 +37,6 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def note_no_prefix_space(out: Path, tokenizer_dir: Path) -> None:
-    """Write add_prefix_space=false into the exported tokenizer_config.json when the SentencePiece
-    model adds no dummy prefix (domainlm tokenizers never do): llama.cpp's HF-to-GGUF converter
-    reads that key and, without it, assumes SentencePiece's default and prepends a space to every
-    text. transformers ignores the key for this tokenizer (no pre-tokenizer), so its encoding is
-    unchanged."""
-    options = json.loads((tokenizer_dir / "manifest.json").read_text(encoding="utf-8")).get("spm_options", {}) \
-        if (tokenizer_dir / "manifest.json").is_file() else {}
-    config = out / "tokenizer_config.json"
-    if options.get("add_dummy_prefix") is False and config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
-        if "add_prefix_space" not in data:
-            data["add_prefix_space"] = False
-            write_json(config, data)
-
-
 def load_tokenizer(path: Path, where: str):
     """transformers.AutoTokenizer of `path`, or UserError saying why it does not load."""
     from transformers import AutoTokenizer
@@ -259,7 +243,7 @@ def import_tokenizer(model_dir: Path, dst: Path) -> dict[str, Any]:
     # The tokenizer-dir contract (DESIGN.md) as `load_tokenizer_dir` reads it; the manifest says
     # this dir was imported, not trained.
     write_json(dst / "manifest.json", {
-        "stage": "tokenizer train",
+        "stage": "tokenizer import",
         "imported_by": "domainlm convert from-hf",
         "fingerprint": sha256_json({"imported": digest, "files": {n: sha256_file(dst / n) for n in names}}),
         "config": {},

@@ -45,3 +45,36 @@ def tokenizer_dir(tmp_path_factory, pydoc_corpus) -> Path:
     train(TokenizerConfig(input=[str(pydoc_corpus / "corpus.jsonl")], output=str(out), vocab_size=4000,
                           heldout_fraction=0.4, heldout_max_bytes=3_000_000))
     return out
+
+
+def token_shards(root: Path, tokenizer_dir: Path, corpus: Path, *, train: list[int], valid: int) -> Path:
+    """The first documents of a pydoc corpus, tokenized into a shards dir (real format, real tars):
+    one train shard per entry of `train` (documents each) and one valid shard. Faster than the
+    Beam pipeline, for tests of the stages after it."""
+    import json
+
+    import numpy as np
+
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+    from tests.test_loader import make_shards
+
+    tok = load_tokenizer_dir(tokenizer_dir)
+    sp = tok.processor()
+    need = sum(train) + valid
+    docs = []
+    with open(corpus / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            ids = sp.encode(json.loads(line)["text"])
+            if ids:
+                docs.append(np.asarray(ids, np.int64))
+            if len(docs) == need:
+                break
+    splits, at = [], 0
+    for n in train:
+        splits.append(docs[at:at + n])
+        at += n
+    root = make_shards(root, {"train": splits, "valid": [docs[at:]]}, vocab_size=tok.vocab_size, sha=tok.sha256)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["fingerprint"] = "test-shards"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root

@@ -18,12 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
-from tests.test_loader import make_shards
+from tests.conftest import REPO, run_cli, token_shards
 
 MODEL = ["--model.size", "tiny", "--model.init-std", "0.3", "--model.make-vocab-size-divisible-by", "384"]
 TRAIN = ["--train.seq-len", "32", "--train.micro-batch-size", "2", "--train.global-batch-size", "4",
@@ -35,24 +33,8 @@ PRETRAIN = MODEL + TRAIN
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tokenizer_dir, pydoc_corpus) -> Path:
-    from domainlm.tokenizer.tokdir import load_tokenizer_dir
-
-    tok = load_tokenizer_dir(tokenizer_dir)
-    sp = tok.processor()
-    docs = []
-    with open(pydoc_corpus / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            ids = sp.encode(json.loads(line)["text"])
-            if ids:
-                docs.append(np.asarray(ids, np.int64))
-            if len(docs) == 120:
-                break
-    root = make_shards(tmp_path_factory.mktemp("shards") / "shards", {"train": [docs[:100]], "valid": [docs[100:]]},
-                       vocab_size=tok.vocab_size, sha=tok.sha256)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["fingerprint"] = "test-shards"
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return token_shards(tmp_path_factory.mktemp("shards") / "shards", tokenizer_dir, pydoc_corpus,
+                        train=[100], valid=20)
 
 
 def pretrain_args(tokenizer_dir, shards, ckpt, *extra) -> list[str]:

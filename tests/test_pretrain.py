@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
-from tests.test_loader import make_shards
+from tests.conftest import REPO, run_cli, token_shards
 
 COMMON = ["--model.size", "tiny", "--train.seq-len", "32", "--train.micro-batch-size", "2",
           "--train.global-batch-size", "4", "--schedule.warmup-steps", "2", "--eval.every", "0",
@@ -34,25 +32,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tokenizer_dir, pydoc_corpus) -> Path:
     """The pydoc corpus tokenized into 2 train shards and 1 valid shard, as `domainlm data shard` writes."""
-    from domainlm.tokenizer.tokdir import load_tokenizer_dir
-
-    tok = load_tokenizer_dir(tokenizer_dir)
-    sp = tok.processor()
-    docs = []
-    with open(pydoc_corpus / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            ids = sp.encode(json.loads(line)["text"])
-            if ids:
-                docs.append(np.asarray(ids, np.int64))
-            if len(docs) == 900:
-                break
-    root = make_shards(tmp_path_factory.mktemp("shards") / "shards",
-                       {"train": [docs[:400], docs[400:800]], "valid": [docs[800:]]},
-                       vocab_size=tok.vocab_size, sha=tok.sha256)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["fingerprint"] = "test-shards"
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return token_shards(tmp_path_factory.mktemp("shards") / "shards", tokenizer_dir, pydoc_corpus,
+                        train=[400, 400], valid=100)
 
 
 def args(tokenizer_dir, shards, ckpt, *extra) -> list[str]:
@@ -228,6 +209,7 @@ def test_model_is_a_llama_its_logits_match_transformers(tmp_path):
 
     from domainlm.pretrain import cpu_compat
     from domainlm.pretrain.config import ModelArgs
+    from domainlm.pretrain.convert_mapping import to_hf
     from domainlm.pretrain.model import build_model, padded_vocab, transformer_config, unwrap
     from domainlm.pretrain.sizes import resolve_model
 
@@ -249,7 +231,7 @@ def test_model_is_a_llama_its_logits_match_transformers(tmp_path):
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
             num_key_value_heads=m.num_query_groups, rms_norm_eps=m.norm_eps, rope_theta=m.rotary_base,
             max_position_embeddings=16, tie_word_embeddings=False, attention_bias=False, mlp_bias=False))
-        hf.load_state_dict(_to_hf(model.state_dict(), m, vocab))
+        hf.load_state_dict(to_hf(model.state_dict(), m, vocab))
         hf.eval()
         with torch.no_grad():
             theirs = hf(tokens).logits
@@ -257,28 +239,6 @@ def test_model_is_a_llama_its_logits_match_transformers(tmp_path):
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-def _to_hf(sd: dict, m, vocab: int) -> dict:
-    """megatron names and fused layouts -> Llama's (test-local; `domainlm convert` is issue 5)."""
-    d, heads, groups = m.hidden_size, m.num_attention_heads, m.num_query_groups
-    hd, per = d // heads, heads // groups
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:vocab],
-           "lm_head.weight": sd["output_layer.weight"][:vocab],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
-    for i in range(m.num_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = sd[p + "self_attention.linear_qkv.weight"].view(groups, (per + 2) * hd, d)
-        out[q + "self_attn.q_proj.weight"] = qkv[:, : per * hd].reshape(heads * hd, d)
-        out[q + "self_attn.k_proj.weight"] = qkv[:, per * hd: (per + 1) * hd].reshape(groups * hd, d)
-        out[q + "self_attn.v_proj.weight"] = qkv[:, (per + 1) * hd:].reshape(groups * hd, d)
-        out[q + "self_attn.o_proj.weight"] = sd[p + "self_attention.linear_proj.weight"]
-        gate, up = sd[p + "mlp.linear_fc1.weight"].chunk(2)
-        out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = gate, up
-        out[q + "mlp.down_proj.weight"] = sd[p + "mlp.linear_fc2.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "pre_mlp_layernorm.weight"]
-    return out
 
 
 def _free_port() -> int:

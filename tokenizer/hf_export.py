@@ -117,6 +117,9 @@ def write_hf_files(sp, model_type: str, out_dir: Path, special: dict[str, str], 
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "legacy": False,
+        # No dummy prefix: llama.cpp's HF-to-GGUF converter reads this key (its SentencePiece
+        # default would prepend a space to every text); transformers encodes the same either way.
+        "add_prefix_space": False,
         "model_max_length": 1_000_000,
         "padding_side": "right",
         "chat_template": CHAT_TEMPLATE,

@@ -18,6 +18,7 @@ from domainlm.manifest import describe_inputs, read_manifest
 from domainlm.progress import human_bytes, progress, summary
 from domainlm.tokenizer.config import ReportConfig
 from domainlm.tokenizer.corpus import corpus_files, read_file
+from domainlm.tokenizer.tokdir import STAGE as TOKENIZER_STAGES
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -60,7 +61,7 @@ class Measurer:
         if (self.path / "tokenizer.model").is_file() and (self.path / "manifest.json").is_file():
             import sentencepiece as spm
 
-            read_manifest(self.path, "tokenizer train", what="a tokenizer directory")
+            read_manifest(self.path, TOKENIZER_STAGES, what="a tokenizer directory")
             sp = spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model"))
             self.vocab_size = sp.get_piece_size()
             self.byte_ids = {i for i in range(self.vocab_size) if sp.is_byte(i)}
@@ -92,8 +93,11 @@ class Measurer:
 def read_texts(cfg: ReportConfig) -> list[str]:
     rule = None
     if cfg.split == "heldout":
-        m = read_manifest(cfg.tokenizer, "tokenizer train", what="a tokenizer directory")
-        c = m["config"]
+        m = read_manifest(cfg.tokenizer, TOKENIZER_STAGES, what="a tokenizer directory")
+        c = m.get("config", {})
+        if "heldout_fraction" not in c:
+            raise UserError(f"tokenizer {cfg.tokenizer!r} was not trained here, so it held nothing out; "
+                            "use --split all")
         rule = (c["heldout_fraction"], c["seed"])
     texts, total = [], 0
     files = corpus_files(cfg.input)

@@ -14,7 +14,8 @@ from typing import Any
 from domainlm.errors import UserError
 from domainlm.manifest import read_manifest, sha256_file
 
-STAGE = "tokenizer train"
+# A tokenizer trained here, or one `domainlm convert from-hf` imported with an HF model.
+STAGE = ("tokenizer train", "tokenizer import")
 
 
 @dataclass(slots=True)
