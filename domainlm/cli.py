@@ -110,7 +110,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=38, width=100)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the command it names gets its (generated) arguments, since
+    generating every command's flags costs more than the rest of a short command's start."""
+    words_given = [a for a in (argv or []) if not a.startswith("-")][:2]
     parser = argparse.ArgumentParser(
         prog="domainlm", formatter_class=_Formatter,
         description="Build a domain-specific language model: corpus -> tokenizer -> shards -> "
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                 gp.set_defaults(_group=gp)
             sub = groups[words[0]].add_parser(words[1], help=cmd.help, formatter_class=_Formatter)
         sub.set_defaults(_command=cmd, _parser=sub)
-        _fill(sub, cmd)
+        if argv is None or words_given[: len(words)] == words:
+            _fill(sub, cmd)
     return parser
 
 
@@ -151,8 +155,9 @@ def _fill(sub: argparse.ArgumentParser, cmd: Command) -> None:
 def main(argv: list[str] | None = None) -> int:
     from domainlm.progress import setup_logging
 
-    parser = build_parser()
-    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    args = normalize_argv(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(args)
+    ns = parser.parse_args(args)
     setup_logging(ns.verbose)
     cmd: Command | None = getattr(ns, "_command", None)
     if cmd is None:

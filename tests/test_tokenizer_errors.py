@@ -61,7 +61,7 @@ def test_json_line_that_does_not_parse(capsys, tmp_path):
     f.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": "broken\n')
     _fails(capsys, _train(f, tmp_path / "o"), f"{f}:4:", "not valid JSON")
     f.write_text('["a list"]\n')
-    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:1:", "expected a JSON object")
+    _fails(capsys, _train(f, tmp_path / "o"), f"{f}:1:", "a JSON list, not an object", "with a 'text' field")
 
 
 def test_invalid_utf8(capsys, tmp_path):

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from domainlm.errors import UserError
+# The record-level JSON rules are the strict reader's: one parser, two ways to report.
+from domainlm.tokenizer.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line  # noqa: F401
 
 SUFFIXES = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
     ".parquet": "parquet", ".txt": "txt", ".txt.gz": "txt",
 }
 DATASET_MARKERS = ("dataset_dict.json", "state.json")
-MALFORMED = ("invalid_utf8", "invalid_json", "not_an_object", "missing_field", "not_a_string")
-EXCERPT_CHARS = 200
 _READ_BLOCK = 1 << 20
 
 
@@ -281,56 +281,6 @@ def _row_group_ranges(path: str, chunk_bytes: int) -> list[tuple[int, int]]:
 # Workers: records of one chunk.
 
 
-class Bad(Exception):
-    """A malformed record: reason (one of MALFORMED), message, excerpt."""
-
-    def __init__(self, reason: str, message: str, excerpt: str = ""):
-        super().__init__(message)
-        self.reason, self.message, self.excerpt = reason, message, excerpt
-
-
-def excerpt(raw: bytes | str) -> str:
-    if isinstance(raw, bytes):
-        raw = raw[: EXCERPT_CHARS * 4].decode("utf-8", "backslashreplace")
-    return raw[:EXCERPT_CHARS]
-
-
-def _id_str(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int, float, bool)):
-        value = str(value)
-    else:
-        value = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: kept visible, escaped
-            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
-def parse_json_line(raw: bytes, text_field: str, id_field: str) -> tuple[str, str | None]:
-    """(text, id) of one JSONL line; Bad for a malformed one."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Bad("invalid_utf8", f"not valid UTF-8 at byte {e.start} ({e.reason})", excerpt(raw)) from None
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise Bad("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})", excerpt(line)) from None
-    if not isinstance(rec, dict):
-        raise Bad("not_an_object", f"a JSON {type(rec).__name__}, not an object", excerpt(line))
-    if text_field not in rec:
-        fields = ", ".join(sorted(map(str, rec))) or "none"
-        raise Bad("missing_field", f"no {text_field!r} field (fields: {fields})", excerpt(line))
-    text = rec[text_field]
-    if not isinstance(text, str):
-        raise Bad("not_a_string", f"field {text_field!r} is {type(text).__name__}, not a string", excerpt(line))
-    return text, _id_str(rec.get(id_field))
-
-
 def iter_lines(f, start: int, end: int) -> Iterator[bytes]:
     """Each line (without its newline) that starts at a byte offset in [start, end) of the
     open file `f`; end -1 reads to the end of the file. The last line may run past `end`."""
@@ -476,7 +426,7 @@ def _table(batches, f: InputFile, text_field: str, id_field: str, counts: dict):
         ids = batch.column(id_field).to_pylist() if id_field in names else [None] * n
         for i, (text, doc_id) in enumerate(zip(texts, ids)):
             if isinstance(text, str):
-                yield row + i, text, _id_str(doc_id)
+                yield row + i, text, id_str(doc_id)
             else:
                 what = "null" if text is None else type(text).__name__
                 yield row + i, Bad("not_a_string", f"column {text_field!r} is {what}, not a string",

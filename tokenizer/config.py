@@ -86,7 +86,7 @@ class TokenizerConfig:
     """Most bytes of text given to SentencePiece; documents are chosen by seeded hash."""
     heldout_fraction: float = 0.01
     """Share of documents (by hash) held out of training for the report."""
-    heldout_max_bytes: int = 5_000_000
+    heldout_max_bytes: int = 2_000_000
     """Most held-out bytes used for the report and the HF parity check."""
     seed: int = 0
     """Salt of the sampling and held-out hashes."""

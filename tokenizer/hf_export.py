@@ -58,19 +58,17 @@ def build_hf_tokenizer(sp, model_type: str, user_defined: list[str]) -> Tokenize
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
     unk = pieces[sp.unk_id()]
+    special = [sp.is_control(i) or sp.is_unknown(i) for i in range(n)]
     if model_type == "bpe":
         vocab = {p: i for i, p in enumerate(pieces)}
         whole = set(user_defined)  # emitted whole by SentencePiece, never built by merges
-        ranked = []
+        merges = []  # in id order = descending score; within a piece, by the left part's id
         for i, p in enumerate(pieces):
-            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i) or len(p) < 2 or p in whole:
+            if len(p) < 2 or special[i] or p in whole or sp.is_byte(i) or sp.is_unused(i):
                 continue
-            for k in range(1, len(p)):
-                a, b = p[:k], p[k:]
-                if a in vocab and b in vocab:
-                    ranked.append((i, vocab[a], a, b))
-        ranked.sort()
-        model = models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=unk,
+            splits = [(vocab[p[:k]], p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+            merges += [(a, b) for _, a, b in sorted(splits)]
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                            byte_fallback=True, fuse_unk=True, ignore_merges=False)
     elif model_type == "unigram":
         model = models.Unigram([(p, sp.get_score(i)) for i, p in enumerate(pieces)],
@@ -82,9 +80,8 @@ def build_hf_tokenizer(sp, model_type: str, user_defined: list[str]) -> Tokenize
     tok.pre_tokenizer = None
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in user_defined if not _special(p)])
-    special = [AddedToken(pieces[i], special=True, normalized=False)
-               for i in range(n) if sp.is_control(i) or sp.is_unknown(i) or _special(pieces[i]) and pieces[i] in user_defined]
-    tok.add_special_tokens(special)
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                            for i in range(n) if special[i] or _special(pieces[i]) and pieces[i] in user_defined])
     return tok
 
 
@@ -92,8 +89,9 @@ def _special(piece: str) -> bool:
     return piece.startswith("<|") and piece.endswith("|>")
 
 
-def write_hf_files(sp, model_type: str, out_dir: Path, special: dict[str, str], user_defined: list[str]) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+def write_hf_files(sp, model_type: str, out_dir: Path, special: dict[str, str], user_defined: list[str]) -> Tokenizer:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja;
+    returns the `tokenizers.Tokenizer` written."""
     tok = build_hf_tokenizer(sp, model_type, user_defined)
     tok.save(str(out_dir / "tokenizer.json"))
     added = {}
@@ -130,18 +128,24 @@ def write_hf_files(sp, model_type: str, out_dir: Path, special: dict[str, str], 
         "unk_token": special["unk"], "additional_special_tokens": extra_special,
     })
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return tok
 
 
-def parity(sp, hf_tokenizer, texts: list[str]) -> dict:
-    """Compare SentencePiece and HF encodings and decodings on `texts`."""
-    mismatched_ids = mismatched_text = 0
-    order_only = 0
+def parity(sp, hf_tokenizer, texts: list[str], expected: list[list[int]] | None = None) -> dict:
+    """Compare SentencePiece and HF encodings and decodings on `texts`.
+
+    `hf_tokenizer` is a `tokenizers.Tokenizer` or a transformers fast tokenizer (its backend is
+    compared: what transformers runs). Batched: both sides encode on every core. `expected`:
+    SentencePiece's ids of `texts`, when the caller has them.
+    """
+    tok = getattr(hf_tokenizer, "backend_tokenizer", hf_tokenizer)
+    if expected is None:
+        expected = sp.encode(texts, num_threads=0)
+    got = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    decoded = tok.decode_batch(got, skip_special_tokens=False)
+    mismatched_ids = order_only = mismatched_text = 0
     first = None
-    n_bytes = 0
-    for t in texts:
-        n_bytes += len(t.encode("utf-8"))
-        a = sp.encode(t)
-        b = hf_tokenizer.encode(t, add_special_tokens=False)
+    for t, a, b, d in zip(texts, expected, got, decoded):
         if a != b:
             mismatched_ids += 1
             if sorted(a) == sorted(b):
@@ -149,8 +153,9 @@ def parity(sp, hf_tokenizer, texts: list[str]) -> dict:
             if first is None:
                 j = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
                 first = {"sentencepiece": [sp.id_to_piece(x) for x in a[max(0, j - 2):j + 4]],
-                         "hf": hf_tokenizer.convert_ids_to_tokens(b[max(0, j - 2):j + 4])}
-        if hf_tokenizer.decode(b, skip_special_tokens=False) != t:
+                         "hf": [tok.id_to_token(x) for x in b[max(0, j - 2):j + 4]]}
+        if d != t:
             mismatched_text += 1
-    return {"documents": len(texts), "bytes": n_bytes, "id_mismatches": mismatched_ids,
-            "tie_order_only": order_only, "decode_mismatches": mismatched_text, "first_mismatch": first}
+    return {"documents": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts),
+            "id_mismatches": mismatched_ids, "tie_order_only": order_only,
+            "decode_mismatches": mismatched_text, "first_mismatch": first}

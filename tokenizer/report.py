@@ -23,13 +23,15 @@ from domainlm.tokenizer.tokdir import STAGE as TOKENIZER_STAGES
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
-def unit_hash(seed: int, salt: str, key: str) -> int:
-    """A 64-bit hash of a document key; decides sampling and the held-out split everywhere."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{salt}:{key}".encode(), digest_size=8).digest(), "big")
+def key_hashes(seed: int, key: str) -> tuple[int, int]:
+    """Two independent 64-bit hashes of a document key, from one digest: the first decides the
+    held-out split (everywhere: training, reports), the second the document's sampling rank."""
+    d = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).digest()
+    return int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big")
 
 
 def is_heldout(key: str, fraction: float, seed: int) -> bool:
-    return unit_hash(seed, "heldout", key) < fraction * 2**64
+    return key_hashes(seed, key)[0] < fraction * 2**64
 
 
 def measure(texts: list[str], encode: Callable[[list[str]], list[list[int]]], byte_ids: set[int],
@@ -62,12 +64,7 @@ class Measurer:
             import sentencepiece as spm
 
             read_manifest(self.path, TOKENIZER_STAGES, what="a tokenizer directory")
-            sp = spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model"))
-            self.vocab_size = sp.get_piece_size()
-            self.byte_ids = {i for i in range(self.vocab_size) if sp.is_byte(i)}
-            self.unk_id = sp.unk_id()
-            self.encode = lambda texts: sp.encode(texts, num_threads=0)
-            self.kind = "sentencepiece"
+            self._use_sentencepiece(spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model")))
         else:
             from transformers import AutoTokenizer
 
@@ -85,8 +82,24 @@ class Measurer:
             self.encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
             self.kind = "transformers"
 
-    def measure(self, texts: list[str]) -> dict:
-        out = measure(texts, self.encode, self.byte_ids, self.unk_id)
+    @classmethod
+    def for_processor(cls, sp, name: str) -> "Measurer":
+        """Measure a loaded SentencePiece processor (a tokenizer dir still being written)."""
+        self = cls.__new__(cls)
+        self.path = Path(name)
+        self._use_sentencepiece(sp)
+        return self
+
+    def _use_sentencepiece(self, sp) -> None:
+        self.vocab_size = sp.get_piece_size()
+        self.byte_ids = {i for i in range(self.vocab_size) if sp.is_byte(i)}
+        self.unk_id = sp.unk_id()
+        self.encode = lambda texts: sp.encode(texts, num_threads=0)
+        self.kind = "sentencepiece"
+
+    def measure(self, texts: list[str], ids: list[list[int]] | None = None) -> dict:
+        """Metrics of `texts`; `ids`, when given, are their encodings by this tokenizer."""
+        out = measure(texts, (lambda _: ids) if ids is not None else self.encode, self.byte_ids, self.unk_id)
         return {"tokenizer": str(self.path), "kind": self.kind, "vocab_size": self.vocab_size, **out}
 
 

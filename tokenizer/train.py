@@ -10,20 +10,21 @@ SentencePiece reads, and trained with options chosen so the HF export encodes id
 
 from __future__ import annotations
 
+import gc
 import heapq
-import re
 import math
 import os
+import re
 import time
 from pathlib import Path
 
 from domainlm.errors import UserError
-from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file
+from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file, write_json
 from domainlm.progress import human_bytes, log, progress, summary
 from domainlm.tokenizer.config import TokenizerConfig
 from domainlm.tokenizer.corpus import corpus_files, read_file
 from domainlm.tokenizer.hf_export import CHAT_END, CHAT_START, parity, write_hf_files
-from domainlm.tokenizer.report import Measurer, is_heldout, unit_hash
+from domainlm.tokenizer.report import Measurer, key_hashes
 
 VOCAB_MULTIPLE = 128
 BYTE_PIECES = 256
@@ -64,26 +65,34 @@ class Sampler:
 
 
 def sample_corpus(cfg: TokenizerConfig, files: list[Path]) -> dict:
-    """Stream the corpus once; return the training sample, the held-out texts and counts."""
-    train = Sampler(cfg.sample_bytes)
-    held = Sampler(cfg.heldout_max_bytes)
+    """Read the corpus once; return the training sample, the held-out texts and counts.
+
+    Every document's key gives two hashes (one digest): the first holds out `heldout_fraction`
+    of documents, the second ranks the rest, and the lowest-ranked up to `sample_bytes` are the
+    sample, whatever the order of files and records. (Reading is one process: on the 50 MB
+    benchmark, splitting it over processes cost more in moving texts than it saved in parsing.)
+    """
+    train, held = Sampler(cfg.sample_bytes), Sampler(cfg.heldout_max_bytes)
     counts = {"documents": 0, "bytes": 0, "empty": 0, "heldout_documents": 0}
     total = sum(f.stat().st_size for f in files if f.is_file()) or None
+    threshold = cfg.heldout_fraction * 2**64
     bar = progress(total=total, desc="reading corpus", unit="B", unit_scale=True)
     for path in files:
         for doc in read_file(path, cfg.text_field, cfg.id_field):
-            size = len(doc.text.encode("utf-8"))
+            text = doc.text
+            size = len(text.encode("utf-8"))
             counts["documents"] += 1
             counts["bytes"] += size
             bar.update(size)
-            if not doc.text.strip():
+            if not text or text.isspace():
                 counts["empty"] += 1
                 continue
-            if is_heldout(doc.key, cfg.heldout_fraction, cfg.seed):
+            h_split, h_rank = key_hashes(cfg.seed, doc.key)
+            if h_split < threshold:
                 counts["heldout_documents"] += 1
-                held.offer(unit_hash(cfg.seed, "report", doc.key), doc.key, doc.text, size)
+                held.offer(h_rank, doc.key, text, size)
             else:
-                train.offer(unit_hash(cfg.seed, "sample", doc.key), doc.key, doc.text, size)
+                train.offer(h_rank, doc.key, text, size)
     bar.close()
     if counts["documents"] == 0:
         raise UserError(f"the corpus is empty: no documents in {', '.join(map(str, files))}")
@@ -102,12 +111,13 @@ def write_sample(texts: list[str], path: Path) -> int:
     lines = 0
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for t in texts:
-            for line in t.split("\n"):
-                if not line.strip():
-                    continue
-                for i in range(0, len(line), MAX_LINE_CHARS):
-                    f.write(line[i:i + MAX_LINE_CHARS] + "\n")
-                    lines += 1
+            kept = [line for line in t.split("\n") if line and not line.isspace()]
+            if len(t) > MAX_LINE_CHARS:
+                kept = [line[i:i + MAX_LINE_CHARS] for line in kept for i in range(0, len(line), MAX_LINE_CHARS)]
+            if kept:
+                f.write("\n".join(kept))
+                f.write("\n")
+                lines += len(kept)
     return lines
 
 
@@ -178,27 +188,28 @@ def train(cfg: TokenizerConfig) -> dict:
         data = sample_corpus(cfg, files)
         sample = out.tmp / "sample.txt"
         lines = write_sample(data["train"], sample)
+        n_sample_docs = len(data.pop("train"))
+        gc.collect()  # hand the sample's memory back before SentencePiece loads its own copy
         t_sample = time.perf_counter() - t0
         log.info("training SentencePiece %s, vocab %d, on %s (%d documents, %d lines)",
-                 cfg.model_type, vocab_size, human_bytes(data["sample_bytes"]), len(data["train"]), lines)
+                 cfg.model_type, vocab_size, human_bytes(data["sample_bytes"]), n_sample_docs, lines)
         options = spm_options(cfg, sample, out.tmp / "tokenizer", vocab_size)
         t_train = train_spm(options)
         sample.unlink()
 
         import sentencepiece as spm
-        from transformers import AutoTokenizer
 
         t1 = time.perf_counter()
         sp = spm.SentencePieceProcessor(model_file=str(out.tmp / "tokenizer.model"))
         s = cfg.special
-        write_hf_files(sp, cfg.model_type, out.tmp, {"unk": s.unk, "bos": s.bos, "eos": s.eos, "pad": s.pad},
-                       user_symbols(cfg))
-        hf = AutoTokenizer.from_pretrained(str(out.tmp), local_files_only=True)
+        # Checked with the `tokenizers` object transformers wraps (AutoTokenizer loading it is
+        # tested; importing transformers here would cost seconds on every run).
+        hf = write_hf_files(sp, cfg.model_type, out.tmp, {"unk": s.unk, "bos": s.bos, "eos": s.eos, "pad": s.pad},
+                            user_symbols(cfg))
         heldout = data["heldout"]
-        check = parity(sp, hf, heldout) if heldout else None
-        metrics = Measurer(out.tmp).measure(heldout) if heldout else None
-        if metrics:
-            metrics["tokenizer"] = cfg.output
+        ids = sp.encode(heldout, num_threads=0) if heldout else []
+        check = parity(sp, hf, heldout, expected=ids) if heldout else None
+        metrics = Measurer.for_processor(sp, cfg.output).measure(heldout, ids) if heldout else None
         t_export = time.perf_counter() - t1
         if check and cfg.model_type == "bpe" and (check["id_mismatches"] or check["decode_mismatches"]):
             log.warning("HF export differs from SentencePiece on %d of %d held-out documents: %s",
@@ -209,12 +220,13 @@ def train(cfg: TokenizerConfig) -> dict:
             "unk_id": sp.unk_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
             "user_defined": user_symbols(cfg),
         }
-        counts = {**data["counts"], "sample_documents": len(data["train"]), "sample_bytes": data["sample_bytes"],
+        counts = {**data["counts"], "sample_documents": n_sample_docs, "sample_bytes": data["sample_bytes"],
                   "sample_lines": lines, "report_documents": len(heldout), "report_bytes": data["heldout_bytes"]}
         report = {"heldout": metrics, "hf_parity": check}
-        from domainlm.manifest import write_json
-
-        write_json(out.tmp / "report.json", report)
+        # Timings go to report.json only: the manifest says what was made, not how fast.
+        write_json(out.tmp / "report.json", {**report, "timings": {
+            "read_and_sample_s": round(t_sample, 3), "sentencepiece_s": round(t_train, 3),
+            "export_and_checks_s": round(time.perf_counter() - t1, 3)}})
         manifest = make_manifest("tokenizer train", cfg, inputs, tokenizer=tok_info, counts=counts,
                                  report=report, spm_options={k: v for k, v in options.items()
                                                              if k not in ("input", "model_prefix", "num_threads")})
