@@ -25,6 +25,7 @@ import apache_beam as beam
 import numpy as np
 
 from domainlm.tokenizer.beam_docs import EXACT, by_key, chunk_of, compact, dumps, loads, split_sums
+from domainlm.tokenizer.beam_spill import Spill
 
 
 def _concat(parts: list[tuple[np.ndarray, ...]], n: int) -> tuple[np.ndarray, ...]:
@@ -70,8 +71,12 @@ class DedupGroups(beam.DoFn):
     their estimated shard bytes;
     ((BAND, bucket), band key parts) -> 'pairs' (chunk of a, (a, b)) candidate pairs."""
 
+    def __init__(self, spill: Spill):
+        self.spill = spill
+
     def process(self, item):
-        (kind, _), parts = item
+        (kind, _), refs = item
+        parts = [self.spill.get(r) for r in refs]
         if kind == EXACT:
             h1, h2, refs, split, est = _concat([loads(p) for p in parts], 5)
             drops = exact_drops(h1, h2, refs)
@@ -90,8 +95,11 @@ class AttachFirst(beam.DoFn):
     """A chunk's signatures -> (chunk of b, (a, b, signature of a)) for the candidate pairs
     whose a is in the chunk (pairs: a side input keyed by the chunk of a)."""
 
+    def __init__(self, spill: Spill):
+        self.spill = spill
+
     def process(self, blob, pairs):
-        chunk, refs, sig = loads(blob)
+        chunk, refs, sig = loads(self.spill.get(blob))
         found = list(pairs[chunk])
         if not found:
             return

@@ -30,6 +30,7 @@ import numpy as np
 from domainlm.tokenizer.beam_clean import FILTER_REASONS, clean, content_hash, filter_reason
 from domainlm.tokenizer.beam_minhash import MinHasher, optimal_bands, splitmix64
 from domainlm.tokenizer.beam_read import MALFORMED, Bad, Plan, excerpt, read_records
+from domainlm.tokenizer.beam_spill import Spill
 from domainlm.tokenizer.config import ShardConfig
 from domainlm.tokenizer.shard_format import SPLITS
 
@@ -83,8 +84,9 @@ class Reporter:
 
 class ReadChunk(beam.DoFn):
     def __init__(self, cfg: ShardConfig, plan: Plan, n_buckets: int, bytes_per_token: float, itemsize: int,
-                 progress_dir: str | None):
+                 progress_dir: str | None, spill: Spill):
         self.cfg, self.plan, self.n_buckets, self.progress_dir = cfg, plan, n_buckets, progress_dir
+        self.spill = spill
         self.bytes_per_token, self.itemsize = bytes_per_token, itemsize
         d = cfg.dedup
         self.bands = optimal_bands(d.threshold, d.num_perm)  # once, here, not in every worker
@@ -154,19 +156,27 @@ class ReadChunk(beam.DoFn):
                                  np.array([len(i) if i is not None else label + 8 for i in block.ids]),
                                  self.bytes_per_token, self.itemsize)
         yield beam.pvalue.TaggedOutput("sizes", split_sums(split, est))
-        yield dumps({"chunk": ordinal, "refs": refs, "ids": block.ids, "texts": block.texts, "split": split})
+        name = f"{ordinal}-{int(refs[0])}"  # the block's first ref: unique
+        yield from self.spill.put(f"docs-{name}", [dumps({"chunk": ordinal, "refs": refs, "ids": block.ids,
+                                                           "texts": block.texts, "split": split})])
+        groups, parts = [], []  # what goes to GroupKeys
         if cfg.dedup.exact:
-            for bucket, parts in by_key(h1 % np.uint64(self.n_buckets), h1, h2, refs, split, est):
-                yield beam.pvalue.TaggedOutput("keys", ((EXACT, bucket), dumps(parts)))
+            for bucket, arrays in by_key(h1 % np.uint64(self.n_buckets), h1, h2, refs, split, est):
+                groups.append((EXACT, bucket))
+                parts.append(dumps(arrays))
         if self.minhash is not None:
             sig, has = self.minhash.signatures(block.texts)
             sig, srefs = sig[has], refs[has]
             if len(srefs):
-                yield beam.pvalue.TaggedOutput("sigs", dumps((ordinal, srefs, compact(sig))))
+                for ref in self.spill.put(f"sigs-{name}", [dumps((ordinal, srefs, compact(sig)))]):
+                    yield beam.pvalue.TaggedOutput("sigs", ref)
                 keys = self.minhash.band_keys(sig).ravel()
                 krefs = np.repeat(srefs, self.minhash.bands)
                 for bucket, (k, r) in by_key(keys % np.uint64(self.n_buckets), keys, krefs):
-                    yield beam.pvalue.TaggedOutput("keys", ((BAND, bucket), dumps((k, r))))
+                    groups.append((BAND, bucket))
+                    parts.append(dumps((k, r)))
+        for group, ref in zip(groups, self.spill.put(f"keys-{name}", parts)):
+            yield beam.pvalue.TaggedOutput("keys", (group, ref))
 
 
 def compact(sig: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -71,6 +72,12 @@ def pipeline_flags(b: BeamArgs) -> list[str]:
     return flags
 
 
+def spill_directory(cfg: ShardConfig, root: str) -> str | None:
+    """Where bulk bytes between stages go (beam_spill.py): a folder in the output when the
+    DirectRunner's workers share this disk with it; None (the bytes travel as elements) else."""
+    return os.path.join(root, ".spill") if is_direct(cfg.beam) and "://" not in root else None
+
+
 def make_runner(b: BeamArgs, options):
     """The runner object: for DirectRunner, Beam's FnApiRunner, set up as DirectRunner sets it
     up for a batch pipeline, minus DirectRunner's first attempt to download and start the Prism
@@ -95,7 +102,7 @@ def make_runner(b: BeamArgs, options):
 
 
 def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes_per_token: float, root: str,
-          progress_dir: str | None) -> None:
+          progress_dir: str | None, spill_dir: str | None = None) -> None:
     """Add the pipeline's transforms to `p`; outputs go under `root`.
 
     Small global facts (line counts, split sizes, shard keys, counts) reach their consumers as
@@ -110,28 +117,33 @@ def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes
 
     from domainlm.tokenizer.beam_dedup import AttachFirst, DedupGroups
     from domainlm.tokenizer.beam_docs import ReadChunk
+    from domainlm.tokenizer.beam_spill import Spill
     from domainlm.tokenizer.beam_write import Tokenize, WriteShard, write_summary
 
+    spill = Spill(spill_dir)
     n_buckets = max(2, min(64, len(plan.chunks)))
     read = (p
             | "Chunks" >> beam.Create(list(range(len(plan.chunks))))  # reshuffled by Create
             | "Read" >> beam.ParDo(ReadChunk(cfg, plan, n_buckets, bytes_per_token, np.dtype(dtype).itemsize,
-                                             progress_dir)).with_outputs(
+                                             progress_dir, spill)).with_outputs(
                 "stats", "units", "dead", "keys", "sigs", "sizes", main="docs"))
     dedup = (read.keys
              | "GroupKeys" >> beam.GroupByKey()
-             | "Dedup" >> beam.ParDo(DedupGroups()).with_output_types(KV).with_outputs("pairs", "dropped",
+             | "Dedup" >> beam.ParDo(DedupGroups(spill)).with_output_types(KV).with_outputs("pairs", "dropped",
                                                                                       main="exact"))
     candidates = (read.sigs
-                  | "AttachFirst" >> beam.ParDo(AttachFirst(), AsMultiMap(dedup.pairs)).with_output_types(KV))
+                  | "AttachFirst" >> beam.ParDo(AttachFirst(spill), AsMultiMap(dedup.pairs)).with_output_types(KV))
     tok = (read.docs
-           | "Tokenize" >> beam.ParDo(Tokenize(cfg, plan, model_proto, dtype, progress_dir),
+           # the blocks spread over the workers one by one (without it the DirectRunner hands
+           # each worker the blocks one Read worker made, as they arrived in one buffer)
+           | "Spread" >> beam.Reshuffle()
+           | "Tokenize" >> beam.ParDo(Tokenize(cfg, plan, model_proto, dtype, progress_dir, spill),
                                       AsMultiMap(dedup.exact), AsMultiMap(candidates), AsList(read.units),
                                       AsList(read.sizes), AsList(dedup.dropped))
            .with_outputs("stats", main="pieces"))
     shards = (tok.pieces
               | "GroupShards" >> beam.GroupByKey()
-              | "Write" >> beam.ParDo(WriteShard(root, progress_dir),
+              | "Write" >> beam.ParDo(WriteShard(root, progress_dir, spill),
                                       AsList(tok.pieces | "ShardKeys" >> beam.Keys())))
     stats = (read.stats, tok.stats) | "AllStats" >> beam.Flatten()
     (p
@@ -158,10 +170,15 @@ def run(cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes_per_
     else:
         log.info("Beam: %s", " ".join(flags))
     local = is_direct(cfg.beam) and "://" not in root
+    spill_dir = spill_directory(cfg, root)
+    if spill_dir:
+        os.makedirs(spill_dir, exist_ok=True)
     with _Progress(plan, local) as prog:
         p = beam.Pipeline(runner=runner, options=options)
-        build(p, cfg, plan, model_proto, dtype, bytes_per_token, root, prog.directory)
+        build(p, cfg, plan, model_proto, dtype, bytes_per_token, root, prog.directory, spill_dir)
         p.run().wait_until_finish()
+    if spill_dir:
+        shutil.rmtree(spill_dir)
     path = f"{root}/{SUMMARY}"
     with FileSystems.open(path, compression_type="uncompressed") as f:
         summary = json.loads(f.read().decode("utf-8"))

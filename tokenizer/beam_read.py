@@ -77,11 +77,20 @@ class Plan:
         """(input file as keys name it, 'file:line' source, dead-letter location fields) of the
         record at absolute `position` (line for JSONL/txt, row for tables) of `chunk`."""
         f = self.files[self.chunks[chunk].file]
+        input_file, (src,) = self.sources(chunk, [position])
+        if f.kind in ("jsonl", "txt"):
+            return input_file, src, {"file": f.path, "line": position}
+        return input_file, src, {"file": f.label, "row": position}
+
+    def sources(self, chunk: int, positions: list[int]) -> tuple[str, list[str]]:
+        """(input file as keys name it, the 'file:line' source of each absolute position) of
+        records of `chunk`: `source` for a whole block at once."""
+        f = self.files[self.chunks[chunk].file]
         if f.kind == "jsonl":
-            return f.path, f"{f.path}:{position}", {"file": f.path, "line": position}
+            return f.path, [f"{f.path}:{p}" for p in positions]
         if f.kind == "txt":
-            return f.path, f.path, {"file": f.path, "line": position}
-        return f.origin, f"{f.label}:row {position}", {"file": f.label, "row": position}
+            return f.path, [f.path] * len(positions)
+        return f.origin, [f"{f.label}:row {p}" for p in positions]
 
     def first_position(self, chunk: int) -> int:
         return 1 if self.files[self.chunks[chunk].file].kind in ("jsonl", "txt") else 0

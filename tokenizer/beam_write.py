@@ -29,8 +29,9 @@ from domainlm.tokenizer.beam_dedup import near_drops
 from domainlm.tokenizer.beam_docs import Reporter, dumps, loads, salted
 from domainlm.tokenizer.beam_minhash import MinHasher, optimal_bands
 from domainlm.tokenizer.beam_read import Plan
+from domainlm.tokenizer.beam_spill import Spill
 from domainlm.tokenizer.config import ShardConfig
-from domainlm.tokenizer.shard_format import SHARD_PATTERN, SPLITS, ShardWriter, sample_key
+from domainlm.tokenizer.shard_format import SHARD_PATTERN, SPLITS, ShardWriter, sample_keys
 
 U64 = np.uint64
 _SALT_SHARD = 0x5348415244  # "SHARD"
@@ -56,9 +57,10 @@ class Tokenize(beam.DoFn):
     'stats' on the side. Side inputs keyed by chunk: exact drops, near-duplicate candidates
     (a, b, signature of a); and the chunks' line counts, the estimated sizes."""
 
-    def __init__(self, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, progress_dir: str | None):
+    def __init__(self, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, progress_dir: str | None,
+                 spill: Spill):
         self.cfg, self.plan, self.model_proto, self.dtype = cfg, plan, model_proto, np.dtype(dtype)
-        self.progress_dir = progress_dir
+        self.progress_dir, self.spill = progress_dir, spill
         d = cfg.dedup
         self.bands = optimal_bands(d.threshold, d.num_perm)
 
@@ -76,7 +78,7 @@ class Tokenize(beam.DoFn):
         if self.first is None:  # the same side inputs for every bundle: computed once a worker
             self.first = first_positions(self.plan, units)
             self.n_shards = shard_counts(merge_counts(sizes), merge_counts(dropped), self.cfg.shard_bytes)
-        block = loads(blob)
+        block = loads(self.spill.get(blob))
         chunk, refs = block["chunk"], block["refs"]
         exact = _refs(list(exact_side[chunk]))
         near, n_pairs, n_similar = near_drops(list(cand_side[chunk]), refs, block["texts"], self.minhash,
@@ -93,31 +95,35 @@ class Tokenize(beam.DoFn):
         encoded = self.sp.encode([block["texts"][i] for i in idx], num_threads=1)
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(lengths.sum()))
-        keys, metas = self._describe(chunk, refs[idx], [block["ids"][i] for i in idx], lengths)
+        keys, keyhash, metas = self._describe(chunk, refs[idx], [block["ids"][i] for i in idx], lengths)
         self.report(documents=len(keys), tokens=int(lengths.sum()))
-        keyhash = np.array([int(k[-16:], 16) for k in keys], dtype=U64)
         shard_hash = salted(keyhash, self.cfg.seed, _SALT_SHARD)
         split = block["split"][idx]
+        shard_keys, pieces = [], []
         for s, name in enumerate(SPLITS):
             shard = (shard_hash % U64(self.n_shards[name])).astype(np.int64)
             for k in np.unique(shard[split == s]):
                 sel = (split == s) & (shard == k)
                 pick = np.flatnonzero(sel)
-                yield (name, int(k)), dumps({
+                shard_keys.append((name, int(k)))
+                pieces.append(dumps({
                     "keys": [keys[i] for i in pick], "metas": [metas[i] for i in pick],
                     "refs": refs[idx][pick], "lengths": lengths[pick],
-                    "tokens": tokens[np.repeat(sel, lengths)]})
+                    "tokens": tokens[np.repeat(sel, lengths)]}))
+        yield from zip(shard_keys, self.spill.put(f"pieces-{chunk}-{int(refs[0])}", pieces))
 
-    def _describe(self, chunk, refs, ids, lengths) -> tuple[list[str], list[bytes]]:
-        keys, metas = [], []
-        positions = (refs & 0xFFFFFFFF) + self.first[chunk]
-        for doc_id, pos, n in zip(ids, positions.tolist(), lengths.tolist()):
-            input_file, source, _ = self.plan.source(chunk, pos)
-            input_file, source = printable(input_file), printable(source)
-            doc_id = doc_id if doc_id is not None else source
-            keys.append(sample_key(doc_id, input_file))
-            metas.append(meta_json(doc_id, source, n))
-        return keys, metas
+    def _describe(self, chunk, refs, ids, lengths) -> tuple[list[str], np.ndarray, list[bytes]]:
+        """(keys, their hashes, .json members) of a block's documents. Sources are built from
+        the chunk's file name made printable once (printable() is per character, so it commutes
+        with appending ASCII line numbers)."""
+        positions = ((refs & 0xFFFFFFFF) + self.first[chunk]).tolist()
+        input_file, sources = self.plan.sources(chunk, positions)
+        if not (input_file.isascii() and all(s.isascii() for s in sources[:1])):
+            input_file, sources = printable(input_file), [printable(s) for s in sources]
+        doc_ids = [d if d is not None else s for d, s in zip(ids, sources)]
+        keys, hashes = sample_keys(doc_ids, input_file)
+        metas = [meta_json(d, s, n) for d, s, n in zip(doc_ids, sources, lengths.tolist())]
+        return keys, hashes, metas
 
 
 def printable(s: str) -> str:
@@ -177,8 +183,8 @@ class _Hashing:
 class WriteShard(beam.DoFn):
     """((split, shard), pieces) -> the shard file, and its manifest record."""
 
-    def __init__(self, output: str, progress_dir: str | None):
-        self.output, self.progress_dir = output, progress_dir
+    def __init__(self, output: str, progress_dir: str | None, spill: Spill):
+        self.output, self.progress_dir, self.spill = output, progress_dir, spill
 
     def setup(self):
         self.report = Reporter(self.progress_dir, "write")
@@ -191,29 +197,34 @@ class WriteShard(beam.DoFn):
             self.ranks = shard_ranks(shard_keys)
         ranks = self.ranks
         (split, shard), blobs = item
-        pieces = [loads(b) for b in blobs]
+        pieces = [loads(self.spill.get(b)) for b in blobs]
         keys = [k for p in pieces for k in p["keys"]]
         metas = [m for p in pieces for m in p["metas"]]
         refs = np.concatenate([p["refs"] for p in pieces])
         lengths = np.concatenate([p["lengths"] for p in pieces])
         tokens = np.concatenate([p["tokens"] for p in pieces])
-        starts = np.concatenate(([0], np.cumsum(lengths)))
-        order = [i for _, _, i in sorted(zip(keys, refs.tolist(), range(len(keys))))]
+        order = np.array([i for _, _, i in sorted(zip(keys, refs.tolist(), range(len(keys))))], dtype=np.int64)
         name = f"{split}/{SHARD_PATTERN.format(index=ranks[(split, shard)])}"
-        renamed, previous, repeat = 0, None, 0
+        names, renamed, previous, repeat = [], 0, None, 0
+        for i in order.tolist():
+            key = keys[i]
+            # two documents with the same id in the same file: later ones get a suffix
+            # (a key never ends in one otherwise: it ends in 16 hex digits)
+            repeat = repeat + 1 if key == previous else 0
+            previous = key
+            if repeat:
+                key, renamed = f"{key}-{repeat}", renamed + 1
+            names.append(key)
+        # the documents' ids in key order, gathered with one index array
+        sorted_lengths = lengths[order]
+        starts = np.cumsum(lengths) - lengths
+        gather = np.repeat(starts[order] - (np.cumsum(sorted_lengths) - sorted_lengths), sorted_lengths)
+        gather += np.arange(len(gather), dtype=np.int64)
         with FileSystems.create(f"{self.output}/{name}", mime_type="application/x-tar",
                                 compression_type="uncompressed") as raw:
             out = _Hashing(raw)
             with ShardWriter(out) as w:
-                for i in order:
-                    key = keys[i]
-                    # two documents with the same id in the same file: later ones get a suffix
-                    # (a key never ends in one otherwise: it ends in 16 hex digits)
-                    repeat = repeat + 1 if key == previous else 0
-                    previous = key
-                    if repeat:
-                        key, renamed = f"{key}-{repeat}", renamed + 1
-                    w.write_encoded(key, tokens[starts[i]:starts[i + 1]], metas[i])
+                w.write_samples(names, tokens[gather], sorted_lengths, [metas[i] for i in order.tolist()])
         self.report(shards=1)
         yield {"name": name, "sha256": out.sha.hexdigest(), "bytes": out.bytes,
                "documents": len(keys), "tokens": int(lengths.sum()), "renamed_keys": renamed}
