@@ -322,7 +322,7 @@ def model_step_throughput(size: str, kernels: str, *, seq_len: int = 2048, micro
 
     from domainlm.pretrain.config import ModelArgs
     from domainlm.pretrain.model import build_model, padded_vocab, transformer_config
-    from domainlm.pretrain.sizes import resolve_model
+    from domainlm.pretrain.config import resolve_model
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -47,7 +47,7 @@ def machine() -> str:
 
 def write_synthetic(root: Path, tokens: int, shard_tokens: int, seed: int = 0) -> Path:
     """A shards dir of random documents (log-normal lengths, median ~400 tokens)."""
-    from domainlm.tokenizer.shard_format import SHARD_PATTERN, ShardWriter, sample_key
+    from domainlm.data.shards import SHARD_PATTERN, ShardWriter, sample_key
 
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():

@@ -40,7 +40,7 @@ def synthetic_shards(tokenizer_dir: Path, out: Path, tokens: int = 400_000) -> P
 
     import numpy as np
 
-    from domainlm.tokenizer.shard_format import SHARD_PATTERN, ShardWriter, sample_key, token_dtype
+    from domainlm.data.shards import SHARD_PATTERN, ShardWriter, sample_key, token_dtype
     from domainlm.tokenizer.tokdir import load_tokenizer_dir
 
     tok = load_tokenizer_dir(tokenizer_dir)

@@ -68,7 +68,7 @@ def build_corpus() -> Path:
 
 def overhead(corpus: Path, vocab: int, repeats: int) -> dict:
     from domainlm.tokenizer.config import TokenizerConfig
-    from domainlm.tokenizer.corpus import corpus_files
+    from domainlm.corpus import corpus_files
     from domainlm.tokenizer.train import check_vocab, sample_corpus, spm_options, write_sample
 
     out = WORK / "tok_50mb"

@@ -9,13 +9,14 @@ resolved config. A `UserError` prints one line and exits 2; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from domainlm import __version__
+from domainlm import __version__, stages
 from domainlm.config import add_config_arguments, config_from_args, dump_yaml, normalize_argv
 from domainlm.errors import UserError
 
@@ -41,42 +42,46 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command(
-        "corpus pydoc", "build the embedded domain corpus from installed packages' API docs",
-        run="domainlm.tokenizer.pydoc:build", config="domainlm.tokenizer.config:PydocConfig",
-        inputs="domainlm.tokenizer.pydoc:inputs",
+        stages.CORPUS_PYDOC, "build the embedded domain corpus from installed packages' API docs",
+        run="domainlm.data.pydoc:build", config="domainlm.data.config:PydocConfig",
+        inputs="domainlm.data.pydoc:inputs",
     ),
     Command(
-        "tokenizer train", "train a SentencePiece tokenizer and export it for Hugging Face",
+        stages.TOKENIZER_TRAIN, "train a SentencePiece tokenizer and export it for Hugging Face",
         run="domainlm.tokenizer.train:train", config="domainlm.tokenizer.config:TokenizerConfig",
         inputs="domainlm.tokenizer.train:inputs",
     ),
     Command(
-        "tokenizer report", "bytes per token, tokens per word and byte fallback on held-out text",
+        stages.TOKENIZER_REPORT, "bytes per token, tokens per word and byte fallback on held-out text",
         run="domainlm.tokenizer.report:report", config="domainlm.tokenizer.config:ReportConfig",
     ),
     Command(
-        "data shard", "clean, deduplicate and tokenize a corpus into WebDataset shards (Apache Beam)",
-        run="domainlm.tokenizer.shard:shard", config="domainlm.tokenizer.config:ShardConfig",
-        inputs="domainlm.tokenizer.shard:inputs",
+        stages.DATA_SHARD, "clean, deduplicate and tokenize a corpus into WebDataset shards (Apache Beam)",
+        run="domainlm.data.shard:shard", config="domainlm.data.config:ShardConfig",
+        inputs="domainlm.data.shard:inputs",
     ),
     Command(
-        "pretrain", "pretrain a Llama-style GPT on megatron-core (one process per rank under torchrun)",
+        stages.PRETRAIN, "pretrain a Llama-style GPT on megatron-core (one process per rank under torchrun)",
         run="domainlm.pretrain.trainer:main", config="domainlm.pretrain.config:PretrainConfig",
         inputs="domainlm.pretrain.config:inputs",
     ),
     Command(
         "launch pretrain", "print and run the torchrun / Slurm command of `domainlm pretrain` on N nodes x G GPUs",
-        run="domainlm.pretrain.launch:launch", arguments="domainlm.pretrain.launch:add_arguments",
+        run="domainlm.launch.command:launch_pretrain", arguments="domainlm.launch.command:add_arguments",
     ),
     Command(
-        "convert to-hf", "megatron checkpoint (any TP/PP layout) -> Hugging Face LlamaForCausalLM, verified by logits",
-        run="domainlm.pretrain.convert:to_hf", config="domainlm.pretrain.convert_config:ConvertToHFConfig",
-        inputs="domainlm.pretrain.convert:inputs_to_hf",
+        "launch finetune", "print and run the torchrun / Slurm command of `domainlm finetune sft` on N nodes x G GPUs",
+        run="domainlm.launch.command:launch_finetune", arguments="domainlm.launch.command:add_arguments",
     ),
     Command(
-        "convert from-hf", "Hugging Face Llama / Mistral -> megatron checkpoint to continue pretraining from",
-        run="domainlm.pretrain.convert:from_hf", config="domainlm.pretrain.convert_config:ConvertFromHFConfig",
-        inputs="domainlm.pretrain.convert:inputs_from_hf",
+        stages.CONVERT_TO_HF, "megatron checkpoint (any TP/PP layout) -> Hugging Face LlamaForCausalLM, verified by logits",
+        run="domainlm.pretrain.convert.command:to_hf", config="domainlm.pretrain.convert.config:ConvertToHFConfig",
+        inputs="domainlm.pretrain.convert.command:inputs_to_hf",
+    ),
+    Command(
+        stages.CONVERT_FROM_HF, "Hugging Face Llama / Mistral -> megatron checkpoint to continue pretraining from",
+        run="domainlm.pretrain.convert.command:from_hf", config="domainlm.pretrain.convert.config:ConvertFromHFConfig",
+        inputs="domainlm.pretrain.convert.command:inputs_from_hf",
     ),
     Command(
         "run", "run a pipeline config: every stage in order, skipping those up to date",
@@ -152,12 +157,26 @@ def _fill(sub: argparse.ArgumentParser, cmd: Command) -> None:
         resolve(cmd.arguments)(sub)
 
 
+def _refuse_unknown(sub: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """argparse's 'unrecognized arguments', plus the closest valid flag for a mistyped one."""
+    flags = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    for word in unknown:
+        if word.startswith("--"):
+            name = word.partition("=")[0]
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see `{sub.prog} --help`"
+            sub.error(f"unrecognized argument {name}{hint}")
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from domainlm.progress import setup_logging
 
     args = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(args)
-    ns = parser.parse_args(args)
+    ns, unknown = parser.parse_known_args(args)
+    if unknown:
+        _refuse_unknown(getattr(ns, "_parser", None) or parser, unknown)
     setup_logging(ns.verbose)
     cmd: Command | None = getattr(ns, "_command", None)
     if cmd is None:

@@ -1,4 +1,4 @@
-"""Stage outputs and their manifests (DESIGN.md, "Contracts between stages").
+"""Stage outputs and their manifests (ARCHITECTURE.md, "Contracts").
 
 Every stage writes a directory with a `manifest.json` saying what made it: the stage, the
 resolved config, the inputs with their checksums, the library versions and the counts. The next

@@ -13,4 +13,4 @@ RDZV_ID=${RDZV_ID:-domainlm-pretrain}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \
-    -m domainlm.cli pretrain "$@"
+    -m domainlm.cli ${DOMAINLM_STAGE:-pretrain} "$@"

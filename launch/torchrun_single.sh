@@ -11,4 +11,4 @@ NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_coun
 # torchrun forwards these to the workers, which finish the step, save a checkpoint and exit.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
-    -m domainlm.cli pretrain "$@"
+    -m domainlm.cli ${DOMAINLM_STAGE:-pretrain} "$@"

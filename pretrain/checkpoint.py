@@ -1,4 +1,4 @@
-"""The checkpoint directory (DESIGN.md, "Checkpoint dir") and megatron-core distributed checkpoints.
+"""The checkpoint directory (ARCHITECTURE.md, "Contracts") and megatron-core distributed checkpoints.
 
     DIR/
       manifest.json      stage "pretrain": config, architecture, tokenizer, inputs, versions,
@@ -23,11 +23,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
+from domainlm import stages
 from domainlm.config import dump_yaml
 from domainlm.errors import UserError
 from domainlm.manifest import MANIFEST, write_json
+from domainlm.tokenizer.tokdir import TokenizerId, check_same
 
-STAGE = "pretrain"
+STAGE = stages.PRETRAIN
 LATEST = "latest"
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -64,7 +68,83 @@ def read_run_manifest(root: Path) -> dict[str, Any]:
         raise UserError(f"{root / MANIFEST}: unreadable ({e}); the checkpoint dir is damaged") from None
 
 
-def inspect(cfg, tokenizer_sha256: str) -> int | None:
+@dataclass(slots=True)
+class CheckpointDir:
+    """A checkpoint dir (of `pretrain` or `convert from-hf`) with its manifest, checked."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return str(self.manifest.get("stage"))
+
+    @property
+    def tokenizer_id(self) -> TokenizerId:
+        return TokenizerId.of(self.manifest.get("tokenizer"))
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def kept(self) -> list[str]:
+        return kept(self.root)
+
+    def latest(self) -> int | None:
+        return read_latest(self.root)
+
+    def iteration(self, step: int | None, label: str) -> int:
+        """`step` checked to be a complete checkpoint here, or `latest` when None."""
+        available = self.kept()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise UserError(f"{label} {str(self.root)!r} holds no complete checkpoint yet (no `latest`; iter "
+                                f"dirs: {', '.join(available) or 'none'}); let pretraining save one first")
+            return step
+        if not (self.root / iter_name(step) / "metadata.json").is_file():
+            steps = ", ".join(str(int(n[5:])) for n in available) or "none"
+            raise UserError(f"{label} {str(self.root)!r} has no iteration {step}; available iterations: {steps}")
+        return step
+
+    def architecture_diffs(self, now: dict[str, Any]) -> list[str]:
+        """'model.KEY: SAVED there, NOW here' for every architecture field that differs."""
+        saved = self.manifest.get("model", {})
+        return [f"model.{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+
+    def check_architecture(self, now: dict[str, Any], label: str, fix: str) -> None:
+        diffs = self.architecture_diffs(now)
+        if diffs:
+            raise UserError(f"{label} {str(self.root)!r} holds a model of another architecture ({'; '.join(diffs)}); "
+                            f"{fix}")
+
+    def check_tokenizer(self, mine: TokenizerId, label: str, mine_label: str, fix: str) -> None:
+        saved = self.tokenizer_id
+        if saved.sha256 is None:            # a model whose tokenizer is not SentencePiece: nothing recorded
+            return
+        check_same(saved, mine, what=f"{label} {str(self.root)!r}", mine_label=mine_label, fix=fix)
+
+
+def open_checkpoint_dir(path: str | Path, label: str = "checkpoint",
+                        accept: tuple[str, ...] = stages.CHECKPOINT_DIRS) -> CheckpointDir:
+    """Check `path` is a checkpoint dir made by one of `accept`; UserError naming what is wrong."""
+    root = Path(path)
+    what = " or ".join(f"`domainlm {s}`" for s in accept)
+    if not root.is_dir():
+        raise UserError(f"{label} {str(path)!r} is not a directory; give a checkpoint dir of {what}")
+    if not (root / MANIFEST).is_file():
+        shown = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "nothing"
+        raise UserError(f"{label} {str(path)!r} has no {MANIFEST} (it holds {shown}), so it is not a checkpoint "
+                        f"dir of {what}")
+    manifest = read_run_manifest(root)
+    if manifest.get("stage") not in accept:
+        raise UserError(f"{label} {str(path)!r} was made by `domainlm {manifest.get('stage')}`; give a checkpoint "
+                        f"dir of {what}")
+    return CheckpointDir(root=root, manifest=manifest)
+
+
+def inspect(cfg, tokenizer: TokenizerId) -> int | None:
     """Check checkpoint.dir before any compute; returns the step to resume from (None: fresh).
 
     Refuses: a path that is a file; a non-empty dir that is not a pretrain checkpoint dir; a
@@ -83,7 +163,8 @@ def inspect(cfg, tokenizer_sha256: str) -> int | None:
         shown = ", ".join(sorted(p.name for p in root.iterdir())[:5])
         raise UserError(f"checkpoint.dir {c.dir!r} is not a domainlm pretrain checkpoint dir (it holds {shown} "
                         "and no pretrain manifest.json); choose an empty or new directory")
-    step = read_latest(root)
+    ckpt = open_checkpoint_dir(root, "checkpoint.dir", (STAGE,))
+    step = ckpt.latest()
     if step is None:
         return None
     if c.overwrite:
@@ -91,17 +172,10 @@ def inspect(cfg, tokenizer_sha256: str) -> int | None:
     if not c.resume:
         raise UserError(f"checkpoint.dir {c.dir!r} holds checkpoints up to step {step}; resume them "
                         "(checkpoint.resume=true) or start afresh with --checkpoint.overwrite")
-    manifest = read_run_manifest(root)
-    saved, now = manifest.get("model", {}), cfg.model.architecture()
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diffs:
-        raise UserError(f"checkpoint.dir {c.dir!r} holds a model of another architecture; differing keys: "
-                        + "; ".join(diffs) + ". Use the same model settings or another checkpoint.dir")
-    saved_tok = manifest.get("tokenizer", {}).get("sha256")
-    if saved_tok and saved_tok != tokenizer_sha256:
-        raise UserError(f"checkpoint.dir {c.dir!r} was trained with another tokenizer (sha256 {saved_tok[:12]}..., "
-                        f"now {tokenizer_sha256[:12]}...); resume with the tokenizer of its tokenizer/ copy")
+    ckpt.check_architecture(cfg.model.architecture(), "checkpoint.dir",
+                            "use the same model settings or another checkpoint.dir")
+    ckpt.check_tokenizer(tokenizer, "checkpoint.dir", f"tokenizer {cfg.tokenizer!r}",
+                         "resume with the tokenizer of its tokenizer/ copy")
     if step >= cfg.train.max_steps:
         raise UserError(f"checkpoint.dir {c.dir!r} is already at step {step} >= train.max_steps="
                         f"{cfg.train.max_steps}; raise --train.max-steps to train further")

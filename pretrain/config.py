@@ -16,11 +16,58 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from domainlm.config import INPUT, OUTPUT, RUNTIME
+from domainlm import configs as _configs
+from domainlm.config import INPUT, OUTPUT, RUNTIME, from_dict, read_yaml
 from domainlm.errors import UserError
-from domainlm.pretrain.loader_config import DataArgs
+
+
+@dataclass(kw_only=True, slots=True)
+class DataArgs:
+    """Pretraining data: shards dirs from `domainlm data shard`, blended, shuffled and packed into
+    windows of seq_len + 1 tokens with an eos after every document."""
+
+    shards: list[str] = field(default_factory=list, metadata=INPUT)
+    """Shards directories (outputs of `domainlm data shard`). Several are blended by `weights`,
+    e.g. domain data with general data; all must come from the same tokenizer."""
+    weights: list[float] = field(default_factory=list)
+    """Blend weight of each shards dir, in the order of `shards` (positive; normalized to sum 1).
+    Each window of seq_len + 1 tokens comes from one dir, drawn with these probabilities, and a
+    dir that runs out starts its next epoch, so a small domain dir is repeated more often.
+    Empty: in proportion to each dir's tokens, as if the dirs were one corpus."""
+    shuffle_buffer: int = 10000
+    """Documents shuffled together: the loader reads this many documents of its stream, permutes
+    them (seeded), and packs them (a block shuffle, so that the state is a position). Larger
+    mixes more and costs memory and resume time (a resume re-reads one block)."""
+    seed: int = 1234
+    """Seed of the training order: shard order in each epoch, document shuffle, blend draws.
+    The validation split ignores it (its fixed order is the same in every run)."""
+    num_workers: int = field(default=1, metadata=RUNTIME)
+    """Loader processes per rank reading shards ahead of training; 0 reads in the training
+    process. The order of tokens does not depend on it, so a run may resume with another count."""
+    verify_checksums: bool = field(default=False, metadata=RUNTIME)
+    """Check each shard's sha256 against the manifest the first time a process reads it (reads
+    every shard file once more). Sizes and document counts are always checked."""
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise UserError("data.shards: give at least one shards directory (from `domainlm data shard`)")
+        if self.weights and len(self.weights) != len(self.shards):
+            raise UserError(
+                f"data.weights has {len(self.weights)} values for {len(self.shards)} shards dirs; give one "
+                "weight per dir, in the order of data.shards, or none (proportional to tokens)"
+            )
+        for i, w in enumerate(self.weights):
+            if not w > 0:
+                raise UserError(f"data.weights[{i}] is {w}; weights must be positive (drop the dir instead)")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"data.shuffle_buffer is {self.shuffle_buffer}; give 1 (no shuffle) or more documents")
+        if self.seed < 0:
+            raise UserError(f"data.seed is {self.seed}; give a seed >= 0")
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers is {self.num_workers}; give 0 (read in the training process) or more")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -218,8 +265,6 @@ class PretrainConfig:
     """Metrics."""
 
     def validate(self) -> None:
-        from domainlm.pretrain.sizes import resolve_model
-
         self.model = resolve_model(self.model)
         if self.data.shards:
             self.data.validate()
@@ -306,3 +351,68 @@ def inputs(cfg: PretrainConfig) -> list[dict]:
         if not p.is_dir():
             raise UserError(f"{field_name}: {str(p)!r} is not a directory")
     return describe_inputs(paths)
+
+
+# -- named model sizes ---------------------------------------------------------------------------
+# The files configs/model/NAME.yaml ARE the sizes; nothing here repeats them. Each file is a
+# pretrain config that holds only a `model:` section, so it runs as it is
+# (`domainlm pretrain --config configs/model/125M.yaml --data.shards ... --tokenizer ...`) and is
+# what `model.size: NAME` starts from in any other config. `sizes()` reads the folder into one
+# dict; adding a size is adding a file (or giving `model.size` a path to one).
+
+# Found through the package (domainlm.configs is package data), so a wheel resolves sizes too.
+MODEL_DIR = Path(_configs.__file__).resolve().parent / "model"
+
+# What a field left empty means when the size does not set it either.
+DEFAULTS = {"rotary_base": 10000.0, "norm_eps": 1e-5, "tie_embeddings": False, "init_std": 0.02,
+            "make_vocab_size_divisible_by": 128}
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+
+
+def size_file(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise UserError(f"model.size: file {name!r} not found")
+        return p
+    p = MODEL_DIR / f"{name}.yaml"
+    if not p.is_file():
+        names = ", ".join(sorted(sizes())) or "none"
+        raise UserError(f"model.size: no size {name!r}; named sizes: {names} (files in {MODEL_DIR}), "
+                        "or give a path to a YAML file with a model: section")
+    return p
+
+
+def sizes() -> dict[str, dict]:
+    """Every named size: NAME -> its model section."""
+    return {p.stem: read_yaml(p).get("model", {}) for p in sorted(MODEL_DIR.glob("*.yaml"))}
+
+
+def resolve_model(m):
+    """A ModelArgs with every field filled: set fields, else the size's, else DEFAULTS."""
+    base = ModelArgs()
+    if m.size:
+        path = size_file(m.size)
+        section = read_yaml(path).get("model")
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: a model size file needs a `model:` section")
+        section.pop("size", None)
+        base = from_dict(ModelArgs, section, prefix="model.", source=str(path))
+    values = {}
+    for f in dataclasses.fields(ModelArgs):
+        v = getattr(m, f.name)
+        if v is None:
+            v = getattr(base, f.name)
+        if v is None:
+            v = DEFAULTS.get(f.name)
+        values[f.name] = v
+    if values["num_query_groups"] is None and values["num_attention_heads"] is not None:
+        values["num_query_groups"] = values["num_attention_heads"]
+    missing = [k for k in REQUIRED if values[k] is None]
+    if missing:
+        raise UserError(f"model: {', '.join('model.' + k for k in missing)} not set; give model.size "
+                        f"(one of {', '.join(sorted(sizes()))}) or set them")
+    for k in REQUIRED + ("num_query_groups", "make_vocab_size_divisible_by"):
+        if values[k] <= 0:
+            raise UserError(f"model.{k} must be positive, got {values[k]}")
+    return ModelArgs(**values)

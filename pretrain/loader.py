@@ -9,7 +9,7 @@
 What a rank sees. Each shards dir's split is dealt to the data-parallel ranks by shard (or by
 piece of a shard when there are fewer shards than ranks), in a new seeded order every epoch, so
 the ranks' streams are disjoint and together hold every document once per epoch
-(`loader_shards.py` explains the pieces and blocks). A rank's documents are shuffled in blocks
+(`loader_plan.py` explains the pieces and blocks). A rank's documents are shuffled in blocks
 of `shuffle_buffer` documents and concatenated with an eos after each, and that endless token
 stream is cut into windows of seq_len + 1 tokens taken every seq_len tokens, as Megatron's
 GPTDataset does: window i holds stream[i*L : i*L + L + 1], so a window's last token is the next
@@ -46,9 +46,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from domainlm.errors import UserError
-from domainlm.manifest import read_manifest
-from domainlm.pretrain.loader_config import DataArgs
-from domainlm.pretrain.loader_shards import ShardEntry, SourcePlan, build_in_worker, init_worker
+from domainlm.data.shards import open_shards_dir
+from domainlm.tokenizer.tokdir import TokenizerId, check_same
+from domainlm.pretrain.config import DataArgs
+from domainlm.pretrain.loader_plan import SourcePlan, build_in_worker, init_worker
 
 if TYPE_CHECKING:
     import torch
@@ -56,55 +57,10 @@ if TYPE_CHECKING:
 __all__ = ["DataArgs", "TokenWindowLoader"]
 
 STATE_FORMAT = "domainlm.loader/1"
-SHARD_STAGE = "data shard"
 VALID_SEED = 0
 """The validation split's shuffle seed: fixed, so every run evaluates on the same windows."""
 _DRAW_CHUNK = 4096
 _EMPTY_EPOCHS_LIMIT = 1000
-
-
-def _split_id(split: dict[str, Any]) -> str:
-    """Identity of a split's contents (shard names and checksums), not of where the dir lives."""
-    listing = [[s.get("name"), s.get("sha256"), s.get("documents"), s.get("tokens")] for s in split["shards"]]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
-class _Source:
-    """One shards dir as the loader found it."""
-
-    def __init__(self, path: str, split: str):
-        self.path = path
-        m = read_manifest(path, SHARD_STAGE, what="a shards directory (from `domainlm data shard`)")
-        tok = m.get("tokenizer") or {}
-        missing = [k for k in ("sha256", "vocab_size", "eos_id") if k not in tok]
-        if missing or "splits" not in m or "token_dtype" not in m:
-            raise UserError(f"{path}/manifest.json lacks {', '.join(missing or ['splits/token_dtype'])}; "
-                            "it is not a complete `domainlm data shard` output, rebuild it")
-        self.tokenizer_sha256 = str(tok["sha256"])
-        self.vocab_size = int(tok["vocab_size"])
-        self.eos_id = int(tok["eos_id"])
-        self.dtype = str(m["token_dtype"])
-        if self.dtype not in ("uint16", "uint32"):
-            raise UserError(f"{path}/manifest.json: token_dtype {self.dtype!r} is not uint16 or uint32; rebuild it")
-        info = m["splits"].get(split)
-        if not info or not info.get("shards") or not int(info.get("tokens", 0)):
-            hint = " (was it built with --valid-fraction 0?)" if split == "valid" else ""
-            raise UserError(f"shards dir {path!r} has no {split!r} tokens{hint}; rebuild it or leave it out")
-        self.tokens = int(info["tokens"])
-        self.documents = int(info["documents"])
-        self.split_id = _split_id(info)
-        root = Path(path)
-        self.shards: list[ShardEntry] = []
-        for s in info["shards"]:
-            f = root / s["name"]
-            if not f.is_file():
-                raise UserError(f"shard {str(f)!r} listed in {path}/manifest.json is missing; copy the whole "
-                                "shards dir or rebuild it")
-            if f.stat().st_size != int(s["bytes"]):
-                raise UserError(f"shard {str(f)!r} has {f.stat().st_size} bytes, the manifest says {s['bytes']}; "
-                                "it is truncated or was replaced, rebuild the shards dir")
-            self.shards.append(ShardEntry(str(f), s["name"], int(s["bytes"]), int(s["documents"]),
-                                          int(s["tokens"]), str(s.get("sha256", ""))))
 
 
 class _Blocks:
@@ -198,27 +154,20 @@ class TokenWindowLoader:
         self.dp_size = dp_size
         self.infinite = infinite
         self._seed = args.seed if split == "train" else VALID_SEED
-        self._sources = [_Source(p, split) for p in args.shards]
+        self._sources = [open_shards_dir(p).split(split) for p in args.shards]
         first = self._sources[0]
         for src in self._sources[1:]:
-            if (src.tokenizer_sha256, src.vocab_size) != (first.tokenizer_sha256, first.vocab_size):
-                raise UserError(
-                    f"shards dirs {first.path!r} (tokenizer {first.tokenizer_sha256[:12]}..., vocab "
-                    f"{first.vocab_size}) and {src.path!r} (tokenizer {src.tokenizer_sha256[:12]}..., vocab "
-                    f"{src.vocab_size}) were built with different tokenizers; a blend needs one tokenizer, "
-                    "reshard them with the same --tokenizer"
-                )
-        if vocab_size is not None and vocab_size != first.vocab_size:
-            raise UserError(
-                f"the model's vocab size is {vocab_size} but the shards in {first.path!r} were made with a "
-                f"tokenizer of vocab size {first.vocab_size}; train with that tokenizer or reshard the data"
-            )
-        if tokenizer_sha256 is not None and tokenizer_sha256 != first.tokenizer_sha256:
-            raise UserError(
-                f"the model's tokenizer (sha256 {tokenizer_sha256[:12]}...) is not the one the shards in "
-                f"{first.path!r} were made with (sha256 {first.tokenizer_sha256[:12]}...); train with that "
-                "tokenizer or reshard the data"
-            )
+            check_same(TokenizerId(src.tokenizer_sha256, src.vocab_size),
+                       TokenizerId(first.tokenizer_sha256, first.vocab_size),
+                       what=f"shards dir {src.path!r}", mine_label=f"shards dir {first.path!r}",
+                       fix="a blend of different tokenizers cannot train one model; reshard them with the same "
+                       "--tokenizer")
+        if vocab_size is not None or tokenizer_sha256 is not None:
+            model = TokenizerId(tokenizer_sha256 or first.tokenizer_sha256,
+                                first.vocab_size if vocab_size is None else vocab_size)
+            check_same(model, TokenizerId(first.tokenizer_sha256, first.vocab_size),
+                       what="the model", mine_label=f"shards dir {first.path!r}",
+                       fix="train with the shards' tokenizer or reshard the data")
         w = np.array(args.weights or [s.tokens for s in self._sources], np.float64)
         self.weights = w / w.sum()
         """Normalized blend weight of each shards dir."""

@@ -25,10 +25,11 @@ import torch.distributed as dist
 from domainlm.errors import UserError
 from domainlm.manifest import make_manifest
 from domainlm.progress import log, summary
-from domainlm.pretrain import checkpoint, convert_init
+from domainlm.pretrain import checkpoint, init_from
 from domainlm.pretrain.config import PretrainConfig, inputs
 from domainlm.pretrain.metrics import Metrics, flops_per_token, memory_gb, peak_flops
-from domainlm.tokenizer.tokdir import load_tokenizer_dir
+from domainlm.data.shards import open_shards_dir
+from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
 
 # megatron-core warns at import that Transformer Engine / Apex are absent (the local path is
 # meant), about a cuda-graph default we do not use, and torch DCP about its ShardedTensor API.
@@ -96,7 +97,7 @@ class Trainer:
         cfg.data.validate()
         if not cfg.tokenizer:
             raise UserError("tokenizer: give the tokenizer directory the shards were built with")
-        self.init_from = convert_init.check(cfg)
+        self.init_from = init_from.check(cfg)
         self.tok = load_tokenizer_dir(cfg.tokenizer)
         _check_shards_tokenizer(cfg.data.shards, self.tok)
         self.dp_size = cfg.check_layout(world, self.device.type)
@@ -105,7 +106,7 @@ class Trainer:
         if self.bf16 and cpu:
             raise UserError("train.precision=bf16 needs a GPU (bf16 master-weight optimizer); use fp32 on CPU")
         self.root = Path(cfg.checkpoint.dir)
-        resume_step = checkpoint.inspect(cfg, self.tok.sha256)
+        resume_step = checkpoint.inspect(cfg, self.tok.identity)
         if resume_step is not None:
             from domainlm.pretrain.model import padded_vocab
 
@@ -460,13 +461,7 @@ def _to_cpu(value):
 
 def _check_shards_tokenizer(shards: list[str], tok) -> None:
     """Refuse shards made with another tokenizer, from their manifests (before any compute)."""
-    from domainlm.manifest import read_manifest
-
     for path in shards:
-        m = read_manifest(path, "data shard", what="a shards directory (from `domainlm data shard`)")
-        made = m.get("tokenizer") or {}
-        if made.get("sha256") != tok.sha256 or made.get("vocab_size") != tok.vocab_size:
-            raise UserError(
-                f"data.shards {path!r} were built with another tokenizer (sha256 {str(made.get('sha256'))[:12]}..., "
-                f"vocab {made.get('vocab_size')}) than tokenizer {str(tok.path)!r} (sha256 {tok.sha256[:12]}..., "
-                f"vocab {tok.vocab_size}); give the tokenizer the shards were made with, or reshard")
+        check_same(open_shards_dir(path).tokenizer_id, tok.identity, what=f"data.shards {path!r}",
+                   mine_label=f"tokenizer {str(tok.path)!r}",
+                   fix="give the tokenizer the shards were made with, or reshard")

@@ -28,8 +28,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="session")
 def pydoc_corpus(tmp_path_factory) -> Path:
-    from domainlm.tokenizer.config import PydocConfig
-    from domainlm.tokenizer.pydoc import build
+    from domainlm.data.config import PydocConfig
+    from domainlm.data.pydoc import build
 
     out = tmp_path_factory.mktemp("pydoc") / "corpus"
     build(PydocConfig(output=str(out), packages=TEST_PACKAGES))
@@ -78,3 +78,36 @@ def token_shards(root: Path, tokenizer_dir: Path, corpus: Path, *, train: list[i
     manifest["fingerprint"] = "test-shards"
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def tiny_llama(path: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -> Path:
+    """A random tiny stock `LlamaForCausalLM` with the session tokenizer (its HF files, the ChatML
+    chat template and tokenizer.model), saved as safetensors: the HF dir contract as later stages
+    read it, without running pretraining."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+    tok = load_tokenizer_dir(tokenizer_dir)
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, rope_theta=10000.0,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+    model.save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "tokenizer.model"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Llama HF dir with the session tokenizer (see `tiny_llama`)."""
+    return tiny_llama(tmp_path_factory.mktemp("hf") / "model", tokenizer_dir)

@@ -73,7 +73,7 @@ def convert(capsys, *args) -> tuple[int, str, str]:
 
 def megatron_state(ckpt: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], object]:
     """The TP=1 state dict of a checkpoint dir (loaded by megatron's dist_checkpointing)."""
-    from domainlm.pretrain import convert_megatron as meg
+    from domainlm.pretrain.convert import megatron as meg
 
     info = meg.read_checkpoint_dir(str(ckpt), step)
     with meg.single_process():
@@ -84,7 +84,7 @@ def megatron_state(ckpt: Path, step: int | None = None) -> tuple[dict[str, torch
 
 
 def megatron_logits(ckpt: Path, batches: list[list[int]]) -> torch.Tensor:
-    from domainlm.pretrain import convert_megatron as meg
+    from domainlm.pretrain.convert import megatron as meg
 
     info = meg.read_checkpoint_dir(str(ckpt), None)
     with meg.single_process():
@@ -280,7 +280,7 @@ def _resave_pp2(src: str, dst: str) -> None:
     from megatron.core import parallel_state
 
     from domainlm.pretrain import checkpoint
-    from domainlm.pretrain import convert_megatron as meg
+    from domainlm.pretrain.convert import megatron as meg
     from domainlm.pretrain.model import build_model, transformer_config
 
     dist.init_process_group("gloo")
@@ -483,7 +483,7 @@ def test_bad_checkpoints_are_refused(ckpt, tmp_path, capsys):
 
 def test_a_failed_verification_leaves_nothing(ckpt, tmp_path, capsys, monkeypatch):
     """A mapping bug (gate and up swapped) must fail the export, not ship a broken model."""
-    from domainlm.pretrain import convert_mapping
+    from domainlm.pretrain.convert import mapping as convert_mapping
 
     real = convert_mapping.to_hf
 

@@ -436,7 +436,7 @@ def _tiny_gpt(kernels_choice: str):
     from domainlm.pretrain import cpu_compat
     from domainlm.pretrain.config import ModelArgs
     from domainlm.pretrain.model import build_model, transformer_config
-    from domainlm.pretrain.sizes import resolve_model
+    from domainlm.pretrain.config import resolve_model
 
     m = resolve_model(ModelArgs(size="tiny", kernels=kernels_choice))
     config = transformer_config(m, cpu=True)

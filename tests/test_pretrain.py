@@ -209,9 +209,9 @@ def test_model_is_a_llama_its_logits_match_transformers(tmp_path):
 
     from domainlm.pretrain import cpu_compat
     from domainlm.pretrain.config import ModelArgs
-    from domainlm.pretrain.convert_mapping import to_hf
+    from domainlm.pretrain.convert.mapping import to_hf
     from domainlm.pretrain.model import build_model, padded_vocab, transformer_config, unwrap
-    from domainlm.pretrain.sizes import resolve_model
+    from domainlm.pretrain.config import resolve_model
 
     m = resolve_model(ModelArgs(size="tiny", rotary_base=50000.0))
     vocab = 300
@@ -288,7 +288,7 @@ def test_shards_of_another_tokenizer_are_refused(tokenizer_dir, shards, tmp_path
     manifest["tokenizer"]["sha256"] = "cd" * 32
     (other / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(args(tokenizer_dir, other, tmp_path / "ck"), capsys)
-    assert code == 2 and "were built with another tokenizer" in err and str(other) in err, err
+    assert code == 2 and "built with another tokenizer" in err and str(other) in err, err
     assert not (tmp_path / "ck").exists()
 
 
@@ -307,7 +307,7 @@ def test_resuming_another_architecture_lists_the_differing_keys(tokenizer_dir, s
     code, _, err = run_cli(args(tokenizer_dir, shards, ck, "--train.max-steps", 4, "--model.ffn-hidden-size", 128,
                                 "--model.tie-embeddings", "true"), capsys)
     assert code == 2, err
-    assert "model.ffn_hidden_size: checkpoint 192, config 128" in err and "model.tie_embeddings" in err
+    assert "model.ffn_hidden_size: 192 there, 128 here" in err and "model.tie_embeddings" in err
     assert "num_layers" not in err
     code, _, err = run_cli(args(tokenizer_dir, shards, ck, "--train.max-steps", 4, "--checkpoint.resume", "false"), capsys)
     assert code == 2 and "holds checkpoints up to step 3" in err, err
@@ -319,7 +319,7 @@ def test_resuming_another_architecture_lists_the_differing_keys(tokenizer_dir, s
 def test_named_sizes_are_the_yaml_files_and_resolve():
     from domainlm.pretrain.config import ModelArgs
     from domainlm.pretrain.model import count_parameters, padded_vocab
-    from domainlm.pretrain.sizes import MODEL_DIR, resolve_model, sizes
+    from domainlm.pretrain.config import MODEL_DIR, resolve_model, sizes
 
     assert sorted(sizes()) == ["125M", "1B", "350M", "3B", "7B", "tiny"]
     assert sorted(p.stem for p in MODEL_DIR.glob("*.yaml")) == sorted(sizes())

@@ -7,8 +7,8 @@ import json
 import sysconfig
 from pathlib import Path
 
-from domainlm.tokenizer.config import PydocConfig
-from domainlm.tokenizer.pydoc import build, parameter_docs, public_name, summary_sentence
+from domainlm.data.config import PydocConfig
+from domainlm.data.pydoc import build, parameter_docs, public_name, summary_sentence
 
 
 def _records(path: Path) -> list[dict]:

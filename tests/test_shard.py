@@ -127,7 +127,7 @@ def runs(tmp_path_factory, corpus, tokenizer_dir) -> dict[str, Path]:
     third passes the bulk bytes between stages as elements, as on runners other than the
     DirectRunner, instead of through spill files (beam_spill.py)."""
     from domainlm.cli import main
-    from domainlm.tokenizer import beam_pipeline
+    from domainlm.data.beam import pipeline as beam_pipeline
 
     base = tmp_path_factory.mktemp("shard-runs")
     out = base / "shards"
@@ -151,7 +151,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _samples(out: Path):
-    from domainlm.tokenizer.shard_format import read_shard
+    from domainlm.data.shards import read_shard
 
     m = json.loads((out / "manifest.json").read_text())
     for split, s in m["splits"].items():
@@ -201,7 +201,7 @@ def test_counts_reconcile_and_dead_letters_name_file_and_line(runs, corpus):
 def test_kept_documents_decode_to_their_normalized_text(runs, corpus, tokenizer_dir):
     import sentencepiece as spm
 
-    from domainlm.tokenizer.beam_clean import normalize
+    from domainlm.data.beam.clean import normalize
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
     seen = {}
@@ -224,7 +224,7 @@ def test_kept_documents_decode_to_their_normalized_text(runs, corpus, tokenizer_
 def test_duplicates_removed_with_the_earlier_survivor(runs, corpus):
     """Reference: exact set Jaccard of the near copy's word shingles is over the threshold, and
     no kept pair of documents is an exact copy."""
-    from domainlm.tokenizer.beam_clean import normalize
+    from domainlm.data.beam.clean import normalize
 
     def shingles(t, k=5):
         w = t.lower().split()
@@ -241,7 +241,7 @@ def test_duplicates_removed_with_the_earlier_survivor(runs, corpus):
 def test_shards_read_by_stock_webdataset_and_agree_with_read_shard(runs):
     import webdataset as wds
 
-    from domainlm.tokenizer.shard_format import read_shard
+    from domainlm.data.shards import read_shard
 
     out = runs["one"]
     m = json.loads((out / "manifest.json").read_text())
@@ -291,7 +291,7 @@ def test_up_to_date_for_domainlm_run(runs, corpus, tokenizer_dir, tmp_path):
     from domainlm.cli import find_command
     from domainlm.config import load_config
     from domainlm.pipeline import stage_state
-    from domainlm.tokenizer.config import ShardConfig
+    from domainlm.data.config import ShardConfig
 
     cmd = find_command("data shard")
     args = _args(corpus, tokenizer_dir, runs["again"])
@@ -401,7 +401,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir, capsys, corpus)
 def test_iter_lines_matches_split_for_any_chunking():
     import random
 
-    from domainlm.tokenizer import beam_read
+    from domainlm.data.beam import read as beam_read
 
     rng = random.Random(0)
     old = beam_read._READ_BLOCK
@@ -421,9 +421,9 @@ def test_iter_lines_matches_split_for_any_chunking():
 def test_minhash_estimates_exact_jaccard(pydoc_corpus):
     """The signature agreement is an unbiased estimate of the exact Jaccard of word shingles,
     with the binomial spread of ideal MinHash."""
-    from domainlm.tokenizer.beam_dedup import jaccard_from_compact
-    from domainlm.tokenizer.beam_docs import compact
-    from domainlm.tokenizer.beam_minhash import MinHasher, jaccard_estimate
+    from domainlm.data.beam.dedup import jaccard_from_compact
+    from domainlm.data.beam.docs import compact
+    from domainlm.data.beam.minhash import MinHasher, jaccard_estimate
 
     mh = MinHasher(128, 5, 0, 0.8)
     docs = [d["text"] for d in _pydoc_docs(pydoc_corpus) if len(d["text"].split()) > 80][:150]
@@ -460,7 +460,7 @@ def test_minhash_estimates_exact_jaccard(pydoc_corpus):
 
 
 def test_lsh_bands_follow_the_threshold():
-    from domainlm.tokenizer.beam_minhash import optimal_bands
+    from domainlm.data.beam.minhash import optimal_bands
 
     for threshold in (0.5, 0.7, 0.8, 0.9):
         b, r = optimal_bands(threshold, 128)
@@ -472,7 +472,7 @@ def test_lsh_bands_follow_the_threshold():
 
 
 def test_dedup_rules_keep_the_smallest_ref():
-    from domainlm.tokenizer.beam_dedup import candidate_pairs, exact_drops
+    from domainlm.data.beam.dedup import candidate_pairs, exact_drops
 
     h1 = np.array([5, 5, 7, 5, 7, 9], dtype=np.uint64)
     h2 = np.array([1, 1, 2, 1, 3, 0], dtype=np.uint64)
@@ -487,8 +487,8 @@ def test_dedup_rules_keep_the_smallest_ref():
 
 
 def test_normalize_and_filters():
-    from domainlm.tokenizer.beam_clean import clean, filter_reason, normalize, repeated_line_fraction
-    from domainlm.tokenizer.config import FilterArgs
+    from domainlm.data.beam.clean import clean, filter_reason, normalize, repeated_line_fraction
+    from domainlm.data.config import FilterArgs
 
     assert normalize("a\r\nb\rc\x00\x1b\x7f\x9fd\te\u0301") == "a\nb\ncd\t\u00e9"
     for t in ("plain ascii", "x\r\ny", "caf\u00e9", "e\u0301", "\ufeffbom", "nel\x85", "\u0958", "tab\tok\n"):
@@ -505,8 +505,8 @@ def test_normalize_and_filters():
 
 
 def test_shard_writer_writes_what_tarfile_writes():
-    from domainlm.tokenizer.beam_write import meta_json
-    from domainlm.tokenizer.shard_format import ShardWriter, _member, meta_bytes, sample_key
+    from domainlm.data.beam.write import meta_json
+    from domainlm.data.shards import ShardWriter, _member, meta_bytes, sample_key
 
     rng = np.random.default_rng(0)
     samples = [(sample_key(f"doc {i} é", "f.jsonl"), rng.integers(0, 60000, int(rng.integers(0, 900))).astype(
@@ -532,7 +532,7 @@ def test_shard_writer_batched_layout_matches_tarfile(dtype):
     """write_samples (numpy layout of many members at once) writes tarfile's bytes: more samples
     than one buffer holds, empty documents, a .json longer than a block, and a key too long
     for the template (which takes the per-sample path)."""
-    from domainlm.tokenizer.shard_format import ShardWriter, _member, meta_bytes, sample_key
+    from domainlm.data.shards import ShardWriter, _member, meta_bytes, sample_key
 
     rng = np.random.default_rng(1)
     n = 2500
@@ -562,8 +562,8 @@ def test_shard_writer_batched_layout_matches_tarfile(dtype):
 
 
 def test_runner_options_pass_through():
-    from domainlm.tokenizer.beam_pipeline import pipeline_flags
-    from domainlm.tokenizer.config import BeamArgs
+    from domainlm.data.beam.pipeline import pipeline_flags
+    from domainlm.data.config import BeamArgs
 
     flags = pipeline_flags(BeamArgs(runner="FlinkRunner", options=["--flink_master=host:8081 --parallelism=4"]))
     assert flags == ["--runner=FlinkRunner", "--flink_master=host:8081", "--parallelism=4"]

@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import describe_inputs, read_manifest
 from domainlm.progress import human_bytes, progress, summary
 from domainlm.tokenizer.config import ReportConfig
-from domainlm.tokenizer.corpus import corpus_files, read_file
-from domainlm.tokenizer.tokdir import STAGE as TOKENIZER_STAGES
+from domainlm.corpus import corpus_files, read_file
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -63,7 +63,7 @@ class Measurer:
         if (self.path / "tokenizer.model").is_file() and (self.path / "manifest.json").is_file():
             import sentencepiece as spm
 
-            read_manifest(self.path, TOKENIZER_STAGES, what="a tokenizer directory")
+            read_manifest(self.path, stages.TOKENIZER_DIRS, what="a tokenizer directory")
             self._use_sentencepiece(spm.SentencePieceProcessor(model_file=str(self.path / "tokenizer.model")))
         else:
             from transformers import AutoTokenizer
@@ -106,7 +106,7 @@ class Measurer:
 def read_texts(cfg: ReportConfig) -> list[str]:
     rule = None
     if cfg.split == "heldout":
-        m = read_manifest(cfg.tokenizer, TOKENIZER_STAGES, what="a tokenizer directory")
+        m = read_manifest(cfg.tokenizer, stages.TOKENIZER_DIRS, what="a tokenizer directory")
         c = m.get("config", {})
         if "heldout_fraction" not in c:
             raise UserError(f"tokenizer {cfg.tokenizer!r} was not trained here, so it held nothing out; "

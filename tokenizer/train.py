@@ -18,11 +18,12 @@ import re
 import time
 from pathlib import Path
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file, write_json
 from domainlm.progress import human_bytes, log, progress, summary
 from domainlm.tokenizer.config import TokenizerConfig
-from domainlm.tokenizer.corpus import corpus_files, read_file
+from domainlm.corpus import corpus_files, read_file
 from domainlm.tokenizer.hf_export import CHAT_END, CHAT_START, parity, write_hf_files
 from domainlm.tokenizer.report import Measurer, key_hashes
 
@@ -183,7 +184,7 @@ def train(cfg: TokenizerConfig) -> dict:
     vocab_size = check_vocab(cfg)
     files = corpus_files(cfg.input)
     inputs = describe_inputs(files)
-    with StageOutput(cfg.output, "tokenizer train", overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stages.TOKENIZER_TRAIN, overwrite=cfg.overwrite) as out:
         t0 = time.perf_counter()
         data = sample_corpus(cfg, files)
         sample = out.tmp / "sample.txt"
@@ -227,7 +228,7 @@ def train(cfg: TokenizerConfig) -> dict:
         write_json(out.tmp / "report.json", {**report, "timings": {
             "read_and_sample_s": round(t_sample, 3), "sentencepiece_s": round(t_train, 3),
             "export_and_checks_s": round(time.perf_counter() - t1, 3)}})
-        manifest = make_manifest("tokenizer train", cfg, inputs, tokenizer=tok_info, counts=counts,
+        manifest = make_manifest(stages.TOKENIZER_TRAIN, cfg, inputs, tokenizer=tok_info, counts=counts,
                                  report=report, spm_options={k: v for k, v in options.items()
                                                              if k not in ("input", "model_prefix", "num_threads")})
         out.commit(manifest)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from domainlm.tokenizer.beam_docs import EXACT, by_key, chunk_of, compact, dumps, loads, split_sums
-from domainlm.tokenizer.beam_spill import Spill
+from domainlm.data.beam.docs import EXACT, by_key, chunk_of, compact, dumps, loads, split_sums
+from domainlm.data.beam.spill import Spill
 
 
 def _concat(parts: list[tuple[np.ndarray, ...]], n: int) -> tuple[np.ndarray, ...]:

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file, sha256_json, write_json
 from domainlm.progress import log, summary
-from domainlm.pretrain.convert_config import ConvertFromHFConfig, ConvertToHFConfig, parse_size
+from domainlm.pretrain.convert.config import ConvertFromHFConfig, ConvertToHFConfig, parse_size
 
-TO_HF = "convert to-hf"
-FROM_HF = "convert from-hf"
+TO_HF = stages.CONVERT_TO_HF
+FROM_HF = stages.CONVERT_FROM_HF
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -32,7 +33,7 @@ def inputs_to_hf(cfg: ConvertToHFConfig) -> list[dict]:
     """The checkpoint as the manifest records it: its run's fingerprint, the iteration, and the
     iteration's files (names, sizes, the tensor index's checksum) -- not a hash of every weight,
     so `domainlm run` can tell a new `latest` without reading a multi-GB checkpoint."""
-    from domainlm.pretrain.convert_megatron import read_checkpoint_dir
+    from domainlm.pretrain.convert.megatron import read_checkpoint_dir
 
     info = read_checkpoint_dir(cfg.checkpoint, cfg.iteration)
     m, it = info.manifest, info.iter_dir
@@ -43,7 +44,7 @@ def inputs_to_hf(cfg: ConvertToHFConfig) -> list[dict]:
 
 
 def inputs_from_hf(cfg: ConvertFromHFConfig) -> list[dict]:
-    from domainlm.pretrain.convert_hf import read_config
+    from domainlm.pretrain.convert.hfdir import read_config
 
     read_config(Path(cfg.model))
     return describe_inputs([Path(cfg.model)])
@@ -54,11 +55,11 @@ def inputs_from_hf(cfg: ConvertFromHFConfig) -> list[dict]:
 
 def to_hf(cfg: ConvertToHFConfig) -> dict:
     """Entry point of `domainlm convert to-hf`."""
-    from domainlm.pretrain import convert_hf as hf
-    from domainlm.pretrain import convert_megatron as meg
-    from domainlm.pretrain.convert_card import model_card, training_summary
-    from domainlm.pretrain.convert_mapping import hf_config, to_hf as map_to_hf
-    from domainlm.pretrain.convert_verify import compare, describe
+    from domainlm.pretrain.convert import hf, hfdir
+    from domainlm.pretrain.convert import megatron as meg
+    from domainlm.pretrain.convert.card import model_card, training_summary
+    from domainlm.pretrain.convert.mapping import hf_config, to_hf as map_to_hf
+    from domainlm.pretrain.convert.verify import compare, describe
 
     t0 = time.perf_counter()
     info = meg.read_checkpoint_dir(cfg.checkpoint, cfg.iteration)
@@ -70,17 +71,17 @@ def to_hf(cfg: ConvertToHFConfig) -> dict:
         model = meg.build(info.model, info.padded_vocab, info.seq_len)
         meg.load_weights(model, info)
         dtype = meg.stored_dtype(info.iter_dir) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-        hf.copy_tokenizer(info.root / "tokenizer", out.tmp)
-        tok = hf.load_tokenizer(out.tmp, f"checkpoint {cfg.checkpoint!r}: tokenizer/")
+        hfdir.copy_tokenizer(info.root / "tokenizer", out.tmp)
+        tok = hfdir.load_tokenizer(out.tmp, f"checkpoint {cfg.checkpoint!r}: tokenizer/")
         if len(tok) > info.vocab:
             raise UserError(f"checkpoint {cfg.checkpoint!r}: its tokenizer has {len(tok)} tokens but the model "
                             f"{info.vocab} rows; the tokenizer/ copy does not belong to this model")
         hf_cfg = hf_config(info.model, vocab=info.vocab, seq_len=info.seq_len, dtype=dtype, bos_id=tok.bos_token_id,
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         write_json(out.tmp / "config.json", hf_cfg)
-        write_json(out.tmp / "generation_config.json", hf.generation_config(tok))
+        write_json(out.tmp / "generation_config.json", hfdir.generation_config(tok))
         weights = map_to_hf(model.state_dict(), info.model, info.vocab)
-        files = hf.write_safetensors(weights, out.tmp, dtype, max_shard)
+        files = hfdir.write_safetensors(weights, out.tmp, dtype, max_shard)
         params = sum(t.numel() for t in weights.values())
         del weights
         report = None
@@ -116,7 +117,7 @@ def load_hf_model(path: Path, dtype: torch.dtype):
 
 
 def _summary_to_hf(cfg, info, params, hf_cfg, files, report, seconds) -> None:
-    from domainlm.pretrain.convert_verify import describe
+    from domainlm.pretrain.convert.verify import describe
 
     rows = [("checkpoint", f"{info.iter_dir} ({info.manifest.get('stage')})"),
             ("model", f"LlamaForCausalLM, {params:,} parameters, {hf_cfg['torch_dtype']}, vocab {hf_cfg['vocab_size']} "
@@ -135,19 +136,19 @@ def _summary_to_hf(cfg, info, params, hf_cfg, files, report, seconds) -> None:
 def from_hf(cfg: ConvertFromHFConfig) -> dict:
     """Entry point of `domainlm convert from-hf`."""
     from domainlm.pretrain import checkpoint
-    from domainlm.pretrain import convert_hf as hf
-    from domainlm.pretrain import convert_megatron as meg
-    from domainlm.pretrain.convert_mapping import auto_divisible_by, from_hf as map_from_hf, model_args_from_hf
-    from domainlm.pretrain.convert_verify import compare, describe
+    from domainlm.pretrain.convert import hf, hfdir
+    from domainlm.pretrain.convert import megatron as meg
+    from domainlm.pretrain.convert.mapping import auto_divisible_by, from_hf as map_from_hf, model_args_from_hf
+    from domainlm.pretrain.convert.verify import compare, describe
     from domainlm.pretrain.model import padded_vocab
 
     t0 = time.perf_counter()
     src = Path(cfg.model)
-    hf_cfg = hf.read_config(src)
+    hf_cfg = hfdir.read_config(src)
     arch = (hf_cfg.get("architectures") or ["?"])[0]
     m = model_args_from_hf(hf_cfg, f"{src / 'config.json'}")
     _check_layout(m, cfg.tp, cfg.pp)
-    hf.weight_files(src)                        # pickle-only / missing weights: refused before any work
+    hfdir.weight_files(src)                        # pickle-only / missing weights: refused before any work
     described = inputs_from_hf(cfg)
     with StageOutput(cfg.output, FROM_HF, overwrite=cfg.overwrite) as out:
         tok_entry = hf.import_tokenizer(src, out.tmp / "tokenizer")
@@ -184,7 +185,7 @@ def from_hf(cfg: ConvertFromHFConfig) -> dict:
                 reloaded = meg.build(m, padded, seq_len)
                 meg.load_weights(reloaded, info)
                 report = compare(reloaded, load_hf_model(src, torch.float32),
-                                 hf.load_tokenizer(out.tmp / "tokenizer", "tokenizer"), cfg.checks.prompts,
+                                 hfdir.load_tokenizer(out.tmp / "tokenizer", "tokenizer"), cfg.checks.prompts,
                                  cfg.checks.new_tokens, vocab, torch.float32)
                 log.info("verify: %s", describe(report))
                 if not report["passed"]:
@@ -225,7 +226,7 @@ def _write_run_config(path: Path, cfg: ConvertFromHFConfig, m, tok: dict) -> Non
 
 
 def _summary_from_hf(cfg, m, tok, padded, source, dtype, report, seconds) -> None:
-    from domainlm.pretrain.convert_verify import describe
+    from domainlm.pretrain.convert.verify import describe
 
     out = Path(cfg.output)
     rows = [("source", f"{cfg.model} ({source['architecture']})"),

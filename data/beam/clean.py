@@ -11,7 +11,7 @@ import hashlib
 import re
 import unicodedata
 
-from domainlm.tokenizer.config import FilterArgs
+from domainlm.data.config import FilterArgs
 
 # C0 and C1 control characters except \t (09) and \n (0a); \r is turned into \n first.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]+")

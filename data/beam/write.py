@@ -25,13 +25,13 @@ from json.encoder import encode_basestring
 import apache_beam as beam
 import numpy as np
 
-from domainlm.tokenizer.beam_dedup import near_drops
-from domainlm.tokenizer.beam_docs import Reporter, dumps, loads, salted
-from domainlm.tokenizer.beam_minhash import MinHasher, optimal_bands
-from domainlm.tokenizer.beam_read import Plan
-from domainlm.tokenizer.beam_spill import Spill
-from domainlm.tokenizer.config import ShardConfig
-from domainlm.tokenizer.shard_format import SHARD_PATTERN, SPLITS, ShardWriter, sample_keys
+from domainlm.data.beam.dedup import near_drops
+from domainlm.data.beam.docs import Reporter, dumps, loads, salted
+from domainlm.data.beam.minhash import MinHasher, optimal_bands
+from domainlm.data.beam.read import Plan
+from domainlm.data.beam.spill import Spill
+from domainlm.data.config import ShardConfig
+from domainlm.data.shards import SHARD_PATTERN, SPLITS, ShardWriter, sample_keys
 
 U64 = np.uint64
 _SALT_SHARD = 0x5348415244  # "SHARD"

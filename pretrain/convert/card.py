@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from domainlm import stages
 from domainlm.manifest import MANIFEST
 
 
@@ -45,7 +46,7 @@ def training_summary(info) -> dict[str, Any]:
     m = info.manifest
     cfg = m.get("config", {})
     out: dict[str, Any] = {"stage": m.get("stage"), "step": info.step}
-    if m.get("stage") == "convert from-hf":
+    if m.get("stage") == stages.CONVERT_FROM_HF:
         out["source"] = m.get("source", {})
         return out
     train = cfg.get("train", {})
@@ -90,7 +91,7 @@ def model_card(name: str, path: str, info, hf_cfg: dict[str, Any], params: int, 
              f"| RoPE theta | {c['rope_theta']:g} |", f"| context trained | {c['max_position_embeddings']} |",
              f"| tied embeddings | {c['tie_word_embeddings']} |", "", "## Training", ""]
     t = training
-    if t["stage"] == "convert from-hf":
+    if t["stage"] == stages.CONVERT_FROM_HF:
         src = t.get("source", {})
         lines += [f"Weights converted from the Hugging Face model `{src.get('path')}` "
                   f"({src.get('architecture')}) by `domainlm convert from-hf`; no training since.", ""]

@@ -1,10 +1,11 @@
-"""`domainlm launch pretrain`: print and run the torchrun (or Slurm) command for `domainlm pretrain`.
+"""`domainlm launch pretrain|finetune`: print and run the torchrun (or Slurm) command of a stage.
 
     domainlm launch pretrain --gpus-per-node 8 -- --config configs/pretrain/1B.yaml
     domainlm launch pretrain --nodes 4 --gpus-per-node 8 --rdzv-endpoint node001:29500 -- --config ...
     domainlm launch pretrain --nodes 4 --gpus-per-node 8 --slurm -- --config ...
 
-Every form runs the same entry point, `python -m domainlm.cli pretrain ARGS`, one process per GPU
+Every form runs the stage's own entry point (`python -m domainlm.cli pretrain ARGS`, or
+`finetune sft ARGS`), one process per GPU
 (or per CPU process with --cpu). Multi-node runs meet through torchrun's c10d rendezvous: the
 same command on every node. --slurm submits launch/slurm.sbatch, which runs srun + torchrun from
 the SLURM_* variables and requeues the job on preemption or at the time limit.
@@ -22,8 +23,11 @@ from pathlib import Path
 
 from domainlm.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-SBATCH = REPO / "launch" / "slurm.sbatch"
+# The wrappers ship inside the package (domainlm.launch), so they are found from a wheel too.
+HERE = Path(__file__).resolve().parent
+SBATCH = HERE / "slurm.sbatch"
+# What each `domainlm launch STAGE` runs on every rank.
+STAGE_COMMANDS = {"pretrain": ["pretrain"], "finetune": ["finetune", "sft"]}
 # torchrun forwards these to the workers, which finish the step, save and exit (SIGUSR1 added to
 # its default list so a preemption notice reaches them through the agent).
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -36,23 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="CPU processes with gloo instead of GPUs (tests, laptops); TP <= 2, no PP")
     parser.add_argument("--slurm", action="store_true",
-                        help=f"submit {SBATCH.relative_to(REPO)} with sbatch instead of running torchrun here")
+                        help="submit the packaged slurm.sbatch with sbatch instead of running torchrun here")
     parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                         help="multi-node: the rendezvous host (any one of the nodes) and port; the same on every node")
     parser.add_argument("--rdzv-id", default="domainlm-pretrain", metavar="ID",
                         help="multi-node: run id, the same on every node (default: domainlm-pretrain)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    parser.add_argument("pretrain_args", nargs=argparse.REMAINDER, metavar="-- PRETRAIN_ARGS",
-                        help="arguments of `domainlm pretrain`, after --")
+    parser.add_argument("stage_args", nargs=argparse.REMAINDER, metavar="-- STAGE_ARGS",
+                        help="arguments of the stage's command (`domainlm pretrain`, `domainlm finetune sft`), after --")
 
 
-def build_command(ns: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+def build_command(ns: argparse.Namespace, stage: str = "pretrain") -> tuple[list[str], dict[str, str]]:
     """The command and the extra environment for `ns` (no side effects)."""
-    args = list(ns.pretrain_args)
+    words = STAGE_COMMANDS[stage]
+    args = list(ns.stage_args)
     if args and args[0] == "--":
         args = args[1:]
     if not args:
-        raise UserError("give the pretrain arguments after --, e.g. -- --config configs/pretrain/tiny_cpu.yaml")
+        raise UserError(f"give the `domainlm {' '.join(words)}` arguments after --, e.g. -- --config FILE.yaml")
     if ns.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {ns.nodes}")
     per_node = ns.gpus_per_node
@@ -68,7 +73,7 @@ def build_command(ns: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if ns.cpu:
             raise UserError("--slurm launches GPU jobs; drop --cpu")
         cmd = ["sbatch", f"--nodes={ns.nodes}", f"--gpus-per-node={per_node}", str(SBATCH), *args]
-        return cmd, {}
+        return cmd, {"DOMAINLM_STAGE": " ".join(words)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={ns.nodes}", f"--nproc-per-node={per_node}"]
     if ns.nodes == 1:
         cmd += ["--standalone"]  # a local rendezvous on a free port
@@ -78,13 +83,22 @@ def build_command(ns: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                             "(run the same command on each node), or --slurm")
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={ns.rdzv_endpoint}",
                 f"--rdzv-id={ns.rdzv_id}"]
-    cmd += ["-m", "domainlm.cli", "pretrain", *args]
+    cmd += ["-m", "domainlm.cli", *words, *args]
     return cmd, {"TORCHELASTIC_SIGNALS_TO_HANDLE": FORWARDED_SIGNALS}
 
 
-def launch(ns: argparse.Namespace) -> int:
+def launch_pretrain(ns: argparse.Namespace) -> int:
     """Print the torchrun / sbatch command that runs `domainlm pretrain` on every rank, and run it."""
-    cmd, env = build_command(ns)
+    return launch(ns, "pretrain")
+
+
+def launch_finetune(ns: argparse.Namespace) -> int:
+    """Print the torchrun / sbatch command that runs `domainlm finetune sft` on every rank, and run it."""
+    return launch(ns, "finetune")
+
+
+def launch(ns: argparse.Namespace, stage: str) -> int:
+    cmd, env = build_command(ns, stage)
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"{shown + ' ' if shown else ''}{shlex.join(cmd)}", flush=True)
     if ns.nodes > 1 and not ns.slurm:

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from domainlm.progress import bars_enabled, human_bytes, human_count, log, progress
-from domainlm.tokenizer import beam_worker
-from domainlm.tokenizer.beam_read import Plan
-from domainlm.tokenizer.beam_write import DEAD_LETTER, SUMMARY  # noqa: F401 (re-exported)
-from domainlm.tokenizer.config import BeamArgs, ShardConfig
+from domainlm.data.beam import worker as beam_worker
+from domainlm.data.beam.read import Plan
+from domainlm.data.beam.write import DEAD_LETTER, SUMMARY  # noqa: F401 (re-exported)
+from domainlm.data.config import BeamArgs, ShardConfig
 
 DIRECT = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
 
@@ -95,7 +95,7 @@ def make_runner(b: BeamArgs, options):
     env = None
     if mode == "multi_processing":
         env = environments.SubprocessSDKEnvironment.from_command_string(
-            f"{shlex.quote(sys.executable)} -m domainlm.tokenizer.beam_worker")
+            f"{shlex.quote(sys.executable)} -m domainlm.data.beam.worker")
     provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
         pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options())))
     return fn_runner.FnApiRunner(default_environment=env, provision_info=provision)
@@ -115,10 +115,10 @@ def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes
 
     KV = tuple[int, bytes]  # (chunk, pickled arrays): what multimap side inputs need to know
 
-    from domainlm.tokenizer.beam_dedup import AttachFirst, DedupGroups
-    from domainlm.tokenizer.beam_docs import ReadChunk
-    from domainlm.tokenizer.beam_spill import Spill
-    from domainlm.tokenizer.beam_write import Tokenize, WriteShard, write_summary
+    from domainlm.data.beam.dedup import AttachFirst, DedupGroups
+    from domainlm.data.beam.docs import ReadChunk
+    from domainlm.data.beam.spill import Spill
+    from domainlm.data.beam.write import Tokenize, WriteShard, write_summary
 
     spill = Spill(spill_dir)
     n_buckets = max(2, min(64, len(plan.chunks)))

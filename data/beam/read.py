@@ -27,7 +27,7 @@ from typing import Iterator
 
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
-from domainlm.tokenizer.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line  # noqa: F401
+from domainlm.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line  # noqa: F401
 
 SUFFIXES = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",

@@ -30,10 +30,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, make_manifest
 from domainlm.progress import human_bytes, log, progress, summary
-from domainlm.tokenizer.config import PydocConfig
+from domainlm.data.config import PydocConfig
 
 # Directories that hold tests, vendored code, demos or tools rather than API documentation.
 SKIP_DIRS = {
@@ -404,7 +405,7 @@ def collect(cfg: PydocConfig) -> tuple[list[Entry], dict[str, dict]]:
 
 def build(cfg: PydocConfig) -> dict:
     """Build corpus.jsonl and qa.jsonl under cfg.output; return the manifest."""
-    with StageOutput(cfg.output, "corpus pydoc", overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stages.CORPUS_PYDOC, overwrite=cfg.overwrite) as out:
         entries, packages = collect(cfg)
         if not entries:
             raise UserError(f"no documented symbols found in {', '.join(cfg.packages)}")
@@ -429,7 +430,7 @@ def build(cfg: PydocConfig) -> dict:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     qa_counts[split] += 1
         manifest = make_manifest(
-            "corpus pydoc", cfg, inputs(cfg),
+            stages.CORPUS_PYDOC, cfg, inputs(cfg),
             counts={"documents": len(entries), "text_bytes": n_bytes, "qa_pairs": qa_counts,
                     "qa_symbols": symbols},
             packages=packages,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.progress import human_bytes, human_count, summary
-from domainlm.tokenizer.beam_read import MALFORMED, Plan
-from domainlm.tokenizer.config import ShardConfig
-from domainlm.tokenizer.shard_format import SPLITS
+from domainlm.data.beam.read import MALFORMED, Plan
+from domainlm.data.config import ShardConfig
+from domainlm.data.shards import SPLITS
 
-STAGE = "data shard"
+STAGE = stages.DATA_SHARD
 DROP_REASONS = MALFORMED + ("empty", "too_short", "too_long", "low_alnum", "repeated_lines",
                             "duplicate_exact", "duplicate_near")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest
-from domainlm.tokenizer import beam_worker
-from domainlm.tokenizer.beam_manifest import (STAGE, RemoteOutput, bytes_per_token, check_something_kept,
+from domainlm.data.beam import worker as beam_worker
+from domainlm.data.beam.manifest import (STAGE, RemoteOutput, bytes_per_token, check_something_kept,
                                               manifest_fields, print_summary)
-from domainlm.tokenizer.beam_read import list_inputs, make_plan
-from domainlm.tokenizer.config import ShardConfig
-from domainlm.tokenizer.shard_format import SPLITS, token_dtype
+from domainlm.data.beam.read import list_inputs, make_plan
+from domainlm.data.config import ShardConfig
+from domainlm.data.shards import SPLITS, token_dtype
 from domainlm.tokenizer.tokdir import load_tokenizer_dir
 
 
@@ -36,7 +36,7 @@ def inputs(cfg: ShardConfig) -> list[dict]:
 
 def shard(cfg: ShardConfig) -> dict:
     beam_worker.install()
-    from domainlm.tokenizer.beam_pipeline import DEAD_LETTER, direct_workers, is_direct, run
+    from domainlm.data.beam.pipeline import DEAD_LETTER, direct_workers, is_direct, run
 
     tok = load_tokenizer_dir(cfg.tokenizer)
     workers = direct_workers(cfg.beam)[0] if is_direct(cfg.beam) else 0

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import MANIFEST
 from domainlm.pretrain import checkpoint
@@ -29,7 +30,7 @@ for _pattern in (r".*(Transformer Engine|Apex|apex).*", r"full scope is deprecat
     warnings.filterwarnings("ignore", message=_pattern)
 
 # Directories `convert to-hf` reads: pretraining runs and converted HF models.
-SOURCE_STAGES = ("pretrain", "convert from-hf")
+SOURCE_STAGES = stages.CHECKPOINT_DIRS
 
 
 @dataclass(slots=True)
@@ -53,32 +54,9 @@ class CheckpointInfo:
 
 def read_checkpoint_dir(path: str, iteration: int | None) -> CheckpointInfo:
     """Check DIR is a checkpoint dir holding the wanted iteration; UserError otherwise."""
-    import json
-
-    root = Path(path)
-    what = "a checkpoint dir of `domainlm pretrain` or `domainlm convert from-hf`"
-    if not root.is_dir():
-        raise UserError(f"checkpoint {path!r} is not a directory; give {what}")
-    if not (root / MANIFEST).is_file():
-        shown = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "nothing"
-        raise UserError(f"checkpoint {path!r} has no {MANIFEST} (it holds {shown}), so it is not {what}")
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{root / MANIFEST}: not valid JSON ({e}); the checkpoint dir is damaged") from None
-    if manifest.get("stage") not in SOURCE_STAGES:
-        raise UserError(f"checkpoint {path!r} was made by `domainlm {manifest.get('stage')}`; expected {what}")
-    available = checkpoint.kept(root)
-    if iteration is None:
-        step = checkpoint.read_latest(root)
-        if step is None:
-            raise UserError(f"checkpoint {path!r} holds no complete checkpoint yet (no `latest`; iter dirs: "
-                            f"{', '.join(available) or 'none'}); let pretraining save one first")
-    else:
-        step = iteration
-        if not (root / checkpoint.iter_name(step) / "metadata.json").is_file():
-            steps = ", ".join(str(int(n[5:])) for n in available) or "none"
-            raise UserError(f"checkpoint {path!r} has no iteration {step}; available iterations: {steps}")
+    ckpt = checkpoint.open_checkpoint_dir(path, "checkpoint", SOURCE_STAGES)
+    step = ckpt.iteration(iteration, "checkpoint")
+    root, manifest = ckpt.root, ckpt.manifest
     try:
         arch, tok = manifest["model"], manifest["tokenizer"]
         model = ModelArgs(**arch)
@@ -88,7 +66,7 @@ def read_checkpoint_dir(path: str, iteration: int | None) -> CheckpointInfo:
     except (KeyError, TypeError) as e:
         raise UserError(f"{root / MANIFEST}: lacks the model/tokenizer fields ({e}); the checkpoint dir is "
                         "damaged") from None
-    if not (root / "tokenizer").is_dir():
+    if not ckpt.tokenizer_dir.is_dir():
         raise UserError(f"checkpoint {path!r} has no tokenizer/ copy; the checkpoint dir is damaged")
     return info
 

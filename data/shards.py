@@ -1,4 +1,4 @@
-"""The shards contract (DESIGN.md, "Shards dir"): one place that says how a sample is stored.
+"""The shards contract (ARCHITECTURE.md, "Contracts"): one place that says how a sample is stored.
 
 A shards directory holds `train/` and `valid/` WebDataset tar shards and a manifest.json:
 
@@ -26,21 +26,40 @@ versions):
 The loader trusts "splits" for the shard list and token counts, and "tokenizer" to refuse a
 model whose vocab differs.
 
+Reading. `open_shards_dir(path)` checks a shards dir against its manifest and lists each split's
+shards; `open_shard` maps one shard (mmap) and walks the 512-byte tar headers, noting where each
+`.npy` member's tokens start and how many there are; documents are then numpy views of the
+mapped file, copied once into whatever block they go to. Python's `tarfile` (and webdataset over
+it) builds a TarInfo per member and copies every payload, several times slower; it stays as the
+fallback for tar features this walker does not read (GNU long names, pax headers) that other
+tools may write. `read_shard` is the simple reader (keys and metas too) for tests and tools.
+
 Tar members are written with fixed metadata (mtime 0, uid/gid 0, mode 0644, USTAR), so the
 same samples give byte-identical shards on any machine.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
+import mmap
+import os
 import re
 import struct
 import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
+
+from domainlm import stages
+from domainlm.errors import UserError
+from domainlm.manifest import read_manifest
+from domainlm.tokenizer.tokdir import TokenizerId
 
 SPLITS = ("train", "valid")
 SHARD_PATTERN = "shard-{index:06d}.tar"
@@ -366,3 +385,283 @@ def read_shard(path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
             if "npy" in slot and "json" in slot:
                 del pending[key]
                 yield key, np.load(io.BytesIO(slot["npy"]), allow_pickle=False), json.loads(slot["json"])
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+_ZERO_BLOCK = bytes(512)
+_NPY_FAST = re.compile(rb"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (?:False|True), 'shape': \((\d+),\), \}\s*$")
+OPEN_SHARDS = 8
+"""Shard indexes kept per process (an index is 16 bytes per document plus the mapping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    path: str
+    name: str
+    bytes: int
+    documents: int
+    tokens: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class ShardIndex:
+    """Where each document's token ids lie in `buf` (the mapped file, or the fallback's copy)."""
+
+    buf: object
+    offsets: np.ndarray  # int64 byte offset of each document's first token
+    counts: np.ndarray  # int64 tokens per document
+    dtype: np.dtype
+
+    def doc(self, i: int) -> np.ndarray:
+        return np.frombuffer(self.buf, self.dtype, int(self.counts[i]), int(self.offsets[i]))
+
+
+class _NeedsTarfile(Exception):
+    """A tar feature the header walker leaves to `tarfile` (long names, pax headers)."""
+
+
+def _parse_octal(field_: bytes, path: str, pos: int) -> int:
+    if field_[0] & 0x80:  # GNU base-256, for members of 8 GiB or more
+        return int.from_bytes(field_[1:], "big")
+    text = field_.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise UserError(f"shard {path!r}: corrupt tar header at byte {pos}; rebuild the shards dir") from None
+
+
+def _member_ext(name: bytes) -> bytes:
+    """What webdataset calls the member's extension: the basename after its first dot."""
+    base = name.rsplit(b"/", 1)[-1]
+    return base.partition(b".")[2]
+
+
+def _parse_npy_header(buf, start: int, size: int, path: str, name: str) -> tuple[int, int, np.dtype]:
+    """(data offset, count, dtype) of a 1-D .npy payload at buf[start:start+size]."""
+    if size < 10 or buf[start:start + 6] != b"\x93NUMPY":
+        raise UserError(f"shard {path!r}: member {name!r} is not a .npy array; rebuild the shards dir")
+    major = buf[start + 6]
+    if major == 1:
+        (hlen,) = struct.unpack_from("<H", buf, start + 8)
+        hstart = start + 10
+    else:
+        (hlen,) = struct.unpack_from("<I", buf, start + 8)
+        hstart = start + 12
+    header = bytes(buf[hstart:hstart + hlen])
+    m = _NPY_FAST.match(header)
+    if m:
+        dtype, count = np.dtype(m.group(1).decode()), int(m.group(2))
+    else:
+        try:
+            meta = ast.literal_eval(header.decode("latin1"))
+            dtype, shape = np.dtype(meta["descr"]), tuple(meta["shape"])
+        except (ValueError, SyntaxError, KeyError, TypeError):
+            raise UserError(f"shard {path!r}: member {name!r} has an unreadable .npy header; rebuild the shards dir") from None
+        if len(shape) != 1:
+            raise UserError(f"shard {path!r}: member {name!r} has shape {shape}; a document is a 1-D array of token ids")
+        count = shape[0]
+    data = hstart + hlen
+    if data + count * dtype.itemsize != start + size:
+        raise UserError(f"shard {path!r}: member {name!r} is truncated or padded; rebuild the shards dir")
+    return data, count, dtype
+
+
+def _walk(buf, path: str) -> tuple[list[int], list[int], list[np.dtype]]:
+    offsets, counts, dtypes = [], [], []
+    pos, end = 0, len(buf)
+    while pos + 512 <= end:
+        hdr = buf[pos:pos + 512]
+        if hdr == _ZERO_BLOCK:
+            break
+        size = _parse_octal(hdr[124:136], path, pos)
+        kind = hdr[156:157]
+        data = pos + 512
+        if kind in (b"L", b"K", b"x", b"g"):
+            raise _NeedsTarfile
+        if data + size > end:
+            raise UserError(f"shard {path!r} is truncated (a member runs past the end of the file); rebuild it")
+        if kind in (b"0", b"\0", b"7"):
+            name = hdr[:100].split(b"\0", 1)[0]
+            if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+            if _member_ext(name) == b"npy":
+                off, count, dtype = _parse_npy_header(buf, data, size, path, name.decode("utf-8", "replace"))
+                offsets.append(off)
+                counts.append(count)
+                dtypes.append(dtype)
+        pos = data + ((size + 511) & ~511)
+    return offsets, counts, dtypes
+
+
+def _walk_tarfile(path: str) -> tuple[bytes, list[int], list[int], list[np.dtype]]:
+    """The slow path: read the members with `tarfile`, copying the .npy payloads into one buffer."""
+    out = io.BytesIO()
+    offsets, counts, dtypes = [], [], []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile() or _member_ext(info.name.encode()) != b"npy":
+                    continue
+                payload = tar.extractfile(info).read()  # type: ignore[union-attr]
+                base = out.tell()
+                out.write(payload)
+                off, count, dtype = _parse_npy_header(payload, 0, len(payload), path, info.name)
+                offsets.append(base + off)
+                counts.append(count)
+                dtypes.append(dtype)
+    except tarfile.TarError as e:
+        raise UserError(f"shard {path!r} is not a readable tar ({e}); rebuild the shards dir") from None
+    return out.getvalue(), offsets, counts, dtypes
+
+
+def index_shard(entry: ShardEntry, dtype: np.dtype, *, verify: bool = False) -> ShardIndex:
+    """Map one shard and find its documents, checking them against the manifest's entry."""
+    path = entry.path
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            buf: object = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except OSError as e:
+        raise UserError(f"shard {path!r} cannot be read ({e.strerror}); rebuild the shards dir") from None
+    if verify and path not in _verified:
+        digest = hashlib.sha256(buf).hexdigest()  # type: ignore[arg-type]
+        if digest != entry.sha256:
+            raise UserError(f"shard {path!r}: sha256 {digest[:12]}... differs from the manifest's "
+                            f"{entry.sha256[:12]}...; the file changed after sharding, rebuild the shards dir")
+        _verified.add(path)
+    try:
+        offsets, counts, dtypes = _walk(buf, path)
+    except _NeedsTarfile:
+        buf, offsets, counts, dtypes = _walk_tarfile(path)
+    for i, dt in enumerate(dtypes):
+        if dt != dtype:
+            raise UserError(f"shard {path!r}: document {i} holds {dt} token ids but the manifest says "
+                            f"{dtype}; the shards dir is inconsistent, rebuild it")
+    if len(counts) != entry.documents or sum(counts) != entry.tokens:
+        raise UserError(
+            f"shard {path!r} holds {len(counts)} documents and {sum(counts)} tokens but the manifest "
+            f"lists {entry.documents} and {entry.tokens}; the shards dir was modified, rebuild it"
+        )
+    return ShardIndex(buf, np.asarray(offsets, np.int64), np.asarray(counts, np.int64), dtype)
+
+
+_open: OrderedDict[str, ShardIndex] = OrderedDict()
+_verified: set[str] = set()
+
+
+def open_shard(entry: ShardEntry, dtype: np.dtype, *, verify: bool = False) -> ShardIndex:
+    """`index_shard`, cached for the last OPEN_SHARDS shards of this process."""
+    idx = _open.get(entry.path)
+    if idx is None:
+        idx = index_shard(entry, dtype, verify=verify)
+        _open[entry.path] = idx
+        while len(_open) > OPEN_SHARDS:
+            _open.popitem(last=False)
+    else:
+        _open.move_to_end(entry.path)
+    return idx
+
+
+
+
+# -- the directory -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """One split of a checked shards dir: what the loader reads."""
+
+    path: str
+    """The shards dir."""
+    name: str
+    tokenizer_sha256: str
+    vocab_size: int
+    eos_id: int
+    dtype: str
+    """Token dtype of every .npy member: 'uint16' or 'uint32'."""
+    tokens: int
+    documents: int
+    split_id: str
+    """Identity of the split's contents (shard names and checksums), not of where the dir lives."""
+    shards: tuple[ShardEntry, ...]
+
+
+@dataclass(slots=True)
+class ShardsDir:
+    """A shards dir as `domainlm data shard` wrote it, its manifest checked."""
+
+    path: str
+    manifest: dict[str, Any]
+    tokenizer_sha256: str
+    vocab_size: int
+    eos_id: int
+    dtype: str
+
+    @property
+    def tokenizer_id(self) -> TokenizerId:
+        return TokenizerId(self.tokenizer_sha256, self.vocab_size)
+
+    def split(self, name: str) -> Split:
+        """The split's shards, each checked to exist with the manifest's size."""
+        info = self.manifest["splits"].get(name)
+        if not info or not info.get("shards") or not int(info.get("tokens", 0)):
+            hint = " (was it built with --valid-fraction 0?)" if name == "valid" else ""
+            raise UserError(f"shards dir {self.path!r} has no {name!r} tokens{hint}; rebuild it or leave it out")
+        root = Path(self.path)
+        entries = []
+        for s in info["shards"]:
+            f = root / s["name"]
+            if not f.is_file():
+                raise UserError(f"shard {str(f)!r} listed in {self.path}/manifest.json is missing; copy the whole "
+                                "shards dir or rebuild it")
+            if f.stat().st_size != int(s["bytes"]):
+                raise UserError(f"shard {str(f)!r} has {f.stat().st_size} bytes, the manifest says {s['bytes']}; "
+                                "it is truncated or was replaced, rebuild the shards dir")
+            entries.append(ShardEntry(str(f), s["name"], int(s["bytes"]), int(s["documents"]),
+                                      int(s["tokens"]), str(s.get("sha256", ""))))
+        listing = [[s.get("name"), s.get("sha256"), s.get("documents"), s.get("tokens")] for s in info["shards"]]
+        return Split(path=self.path, name=name, tokenizer_sha256=self.tokenizer_sha256, vocab_size=self.vocab_size,
+                     eos_id=self.eos_id, dtype=self.dtype, tokens=int(info["tokens"]),
+                     documents=int(info["documents"]),
+                     split_id=hashlib.sha256(json.dumps(listing).encode()).hexdigest(), shards=tuple(entries))
+
+    def documents(self, split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        """(key, token ids, meta) of every document of `split`, shard by shard."""
+        for entry in self.split(split).shards:
+            yield from read_shard(entry.path)
+
+
+def open_shards_dir(path: str | Path) -> ShardsDir:
+    """Check `path` is a complete `domainlm data shard` output; UserError naming what is wrong."""
+    path = str(path)
+    m = read_manifest(path, stages.DATA_SHARD, what="a shards directory (from `domainlm data shard`)")
+    tok = m.get("tokenizer") or {}
+    missing = [k for k in ("sha256", "vocab_size", "eos_id") if k not in tok]
+    if missing or "splits" not in m or "token_dtype" not in m:
+        raise UserError(f"{path}/manifest.json lacks {', '.join(missing or ['splits/token_dtype'])}; "
+                        "it is not a complete `domainlm data shard` output, rebuild it")
+    dtype = str(m["token_dtype"])
+    if dtype not in ("uint16", "uint32"):
+        raise UserError(f"{path}/manifest.json: token_dtype {dtype!r} is not uint16 or uint32; rebuild it")
+    return ShardsDir(path=path, manifest=m, tokenizer_sha256=str(tok["sha256"]), vocab_size=int(tok["vocab_size"]),
+                     eos_id=int(tok["eos_id"]), dtype=dtype)
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+
+TAR_BLOCK = tarfile.BLOCKSIZE
+NPY_HEADER = 128
+"""Bytes of numpy's 1-D .npy header (format 1.0, padded to 64-byte alignment)."""
+
+
+def _padded(n: np.ndarray) -> np.ndarray:
+    return (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def tar_bytes(tokens: np.ndarray, json_len: np.ndarray, itemsize: int) -> np.ndarray:
+    """Bytes a sample takes in a shard: two headers, the .npy and .json members padded."""
+    return 2 * TAR_BLOCK + _padded(NPY_HEADER + tokens * itemsize) + _padded(json_len)

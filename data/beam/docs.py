@@ -27,12 +27,12 @@ from collections import Counter
 import apache_beam as beam
 import numpy as np
 
-from domainlm.tokenizer.beam_clean import FILTER_REASONS, clean, content_hash, filter_reason
-from domainlm.tokenizer.beam_minhash import MinHasher, optimal_bands, splitmix64
-from domainlm.tokenizer.beam_read import MALFORMED, Bad, Plan, excerpt, read_records
-from domainlm.tokenizer.beam_spill import Spill
-from domainlm.tokenizer.config import ShardConfig
-from domainlm.tokenizer.shard_format import SPLITS
+from domainlm.data.beam.clean import FILTER_REASONS, clean, content_hash, filter_reason
+from domainlm.data.beam.minhash import MinHasher, optimal_bands, splitmix64
+from domainlm.data.beam.read import MALFORMED, Bad, Plan, excerpt, read_records
+from domainlm.data.beam.spill import Spill
+from domainlm.data.config import ShardConfig
+from domainlm.data.shards import SPLITS, tar_bytes
 
 try:
     from pyarrow.lib import ArrowException
@@ -203,8 +203,6 @@ class _Block:
 
 
 _SALT_SPLIT = 0x53504C4954  # "SPLIT"
-TAR_BLOCK = 512
-NPY_HEADER = 128  # numpy's format-1.0 header of a 1-D array
 
 
 def salted(h: np.ndarray, seed: int, salt: int) -> np.ndarray:
@@ -219,15 +217,6 @@ def split_of(h1: np.ndarray, seed: int, valid_fraction: float) -> np.ndarray:
     if valid_fraction <= 0:
         return np.zeros(len(h1), dtype=np.uint8)
     return (salted(h1, seed, _SALT_SPLIT) < np.uint64(int(valid_fraction * 2.0**64))).astype(np.uint8)
-
-
-def _padded(n: np.ndarray) -> np.ndarray:
-    return (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-
-
-def tar_bytes(tokens: np.ndarray, json_len: np.ndarray, itemsize: int) -> np.ndarray:
-    """Bytes a sample takes in a shard: two headers, the .npy and .json members padded."""
-    return 2 * TAR_BLOCK + _padded(NPY_HEADER + tokens * itemsize) + _padded(json_len)
 
 
 def estimate_tar_bytes(text_bytes: np.ndarray, id_len: np.ndarray, bytes_per_token: float,

@@ -25,8 +25,8 @@ def compare(megatron, hf_model, tok, prompts: list[str], new_tokens: int, vocab:
     """Run both models; returns the report (max_abs_diff, tolerance, passed, greedy, samples)."""
     from transformers import GenerationConfig
 
-    from domainlm.pretrain.convert_hf import stop_ids
-    from domainlm.pretrain.convert_megatron import greedy, logits
+    from domainlm.pretrain.convert.hfdir import stop_ids
+    from domainlm.pretrain.convert.megatron import greedy, logits
 
     stops = stop_ids(tok)
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops or None,
@@ -62,7 +62,7 @@ def describe(report: dict[str, Any]) -> str:
 
 def tokenizer_parity(sp, hf_tok) -> dict[str, Any]:
     """SentencePiece vs the HF tokenizer on fixed texts (an imported tokenizer should agree)."""
-    from domainlm.pretrain.convert_config import DEFAULT_PROMPTS
+    from domainlm.pretrain.convert.config import DEFAULT_PROMPTS
     from domainlm.tokenizer.hf_export import parity
 
     texts = DEFAULT_PROMPTS + ["Hello world! Numbers 12345, symbols <>{}[] and ünïcödé.\nA second line."]

@@ -1,0 +1,97 @@
+"""QA files (ARCHITECTURE.md, "Contracts"): `{"question", "answer", "doc_id"?}` per JSON line.
+
+`doc_id` names the corpus document that holds the answer (the id the corpus reader, the shards
+and the index give it). The pydoc corpus's `qa.jsonl` is such a file with `source` in place of
+`doc_id` and a `split` field ("train" / "test"); `read_qa(..., split="test")` keeps one split.
+Fine-tuning, retrieval metrics and the approach comparison all read QA files through here.
+
+A path may carry its split after a colon, `qa.jsonl:test`, so that one file serves as both sets
+on a command line. Bad records stop the read with the file, the line and the fix: a QA set with
+holes gives metrics over a different set than the user thinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from domainlm.errors import UserError
+from domainlm.manifest import expand_inputs
+
+QA_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class QA:
+    question: str
+    answer: str
+    doc_id: str | None
+    """The corpus document holding the answer, when known."""
+    id: str
+    """The record's `id`, else 'file:line'."""
+    split: str | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Other fields of the record, kept for per-question outputs."""
+
+
+def split_spec(path: str) -> tuple[str, str | None]:
+    """'qa.jsonl:test' -> ('qa.jsonl', 'test'); a path without a split suffix -> (path, None)."""
+    head, sep, tail = path.rpartition(":")
+    if sep and tail and "/" not in tail and "\\" not in tail and head and not Path(path).exists():
+        return head, tail
+    return path, None
+
+
+def read_qa(paths: list[str] | str, split: str | None = None) -> list[QA]:
+    """Every QA record of `paths` (files, globs, dirs; each optionally 'path:split'), in order."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise UserError("no QA file given; pass JSON lines of {\"question\", \"answer\", \"doc_id\"}")
+    out: list[QA] = []
+    for spec in paths:
+        path, spec_split = split_spec(spec)
+        want = spec_split or split
+        for f in expand_inputs([path], QA_SUFFIXES):
+            got = list(_read_file(f, want))
+            out.extend(got)
+    if not out:
+        raise UserError(f"no QA record in {', '.join(paths)}" + (f" with split {split!r}" if split else ""))
+    return out
+
+
+def _read_file(path: Path, split: str | None):
+    splits_seen: set[str] = set()
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object with question and answer")
+            for key in ("question", "answer"):
+                if key not in rec:
+                    fields = ", ".join(sorted(map(str, rec))) or "none"
+                    raise UserError(f"{where}: no {key!r} field (fields: {fields}); a QA record needs "
+                                    "\"question\" and \"answer\" (and \"doc_id\" naming the document)")
+                if not isinstance(rec[key], str) or not rec[key].strip():
+                    raise UserError(f"{where}: field {key!r} must be a non-empty string")
+            rec_split = rec.get("split")
+            if rec_split is not None:
+                splits_seen.add(str(rec_split))
+            if split is not None and rec_split is not None and str(rec_split) != split:
+                continue
+            doc = rec.get("doc_id", rec.get("source"))
+            known = {"question", "answer", "doc_id", "source", "id", "split"}
+            yield QA(question=rec["question"], answer=rec["answer"], doc_id=None if doc is None else str(doc),
+                     id=str(rec.get("id", where)), split=None if rec_split is None else str(rec_split),
+                     extra=tuple((k, v) for k, v in rec.items() if k not in known))
+    if split is not None and splits_seen and split not in splits_seen:
+        raise UserError(f"{path}: no record with split {split!r} (splits: {', '.join(sorted(splits_seen))})")

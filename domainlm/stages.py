@@ -1,0 +1,32 @@
+"""Stage names, once: what a manifest's `stage` field says and the command that wrote it.
+
+Every manifest writer and every reader that checks "is this the output of stage X" uses these
+names; the CLI's command table names its commands with the same constants.
+"""
+
+from __future__ import annotations
+
+CORPUS_PYDOC = "corpus pydoc"
+TOKENIZER_TRAIN = "tokenizer train"
+TOKENIZER_IMPORT = "tokenizer import"
+"""A tokenizer dir that `convert from-hf` imported with an HF model (not trained here)."""
+TOKENIZER_REPORT = "tokenizer report"
+DATA_SHARD = "data shard"
+PRETRAIN = "pretrain"
+CONVERT_TO_HF = "convert to-hf"
+CONVERT_FROM_HF = "convert from-hf"
+FINETUNE_SFT = "finetune sft"
+FINETUNE_MERGE = "finetune merge"
+INDEX_BUILD = "index build"
+SERVE = "serve"
+EVAL_QA = "eval qa"
+EVAL_PPL = "eval ppl"
+EVAL_RETRIEVAL = "eval retrieval"
+COMPARE = "compare"
+
+TOKENIZER_DIRS = (TOKENIZER_TRAIN, TOKENIZER_IMPORT)
+"""Stages whose output is a tokenizer dir."""
+CHECKPOINT_DIRS = (PRETRAIN, CONVERT_FROM_HF)
+"""Stages whose output is a megatron checkpoint dir."""
+HF_DIRS = (CONVERT_TO_HF, FINETUNE_MERGE)
+"""Stages whose output is an HF dir."""

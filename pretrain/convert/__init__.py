@@ -1,0 +1,1 @@
+"""`domainlm convert to-hf / from-hf`: megatron-core checkpoints <-> Hugging Face Llama."""
