@@ -161,6 +161,21 @@ def read_manifest(directory: str | Path, stage: str | tuple[str, ...] | None = N
     return data
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log a stage wrote (metrics.jsonl); [] when there is none. A
+    last line cut by a crash mid-write is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 

@@ -173,26 +173,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(ns: argparse.Namespace) -> int:
     """Run every stage of a pipeline config in order, skipping those that are up to date."""
+    run_pipeline(ns.pipeline, set_values=ns.set_values, only=ns.only, force=ns.force, dry_run=ns.dry_run)
+    return 0
+
+
+def run_pipeline(path: str, *, set_values: list[str] = (), only: list[str] | None = None,
+                 force: list[str] | None = None, dry_run: bool = False, skip_commands: tuple[str, ...] = ()) -> None:
+    """`domainlm run PATH`; stages whose command is in `skip_commands` are left out (`compare`
+    runs a pipeline's earlier stages this way, never itself)."""
     from domainlm.cli import resolve
 
-    pipe, stages = load_pipeline(ns.pipeline, ns.set_values)
+    pipe, stages = load_pipeline(path, list(set_values))
+    stages = [s for s in stages if s[1].name not in skip_commands]
     names = [n for n, _, _ in stages]
-    for n in (ns.only or []) + (ns.force or []):
+    for n in (only or []) + (force or []):
         if n not in names:
-            raise UserError(f"no stage {n!r} in {ns.pipeline}{did_you_mean(n, names)}; stages: {', '.join(names)}")
+            raise UserError(f"no stage {n!r} in {path}{did_you_mean(n, names)}; stages: {', '.join(names)}")
     rows = []
     t_all = time.perf_counter()
     for name, cmd, cfg in stages:
-        if ns.only and name not in ns.only:
+        if only and name not in only:
             continue
-        forced = ns.force is not None and (not ns.force or name in ns.force)
+        forced = force is not None and (not force or name in force)
         state = stage_state(cmd, cfg)
         if state == "up to date" and not forced:
             log.info("stage %s (%s): up to date, skipped", name, cmd.name)
             rows.append((name, f"skipped, up to date ({cmd.name})"))
             continue
         why = "forced" if forced else state
-        if ns.dry_run:
+        if dry_run:
             rows.append((name, f"would run: {why} ({cmd.name})"))
             continue
         log.info("stage %s: domainlm %s (%s)", name, cmd.name, why)
@@ -203,5 +212,4 @@ def run_command(ns: argparse.Namespace) -> int:
             raise UserError(f"stage {name!r} ({cmd.name}): {e}") from None
         rows.append((name, f"ran in {time.perf_counter() - t0:.1f}s ({cmd.name}; {why})"))
     rows.append(("total", f"{time.perf_counter() - t_all:.1f}s"))
-    summary(f"domainlm run {ns.pipeline}", rows)
-    return 0
+    summary(f"domainlm run {path}", rows)

@@ -3,7 +3,10 @@
 `doc_id` names the corpus document that holds the answer (the id the corpus reader, the shards
 and the index give it). The pydoc corpus's `qa.jsonl` is such a file with `source` in place of
 `doc_id` and a `split` field ("train" / "test"); `read_qa(..., split="test")` keeps one split.
-Fine-tuning, retrieval metrics and the approach comparison all read QA files through here.
+Fine-tuning, retrieval metrics and the approach comparison all read QA files through here, and
+score answers with the same exact match and token F1 (SQuAD's normalisation: lower case,
+punctuation, the articles a/an/the and extra whitespace removed), so the figures read as the field
+reads them.
 
 A path may carry its split after a colon, `qa.jsonl:test`, so that one file serves as both sets
 on a command line. Bad records stop the read with the file, the line and the fix: a QA set with
@@ -12,6 +15,9 @@ holes gives metrics over a different set than the user thinks.
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,3 +101,32 @@ def _read_file(path: Path, split: str | None):
                      extra=tuple((k, v) for k, v in rec.items() if k not in known))
     if split is not None and splits_seen and split not in splits_seen:
         raise UserError(f"{path}: no record with split {split!r} (splits: {', '.join(sorted(splits_seen))})")
+
+
+# -- scoring answers -------------------------------------------------------------------------
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(normalize(prediction) == normalize(answer))
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    pred, gold = normalize(prediction).split(), normalize(answer).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = Counter(pred) & Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)

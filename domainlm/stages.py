@@ -22,6 +22,9 @@ SERVE = "serve"
 EVAL_QA = "eval qa"
 EVAL_PPL = "eval ppl"
 EVAL_RETRIEVAL = "eval retrieval"
+EVAL_RAG_DATA = "eval rag-data"
+"""SFT+RAG training data: QA train pairs with retrieved sources in their prompts."""
+REPORT = "report"
 COMPARE = "compare"
 
 TOKENIZER_DIRS = (TOKENIZER_TRAIN, TOKENIZER_IMPORT)

@@ -1,0 +1,1 @@
+"""Evaluation: QA, perplexity and retrieval metrics, and the approach comparison (`domainlm compare`)."""

@@ -1,0 +1,324 @@
+"""`domainlm compare`: every approach the config can build answers the same held-out questions.
+
+    zero-shot   the base model, the prompt template picked on the dev split
+    few-shot    the same with k worked examples from the train data (k picked on the dev split)
+    rag         the base model with the index's sources in the prompt
+    sft         the SFT adapter (trained on the QA train split), the question as it was trained
+    sft+rag     the SFT+RAG adapter (trained on prompts with retrieved sources) with retrieval
+    scratch / continued   extra HF models named by the config, zero-shot
+
+Per approach: exact match, token F1, contains (and for RAG: gold retrieved, citation correct,
+faithfulness), consistency (agreement across three phrasings of the prompt, and across sampling
+seeds), latency p50/p95 answering one question at a time, cost in CPU- or GPU-seconds per 1,000
+questions, and for the trained approaches the training cost. Plus decontamination: 13-gram
+overlap of the test items with each approach's training sources (and, for RAG, with the index,
+which holds the gold documents by design), and a hard check that no test question is in the SFT
+data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from domainlm import stages
+from domainlm.errors import UserError
+from domainlm.eval import metrics
+from domainlm.eval.command import device_of, library_path
+from domainlm.eval.config import CompareConfig
+from domainlm.eval.prompts import PromptLibrary, load_library
+from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
+from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
+from domainlm.progress import log, summary
+from domainlm.qa import QA, read_qa, split_spec
+
+NEEDS = {"zero-shot": ("model",), "few-shot": ("model",), "rag": ("model", "index"), "sft": ("model", "sft"),
+         "sft+rag": ("model", "sft_rag", "index"), "scratch": ("scratch",), "continued": ("continued",)}
+BUILT_BY = {"model": "convert to-hf (stage `convert`)", "index": "index build (stage `index`)",
+            "sft": "finetune sft (stage `finetune`)", "sft_rag": "finetune sft on eval rag-data (stage `finetune_rag`)",
+            "scratch": "pretrain + convert to-hf of a from-scratch run", "continued": "convert from-hf + pretrain + convert to-hf"}
+PHRASINGS = 3
+
+
+def inputs(cfg: CompareConfig) -> list[dict]:
+    i = cfg.inputs
+    paths = [i.model, i.index, i.sft, i.sft_rag, i.scratch, i.continued] + [*cfg.qa.train, *cfg.qa.test]
+    return describe_inputs([Path(split_spec(p)[0]) for p in paths if p])
+
+
+def check_inputs(cfg: CompareConfig) -> None:
+    for a in cfg.approaches:
+        for need in NEEDS[a]:
+            path = getattr(cfg.inputs, need)
+            if not path:
+                raise UserError(f"approach {a!r} needs inputs.{need}, built by {BUILT_BY[need]}; set it, or drop "
+                                f"{a!r} from approaches")
+            if not Path(path).is_dir():
+                raise UserError(f"approach {a!r}: inputs.{need} {path!r} does not exist yet; it is built by "
+                                f"{BUILT_BY[need]}")
+    if not cfg.qa.test or not cfg.qa.train:
+        raise UserError("qa.train and qa.test: give the QA train and test files (e.g. qa.jsonl:train, qa.jsonl:test)")
+
+
+def split_dev(train: list[QA], n: int, seed: int) -> tuple[list[QA], list[QA]]:
+    """A dev set of n questions carved from train by document (no document on both sides), and the rest."""
+    docs = sorted({qa.doc_id or qa.id for qa in train})
+    random.Random(seed).shuffle(docs)
+    dev_docs, dev = set(), []
+    for d in docs:
+        if len(dev) >= n:
+            break
+        dev_docs.add(d)
+        dev.extend(qa for qa in train if (qa.doc_id or qa.id) == d)
+    dev = dev[:n]
+    dev_docs = {qa.doc_id or qa.id for qa in dev}
+    return dev, [qa for qa in train if (qa.doc_id or qa.id) not in dev_docs]
+
+
+def pick_prompt(gen, library: PromptLibrary, dev: list[QA], pool: list[QA], cfg: CompareConfig) -> dict[str, Any]:
+    """The template (zero-shot) and the number of shots (few-shot) that score best on dev."""
+    scores: dict[str, dict] = {}
+    for name in library.templates:
+        recs, _ = answer_and_score(gen, dev, Approach("zero-shot", name), library, max_new_tokens=cfg.gen.max_new_tokens,
+                                   batch_size=cfg.gen.batch_size)
+        scores[name] = summarize(recs)
+    best = max(scores, key=lambda t: (scores[t]["exact_match"], scores[t]["f1"], -list(library.templates).index(t)))
+    shot_scores: dict[int, dict] = {}
+    for k in library.shots or [cfg.prompt.shots]:
+        recs, _ = answer_and_score(gen, dev, Approach("few-shot", best, shots=k), library, pool=pool,
+                                   seed=cfg.qa.seed, max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
+        shot_scores[k] = summarize(recs)
+    best_k = max(shot_scores, key=lambda k: (shot_scores[k]["exact_match"], shot_scores[k]["f1"], -k))
+    return {"template": best, "shots": best_k, "dev_questions": len(dev), "library_version": library.version,
+            "templates": {t: {"exact_match": s["exact_match"], "f1": s["f1"]} for t, s in scores.items()},
+            "shots_scores": {k: {"exact_match": s["exact_match"], "f1": s["f1"]} for k, s in shot_scores.items()}}
+
+
+def consistency(gen, items: list[QA], approach: Approach, library: PromptLibrary, cfg: CompareConfig, *,
+                pool: list[QA], retriever) -> dict[str, float]:
+    """Agreement of the answers across PHRASINGS templates (greedy) and across sampling seeds."""
+    templates = [approach.template] + [t for t in library.templates if t != approach.template][: PHRASINGS - 1]
+    by_template = []
+    for t in templates:
+        a = Approach(approach.mode, t, approach.shots, approach.top_k, approach.retrieval_mode)
+        prompts, _ = build_prompts(items, a, library, pool=pool, retriever=retriever, seed=cfg.qa.seed)
+        by_template.append([g.text for g in gen.generate(prompts, max_new_tokens=cfg.gen.max_new_tokens,
+                                                          batch_size=cfg.gen.batch_size)])
+    prompts, _ = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed)
+    by_seed = [[g.text for g in gen.generate(prompts, max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size,
+                                             temperature=0.7, top_p=0.95, seed=s)]
+               for s in range(cfg.consistency_seeds)]
+    return {"phrasings": metrics.mean(metrics.agreement([m[i] for m in by_template]) for i in range(len(items))),
+            "seeds": metrics.mean(metrics.agreement([m[i] for m in by_seed]) for i in range(len(items))),
+            "phrasing_templates": templates}
+
+
+def training_cost(adapter_dir: str | None) -> dict[str, Any] | None:
+    """Seconds and tokens the adapter's training took, as its manifest records them."""
+    if not adapter_dir or not (Path(adapter_dir) / MANIFEST).is_file():
+        return None
+    m = json.loads((Path(adapter_dir) / MANIFEST).read_text(encoding="utf-8"))
+    metrics_ = m.get("metrics") or m.get("train") or {}
+    return {k: metrics_.get(k) for k in ("train_seconds", "tokens", "steps") if k in metrics_} or None
+
+
+def run(cfg: CompareConfig) -> int:
+    import torch
+
+    from domainlm.eval.decontam import build_index, contaminated, summary as decontam_summary
+    from domainlm.eval.generate import Generator
+    from domainlm.eval.report_chart import compare_chart
+
+    if cfg.pipeline:
+        from domainlm.pipeline import run_pipeline
+
+        log.info("building what the approaches need: domainlm run %s (its compare/report stages left out)", cfg.pipeline)
+        run_pipeline(cfg.pipeline, skip_commands=(stages.COMPARE, stages.REPORT))
+    check_inputs(cfg)
+    test = read_qa(cfg.qa.test)
+    test = test[: cfg.qa.limit] if cfg.qa.limit else test
+    train = read_qa(cfg.qa.train)
+    leaked = _test_questions_in_training(test, train, cfg)
+    if leaked:
+        raise UserError(f"{len(leaked)} test question(s) are in the training data, e.g. {leaked[0]!r}; the QA split "
+                        "must keep every test question out of SFT (split by document/symbol)")
+    dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
+    library = load_library(library_path(cfg.prompt.library))
+    device = device_of(cfg.gen.device)
+    if cfg.gen.threads:
+        torch.set_num_threads(cfg.gen.threads)
+    retriever = None
+    if any(a in ("rag", "sft+rag") for a in cfg.approaches):
+        from domainlm.serve.retrieve import open_retriever
+
+        retriever = open_retriever(cfg.inputs.index, device=device)
+    with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out:
+        (out.tmp / "approaches").mkdir()
+        base = Generator(cfg.inputs.model, device=device) if cfg.inputs.model else None
+        choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else {"template": cfg.prompt.template,
+                                                                                     "shots": cfg.prompt.shots}
+        log.info("prompt picked on %d dev questions: template %r, %d shots", len(dev), choice["template"], choice["shots"])
+        decontam = _decontamination(test, cfg, build_index, contaminated, decontam_summary)
+        results: dict[str, dict[str, Any]] = {}
+        for name in cfg.approaches:
+            log.info("approach %s: %d questions", name, len(test))
+            gen, approach = _approach(name, cfg, choice, base, device)
+            recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed,
+                                          max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
+            with open(out.tmp / "approaches" / f"{name.replace('+', '_')}.jsonl", "w", encoding="utf-8") as f:
+                for r in recs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
+                          max_new_tokens=cfg.gen.max_new_tokens)
+            cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
+                               retriever=retriever)
+            unit = "gpu_s" if device == "cuda" else "cpu_s"
+            per_1k = (cost["wall_s"] if device == "cuda" else cost["cpu_s"]) * 1000 / max(1, len(test))
+            results[name] = {**summarize(recs), "template": approach.template, "shots": approach.shots,
+                             "latency": lat, "consistency": cons, "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
+                             "training": training_cost({"sft": cfg.inputs.sft, "sft+rag": cfg.inputs.sft_rag}.get(name)),
+                             "decontamination": decontam.get(name)}
+        report = {"questions": len(test), "device": device, "prompt_choice": choice, "approaches": results,
+                  "decontamination_sources": decontam.get("_sources")}
+        write_json(out.tmp / "compare.json", report)
+        table = markdown_table(report)
+        (out.tmp / "compare.md").write_text(table, encoding="utf-8")
+        compare_chart(report, out.tmp / "compare.png")
+        out.commit(make_manifest(stages.COMPARE, cfg, inputs(cfg), summary={
+            k: {"exact_match": v["exact_match"], "f1": v["f1"]} for k, v in results.items()}))
+    print(table)
+    best = max(results, key=lambda k: (results[k]["exact_match"], results[k]["f1"]))
+    summary("compare", [("questions", len(test)), ("best by exact match", f"{best} ({results[best]['exact_match']:.3f})"),
+                        ("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
+    return 0
+
+
+def _approach(name: str, cfg: CompareConfig, choice: dict, base, device: str):
+    from domainlm.eval.generate import Generator
+
+    i = cfg.inputs
+    if name == "zero-shot":
+        return base, Approach("zero-shot", choice["template"])
+    if name == "few-shot":
+        return base, Approach("few-shot", choice["template"], shots=choice["shots"])
+    if name == "rag":
+        return base, Approach("rag", choice["template"], top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode)
+    if name == "sft":
+        return Generator(i.model, i.sft, device=device), Approach("zero-shot", "plain")
+    if name == "sft+rag":
+        return (Generator(i.model, i.sft_rag, device=device),
+                Approach("rag", "plain", top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode))
+    return Generator(getattr(i, name), device=device), Approach("zero-shot", choice["template"])
+
+
+def _test_questions_in_training(test: list[QA], train: list[QA], cfg: CompareConfig) -> list[str]:
+    """Test questions (normalised) that occur in the QA train data or the SFT data files."""
+    seen = {metrics.normalize(qa.question) for qa in train}
+    for path in cfg.inputs.sft_data:
+        for qa in read_qa(path) if _is_qa_file(path) else []:
+            seen.add(metrics.normalize(qa.question))
+    return [qa.question for qa in test if metrics.normalize(qa.question) in seen]
+
+
+def _is_qa_file(path: str) -> bool:
+    p = Path(split_spec(path)[0])
+    if not p.is_file():
+        return False
+    with open(p, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and "question" in rec
+
+
+def _decontamination(test: list[QA], cfg: CompareConfig, build_index, contaminated, summarize_flags) -> dict[str, Any]:
+    """13-gram overlap of the test items with each approach's sources."""
+    sources: dict[str, Any] = {}
+    i = cfg.inputs
+    t0 = time.perf_counter()
+    if i.shards:
+        sources["pretraining shards"] = build_index("pretraining shards", _shard_texts(i.shards, i.model), test)
+    sft_texts = list(_file_texts(i.sft_data))
+    if sft_texts:
+        sources["SFT data"] = build_index("SFT data", sft_texts, test)
+    if i.index and Path(i.index).is_dir():
+        from domainlm.serve.index_dir import open_index_dir
+
+        sources["index"] = build_index("index", (c.text for c in open_index_dir(i.index).iter_chunks()), test)
+    flags = {name: summarize_flags(contaminated(test, idx)) for name, idx in sources.items()}
+    per = {"zero-shot": ["pretraining shards"], "few-shot": ["pretraining shards"],
+           "rag": ["pretraining shards", "index"], "sft": ["pretraining shards", "SFT data"],
+           "sft+rag": ["pretraining shards", "SFT data", "index"]}
+    out: dict[str, Any] = {a: {s: flags[s] for s in per.get(a, []) if s in flags} for a in cfg.approaches}
+    out["_sources"] = {"n": 13, "seconds": round(time.perf_counter() - t0, 1),
+                       "note": "the index holds the gold documents by design: RAG is meant to find the answer there",
+                       **{k: {"documents": v.documents} for k, v in sources.items()}}
+    return out
+
+
+def _shard_texts(shards: str, model_dir: str):
+    """The pretraining documents as text (shards hold SentencePiece ids; decoded with the model's tokenizer)."""
+    import sentencepiece as spm
+
+    from domainlm.data.shards import open_shards_dir
+
+    sd = open_shards_dir(shards)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model"))
+    for split in ("train", "valid"):
+        if sd.manifest["splits"].get(split, {}).get("shards"):
+            for _, ids, _ in sd.documents(split):
+                yield sp.decode(ids.tolist())
+
+
+def _file_texts(paths: list[str]):
+    for spec in paths:
+        p = Path(split_spec(spec)[0])
+        files = [p] if p.is_file() else sorted(p.glob("*.jsonl"))
+        for f in files:
+            with open(f, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    yield " ".join(_strings(rec))
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    rows = ["| approach | exact match | F1 | contains | citation ok | faithful | agree (phrasings) | agree (seeds) | "
+            "p50 / p95 s | cost /1k q | training | test items in training data (13-gram) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, r in report["approaches"].items():
+        cost = r["cost"]
+        unit = "gpu_s_per_1k_questions" if "gpu_s_per_1k_questions" in cost else "cpu_s_per_1k_questions"
+        train = r.get("training") or {}
+        train_s = (f"{train.get('train_seconds', 0):.0f} s, {train.get('tokens', 0):,} tok" if train else "-")
+        contam = "; ".join(f"{src}: {v['any']}/{v['items']}" for src, v in (r.get("decontamination") or {}).items()) or "-"
+        cit = f"{r['citation_correct']:.3f}" if "citation_correct" in r else "-"
+        faith = f"{r['faithfulness']:.3f}" if "faithfulness" in r else "-"
+        rows.append(f"| {name} | {r['exact_match']:.3f} | {r['f1']:.3f} | {r['contains']:.3f} | {cit} | {faith} | "
+                    f"{r['consistency']['phrasings']:.2f} | {r['consistency']['seeds']:.2f} | "
+                    f"{r['latency']['p50_s']:.3f} / {r['latency']['p95_s']:.3f} | "
+                    f"{cost[unit]:.1f} {unit.split('_')[0].upper()}-s | {train_s} | {contam} |")
+    c = report["prompt_choice"]
+    rows.append("")
+    rows.append(f"{report['questions']} held-out questions on {report['device']}. Prompt picked on "
+                f"{c.get('dev_questions', 0)} dev questions (from the train split): template `{c['template']}`, "
+                f"{c['shots']} shots (library version {c.get('library_version', '?')}). The index holds the gold "
+                "documents by design: RAG is meant to find the answer there.")
+    return "\n".join(rows) + "\n"

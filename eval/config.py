@@ -1,0 +1,276 @@
+"""Configs of the evaluation commands and `domainlm compare` (light: no torch import).
+
+    # domainlm compare --config configs/compare/pydoc.yaml
+    pipeline: configs/demo.yaml        # the stages that build what the approaches need
+    output: runs/demo/compare
+    qa: {train: [...qa.jsonl:train], test: [...qa.jsonl:test], limit: 200, dev: 48}
+    approaches: [zero-shot, few-shot, rag, sft, sft+rag]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from domainlm.config import INPUT, OUTPUT, RUNTIME
+from domainlm.errors import UserError
+
+MODES = ("zero-shot", "few-shot", "rag")
+APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "scratch", "continued")
+"""Every approach `compare` knows: the base model prompted (zero/few-shot), the base model with
+retrieval, the SFT adapter, the SFT+RAG adapter with retrieval, and extra HF models (a model
+trained from scratch, one continued from an open model) answered zero-shot."""
+
+
+@dataclass(kw_only=True, slots=True)
+class GenArgs:
+    """Decoding."""
+
+    max_new_tokens: int = 48
+    """Longest answer in tokens."""
+    batch_size: int = 16
+    """Questions decoded together (left-padded into one `generate` call)."""
+    temperature: float = 0.0
+    """0: greedy (the default for scoring); > 0 samples (used for the consistency-across-seeds check)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when temperature > 0."""
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
+    """'auto': CUDA when present, else CPU."""
+    threads: int = field(default=0, metadata=RUNTIME)
+    """CPU threads for torch; 0 leaves torch's default."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RagArgs:
+    """Retrieval for the RAG modes (through the index's own retriever, as the server does)."""
+
+    top_k: int = 3
+    """Sources put in the prompt."""
+    mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    """Retriever: BM25 and dense fused by reciprocal rank, or one of them."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PromptArgs:
+    """Prompting (zero-shot and few-shot)."""
+
+    library: str = ""
+    """The prompt library YAML; empty: the packaged configs/prompts/qa.yaml."""
+    template: str = "direct"
+    """The library's template used for every mode (compare picks one on the dev split)."""
+    shots: int = 4
+    """Few-shot examples per question (from `few_shot_data`)."""
+    few_shot_data: list[str] = field(default_factory=list, metadata=INPUT)
+    """QA files the few-shot examples are drawn from (the train split, never the test split)."""
+    seed: int = 0
+    """Seed of the few-shot draw."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalQAConfig:
+    """Answer held-out questions with a model and score the answers.
+
+    Exact match and token F1 (SQuAD normalisation), `contains`; in RAG mode also whether the cited
+    source is the gold document and the share of the answer supported by the retrieved text.
+    Writes results.jsonl (one line per question: prompt, answer, gold, scores, sources, tokens)
+    beside summary.json, so a user can read the failures.
+    """
+
+    model: str = field(metadata=INPUT)
+    """HF model dir (convert to-hf, finetune merge, or any Llama-family model with a chat template)."""
+    data: list[str] = field(metadata=INPUT)
+    """QA JSON lines {"question", "answer", "doc_id"}; FILE:SPLIT keeps one split (qa.jsonl:test)."""
+    output: str = field(metadata=OUTPUT)
+    """Directory for results.jsonl, summary.json and manifest.json."""
+    adapter: str | None = field(default=None, metadata=INPUT)
+    """PEFT adapter dir (finetune sft) applied to the model."""
+    index: str | None = field(default=None, metadata=INPUT)
+    """Index dir (index build); needed by mode rag."""
+    mode: Literal["zero-shot", "few-shot", "rag"] = "zero-shot"
+    """How the question is put: the template alone, with worked examples, or with retrieved sources."""
+    limit: int = 0
+    """Score only the first N questions (0: all)."""
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    """Prompt template and few-shot examples."""
+    rag: RagArgs = field(default_factory=RagArgs)
+    """Retrieval (mode rag)."""
+    gen: GenArgs = field(default_factory=GenArgs)
+    """Decoding."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        if self.mode == "rag" and not self.index:
+            raise UserError("mode rag needs --index INDEX_DIR (from `domainlm index build`)")
+        if self.mode == "few-shot" and not self.prompt.few_shot_data:
+            raise UserError("mode few-shot needs --prompt.few-shot-data QA_TRAIN_FILE (never the test split)")
+        if self.limit < 0 or self.gen.batch_size < 1 or self.gen.max_new_tokens < 1:
+            raise UserError("limit must be >= 0, gen.batch_size and gen.max_new_tokens >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalPplConfig:
+    """Perplexity of a model on text: a shards dir's valid split, or corpus files."""
+
+    model: str = field(metadata=INPUT)
+    """HF model dir."""
+    adapter: str | None = field(default=None, metadata=INPUT)
+    """PEFT adapter dir applied to the model."""
+    shards: str | None = field(default=None, metadata=INPUT)
+    """A shards dir (data shard); its `split` is scored."""
+    split: Literal["train", "valid"] = "valid"
+    """Which split of the shards dir."""
+    input: list[str] = field(default_factory=list, metadata=INPUT)
+    """Or corpus files (any format the corpus reader reads)."""
+    seq_len: int = 512
+    """Tokens per scored window (documents are concatenated with eos, cut into windows)."""
+    max_tokens: int = 200_000
+    """Score at most this many tokens."""
+    output: str | None = field(default=None, metadata=OUTPUT)
+    """Also write the result as JSON to this file."""
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
+    """'auto': CUDA when present, else CPU."""
+
+    def validate(self) -> None:
+        if bool(self.shards) == bool(self.input):
+            raise UserError("give either --shards SHARDS_DIR or --input FILES (one of them)")
+        if self.seq_len < 2:
+            raise UserError("seq_len must be >= 2")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalRetrievalConfig:
+    """Retrieval quality: is the gold document among the top k? recall@1/@k and MRR per mode."""
+
+    index: str = field(metadata=INPUT)
+    """Index dir (index build)."""
+    data: list[str] = field(metadata=INPUT)
+    """QA JSON lines with doc_id (or source); FILE:SPLIT keeps one split."""
+    top_k: int = 4
+    """Depth for recall@k and MRR."""
+    modes: list[str] = field(default_factory=lambda: ["bm25", "dense", "hybrid"])
+    """Retrievers to compare side by side."""
+    limit: int = 0
+    """Only the first N questions (0: all)."""
+    output: str | None = field(default=None, metadata=OUTPUT)
+    """Also write the result as JSON to this file."""
+
+    def validate(self) -> None:
+        bad = [m for m in self.modes if m not in ("bm25", "dense", "hybrid")]
+        if bad:
+            raise UserError(f"modes: unknown {', '.join(bad)}; use bm25, dense, hybrid")
+
+
+@dataclass(kw_only=True, slots=True)
+class RagDataConfig:
+    """Training data for SFT+RAG: each QA train pair as a chat whose prompt carries the sources
+    the index retrieves for its question (the same prompt the server and `eval qa --mode rag`
+    build), and whose answer cites the gold source as [n] when retrieval found it. Retrieval
+    sometimes misses the gold document; those samples teach the model to answer anyway."""
+
+    index: str = field(metadata=INPUT)
+    """Index dir (index build)."""
+    data: list[str] = field(metadata=INPUT)
+    """QA train files (FILE:SPLIT keeps one split); never the test split."""
+    output: str = field(metadata=OUTPUT)
+    """Directory for train.jsonl (chat JSON lines) and manifest.json."""
+    rag: RagArgs = field(default_factory=RagArgs)
+    """Retrieval."""
+    limit: int = 0
+    """Only the first N pairs (0: all)."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+
+@dataclass(kw_only=True, slots=True)
+class QASets:
+    """The QA sets of the comparison."""
+
+    train: list[str] = field(default_factory=list, metadata=INPUT)
+    """QA train files (few-shot pool, the dev split, the decontamination check)."""
+    test: list[str] = field(default_factory=list, metadata=INPUT)
+    """Held-out QA files every approach answers."""
+    limit: int = 200
+    """Test questions scored (the first N, in file order; 0: all)."""
+    dev: int = 48
+    """Questions carved from the train data (seeded) to pick the prompt template and shots."""
+    seed: int = 0
+    """Seed of the dev split and the few-shot draws."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Inputs:
+    """What the approaches are built from (outputs of the pipeline's stages)."""
+
+    model: str = field(default="", metadata=INPUT)
+    """The base HF dir (the pretrained model as converted)."""
+    index: str = field(default="", metadata=INPUT)
+    """Index dir for the RAG approaches."""
+    sft: str = field(default="", metadata=INPUT)
+    """SFT adapter dir (finetune sft on the QA train data)."""
+    sft_rag: str = field(default="", metadata=INPUT)
+    """SFT+RAG adapter dir (finetune sft on `eval rag-data` output)."""
+    scratch: str = field(default="", metadata=INPUT)
+    """Optional: an HF dir of a model trained from scratch on the domain (answered zero-shot)."""
+    continued: str = field(default="", metadata=INPUT)
+    """Optional: an HF dir of an open model continued on the domain (answered zero-shot)."""
+    shards: str = field(default="", metadata=INPUT)
+    """The pretraining shards dir (decontamination)."""
+    sft_data: list[str] = field(default_factory=list, metadata=INPUT)
+    """The SFT training files (decontamination; the split-by-symbol check)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CompareConfig:
+    """Which approach for this domain? Every approach the config can build answers the same
+    held-out questions; one table of accuracy, consistency, latency and cost, a chart, and the
+    decontamination report.
+
+    With `pipeline`, the stages that build the inputs run first (`domainlm run`, skipping what is
+    up to date). Writes compare.md (the table), compare.json, compare.png and per-approach
+    results under OUTPUT.
+    """
+
+    output: str = field(metadata=OUTPUT)
+    """Directory for compare.md, compare.json, compare.png and per-approach results."""
+    pipeline: str | None = field(default=None, metadata=INPUT)
+    """A pipeline config (domainlm run) whose stages build the inputs; its `compare` stage, if
+    any, is left out."""
+    inputs: Inputs = field(default_factory=Inputs)
+    """The built inputs."""
+    qa: QASets = field(default_factory=QASets)
+    """Train and test QA."""
+    approaches: list[str] = field(default_factory=lambda: ["zero-shot", "few-shot", "rag", "sft", "sft+rag"])
+    """Approaches to run (zero-shot, few-shot, rag, sft, sft+rag, scratch, continued)."""
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    """The prompt library (template and shots are picked on the dev split)."""
+    rag: RagArgs = field(default_factory=RagArgs)
+    """Retrieval of the RAG approaches."""
+    gen: GenArgs = field(default_factory=GenArgs)
+    """Decoding."""
+    consistency_seeds: int = 3
+    """Sampled answers per question (temperature 0.7) for agreement across seeds, on `consistency_questions`."""
+    consistency_questions: int = 32
+    """Questions the consistency checks run on (the first N of the test set)."""
+    latency_questions: int = 16
+    """Questions answered one at a time to measure latency p50/p95."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        bad = [a for a in self.approaches if a not in APPROACHES]
+        if bad:
+            raise UserError(f"approaches: unknown {', '.join(map(repr, bad))}; known: {', '.join(APPROACHES)}")
+        if not self.approaches:
+            raise UserError("approaches: give at least one")
+
+
+@dataclass(kw_only=True, slots=True)
+class ReportConfig:
+    """Render a run directory as one HTML page: loss curves of pretraining and fine-tuning, the
+    tokenizer report, the shard drop counts and the comparison, with PNG charts."""
+
+    run: str = field(metadata=INPUT)
+    """The pipeline's workdir (e.g. runs/demo)."""
+    output: str = ""
+    """The HTML file; empty: RUN/report.html (charts beside it in RUN/report_files/)."""

@@ -1,0 +1,107 @@
+"""Batched generation for evaluation: many questions through one HF model (+ adapter) at once.
+
+transformers' `generate` does the decoding (KV cache, sampling, stop tokens); what this module
+adds is the evaluation harness around it: chat-template prompts, left padding so a batch of
+different lengths decodes as one, questions sorted by length so a batch wastes little padding,
+per-question token counts, and the process CPU time the batch cost. Greedy answers equal those of
+one `generate` call per question (checked by tests/test_eval.py and bench/compare.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from domainlm.errors import UserError
+from domainlm.finetune.adapter import open_adapter_dir
+from domainlm.pretrain.convert.hfdir import HFDir, open_hf_dir, stop_ids
+
+
+@dataclass(slots=True)
+class Generation:
+    text: str
+    tokens_in: int
+    tokens_out: int
+    seconds: float
+    """Wall time of the batch this answer was decoded in."""
+
+
+class Generator:
+    """An HF causal LM (optionally with a PEFT adapter) ready to answer chat prompts."""
+
+    def __init__(self, model_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.hf: HFDir = open_hf_dir(model_dir)
+        self.hf.require_chat_template("evaluation")
+        self.tok = self.hf.tokenizer()
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            raise UserError(f"model {str(model_dir)!r}: the tokenizer has no pad token; batched generation needs one")
+        model = AutoModelForCausalLM.from_pretrained(str(self.hf.path), dtype=dtype)
+        self.adapter = None
+        if adapter:
+            from peft import PeftModel
+
+            ad = open_adapter_dir(adapter)
+            ad.check_base(self.hf)
+            model = PeftModel.from_pretrained(model, str(ad.path))
+            self.adapter = ad
+        self.model = model.to(device).eval()
+        self.device = device
+        self.stops = stop_ids(self.tok)
+        self.max_positions = self.hf.max_positions or 2048
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[dict[str, str]]], *, max_new_tokens: int = 64, batch_size: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[Generation]:
+        """Answers to `prompts` (chat message lists), in their order."""
+        encoded = [self.prompt_ids(m) for m in prompts]
+        limit = self.max_positions - max_new_tokens
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:   # keep the end: the question and the generation prompt
+                encoded[i] = ids[-limit:]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out: list[Generation | None] = [None] * len(encoded)
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            pad = self.tok.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+            kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stops, pad_token_id=pad)
+            if temperature > 0:
+                torch.manual_seed(seed)
+                kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kw.update(do_sample=False)
+            t0 = time.perf_counter()
+            gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                      **kw)
+            seconds = time.perf_counter() - t0
+            new = gen[:, width:].tolist()
+            for row, i in enumerate(idx):
+                toks = new[row]
+                n = len(toks)
+                for j, t in enumerate(toks):
+                    if t in self.stops:
+                        n = j + 1
+                        break
+                else:
+                    while n and toks[n - 1] == pad:
+                        n -= 1
+                text = self.tok.decode([t for t in toks[:n] if t not in self.stops], skip_special_tokens=True)
+                out[i] = Generation(text=text.strip(), tokens_in=len(encoded[i]), tokens_out=n, seconds=seconds)
+        return out  # type: ignore[return-value]

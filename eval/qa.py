@@ -1,0 +1,113 @@
+"""Answer QA items with one approach and score every answer (used by `eval qa` and `compare`).
+
+The RAG prompt is the server's (`domainlm.serve.prompt`): the same numbered sources at training
+(`eval rag-data`), evaluation and serving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from domainlm.eval import metrics
+from domainlm.eval.generate import Generator
+from domainlm.eval.prompts import PromptLibrary, pick_examples
+from domainlm.qa import QA
+
+
+@dataclass(slots=True)
+class Approach:
+    """How questions are put to the model."""
+
+    mode: str
+    """zero-shot | few-shot | rag"""
+    template: str
+    shots: int = 0
+    top_k: int = 3
+    retrieval_mode: str = "hybrid"
+
+
+def build_prompts(items: list[QA], approach: Approach, library: PromptLibrary, *, pool: list[QA] = (),
+                  retriever=None, seed: int = 0) -> tuple[list[list[dict[str, str]]], list[list[Any]]]:
+    """The chat messages for every item, and (mode rag) the hits each prompt carries.
+
+    The template phrases the question in every mode; few-shot prepends worked examples; rag puts
+    the retrieved sources into the conversation the way the server does."""
+    hits: list[list[Any]] = [[] for _ in items]
+    if approach.mode == "rag":
+        hits = retriever.retrieve_many([qa.question for qa in items], approach.top_k, approach.retrieval_mode)
+    prompts = []
+    for i, qa in enumerate(items):
+        shots = pick_examples(list(pool), approach.shots, seed * 1_000_003 + i, avoid=qa.doc_id) \
+            if approach.mode == "few-shot" else []
+        messages = library.messages(approach.template, qa.question, shots)
+        if approach.mode == "rag":
+            from domainlm.serve.prompt import rag_messages
+
+            messages = rag_messages(messages, hits[i])
+        prompts.append(messages)
+    return prompts, hits
+
+
+def score(qa: QA, answer: str, hits: list[Any]) -> dict[str, Any]:
+    plain = metrics.strip_citations(answer)
+    out: dict[str, Any] = {
+        "exact_match": metrics.exact_match(plain, qa.answer),
+        "f1": metrics.token_f1(plain, qa.answer),
+        "contains": metrics.contains(plain, qa.answer),
+    }
+    if hits:
+        cited = metrics.citations(answer)
+        docs = [h.doc_id for h in hits]
+        out["gold_retrieved"] = float(qa.doc_id in docs) if qa.doc_id else None
+        # cited: the first source the answer cites is the gold document (None when it cites none)
+        valid = [n for n in cited if 1 <= n <= len(hits)]
+        out["cited"] = bool(valid)
+        out["citation_correct"] = (float(docs[valid[0] - 1] == qa.doc_id) if valid and qa.doc_id else None)
+        out["faithfulness"] = metrics.faithfulness(answer, "\n".join(h.text for h in hits))
+    return out
+
+
+def answer_and_score(gen: Generator, items: list[QA], approach: Approach, library: PromptLibrary, *,
+                     pool: list[QA] = (), retriever=None, seed: int = 0, max_new_tokens: int = 48,
+                     batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-question records and the cost of producing them (wall and process CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    prompts, hits = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=seed)
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cost = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+    records = []
+    for qa, prompt, h, o in zip(items, prompts, hits, outs):
+        rec = {"id": qa.id, "question": qa.question, "gold": qa.answer, "doc_id": qa.doc_id, "answer": o.text,
+               **score(qa, o.text, h), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
+               "prompt": prompt}
+        if h:
+            rec["sources"] = [{"n": i + 1, "doc_id": x.doc_id, "source": x.source, "score": round(x.score, 5)}
+                              for i, x in enumerate(h)]
+        records.append(rec)
+    return records, cost
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over questions (None-valued scores left out of their mean)."""
+    out: dict[str, Any] = {"questions": len(records)}
+    for key in ("exact_match", "f1", "contains", "gold_retrieved", "citation_correct", "faithfulness"):
+        vals = [r[key] for r in records if r.get(key) is not None]
+        if vals:
+            out[key] = metrics.mean(vals)
+    out["tokens_in"] = metrics.mean(r["tokens_in"] for r in records)
+    out["tokens_out"] = metrics.mean(r["tokens_out"] for r in records)
+    return out
+
+
+def latency(gen: Generator, items: list[QA], approach: Approach, library: PromptLibrary, *, pool=(),
+            retriever=None, max_new_tokens: int = 48) -> dict[str, float]:
+    """p50/p95 seconds of answering one question at a time (retrieval included), as a user waits."""
+    times = []
+    for i, qa in enumerate(items):
+        t0 = time.perf_counter()
+        prompts, _ = build_prompts([qa], approach, library, pool=pool, retriever=retriever, seed=i)
+        gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=1)
+        times.append(time.perf_counter() - t0)
+    return {"p50_s": metrics.percentile(times, 50), "p95_s": metrics.percentile(times, 95), "n": len(times)}

@@ -1,0 +1,43 @@
+"""SFT+RAG training data: QA train pairs as chats whose prompts carry retrieved sources.
+
+The prompt is the server's RAG prompt (`domainlm.serve.prompt.rag_messages`) over what the index
+retrieves for the question: exactly what the model sees when served. The answer cites the gold
+source as " [n]" when retrieval found it; when it did not (retrieval misses sometimes), the answer
+is the plain answer, so the model learns to answer from what it knows when the sources do not help.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from domainlm.qa import QA
+
+
+def rag_samples(items: list[QA], retriever, top_k: int, mode: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    from domainlm.serve.prompt import rag_messages
+
+    hits = retriever.retrieve_many([qa.question for qa in items], top_k, mode)
+    out, counts = [], {"samples": 0, "gold_retrieved": 0, "gold_missed": 0, "no_doc_id": 0}
+    for qa, h in zip(items, hits):
+        docs = [x.doc_id for x in h]
+        answer = qa.answer
+        if qa.doc_id is None:
+            counts["no_doc_id"] += 1
+        elif qa.doc_id in docs:
+            answer = f"{qa.answer} [{docs.index(qa.doc_id) + 1}]"
+            counts["gold_retrieved"] += 1
+        else:
+            counts["gold_missed"] += 1
+        messages = rag_messages([{"role": "user", "content": qa.question}], h)
+        messages.append({"role": "assistant", "content": answer})
+        out.append({"messages": messages, "id": qa.id, "doc_id": qa.doc_id})
+        counts["samples"] += 1
+    return out, counts
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1,0 +1,128 @@
+"""`domainlm report RUN_DIR`: one HTML page for a pipeline run, with PNG charts.
+
+Finds the stage outputs in RUN_DIR by their manifests and reads each through its stage's
+contract: the tokenizer report, the shard drop counts, the pretraining and fine-tuning loss
+curves, the comparison table and chart. A stage that has not run is listed as missing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from domainlm import stages
+from domainlm.errors import UserError
+from domainlm.eval.report_chart import bars_chart, curves_chart
+from domainlm.manifest import MANIFEST
+from domainlm.progress import summary
+
+
+def _stage_dirs(run: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for d in sorted(p for p in run.iterdir() if p.is_dir()):
+        m = d / MANIFEST
+        if m.is_file():
+            try:
+                stage = json.loads(m.read_text(encoding="utf-8")).get("stage")
+            except ValueError:
+                continue
+            found.setdefault(str(stage), []).append(d)
+    return found
+
+
+def _curves(records: list[dict[str, Any]], kind: str, key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def render(run: Path, out: Path) -> dict[str, Any]:
+    from domainlm.data.shards import open_shards_dir
+    from domainlm.finetune.adapter import open_adapter_dir
+    from domainlm.pretrain.checkpoint import open_checkpoint_dir
+
+    files = out.parent / (out.stem + "_files")
+    if files.exists():
+        shutil.rmtree(files)
+    files.mkdir(parents=True)
+    found = _stage_dirs(run)
+    sections: list[str] = []
+    shown: dict[str, Any] = {}
+
+    def img(name: str) -> str:
+        return f'<img src="{files.name}/{name}" alt="{html.escape(name)}">'
+
+    tok_report = run / "tokenizer_report.json"
+    if tok_report.is_file():
+        rep = json.loads(tok_report.read_text(encoding="utf-8"))
+        rows = [(r["tokenizer"], f"{r['bytes_per_token']} bytes/token, {r['tokens_per_word']} tokens/word, "
+                                 f"byte fallback {r['byte_fallback_rate']}") for r in rep.get("results", [])]
+        sections.append("<h2>Tokenizer</h2>" + _table(rows))
+        shown["tokenizer"] = len(rows)
+    for d in found.get(stages.DATA_SHARD, []):
+        sd = open_shards_dir(d)
+        dropped = {k: v for k, v in sd.manifest.get("dropped", {}).items() if v}
+        counts = sd.manifest.get("counts", {})
+        rows = [("records read", counts.get("records")), ("kept", counts.get("kept"))]
+        rows += [(f"dropped: {k}", v) for k, v in dropped.items()]
+        for split, info in sd.manifest.get("splits", {}).items():
+            rows.append((f"{split}", f"{info.get('documents', 0):,} documents, {info.get('tokens', 0):,} tokens, "
+                                     f"{len(info.get('shards', []))} shards"))
+        chart = ""
+        if dropped:
+            bars_chart(dropped, files / f"{d.name}_dropped.png", title="documents dropped, by reason", xlabel="documents")
+            chart = img(f"{d.name}_dropped.png")
+        sections.append(f"<h2>Shards ({html.escape(d.name)})</h2>" + _table(rows) + chart)
+        shown["shards"] = d.name
+    for d in found.get(stages.PRETRAIN, []):
+        recs = open_checkpoint_dir(d).metrics()
+        curves_chart({"train loss": _curves(recs, "train", "loss"), "validation loss": _curves(recs, "eval", "val_loss")},
+                     files / f"{d.name}_loss.png", title=f"pretraining ({d.name})", ylabel="loss")
+        last = [r for r in recs if r.get("kind") == "eval"][-1:] or [{}]
+        sections.append(f"<h2>Pretraining ({html.escape(d.name)})</h2>"
+                        + _table([("steps logged", len(_curves(recs, "train", "loss"))),
+                                  ("last validation perplexity", last[0].get("val_ppl"))])
+                        + img(f"{d.name}_loss.png"))
+        shown["pretrain"] = d.name
+    for d in found.get(stages.FINETUNE_SFT, []):
+        ad = open_adapter_dir(d)
+        recs = ad.metrics()
+        curves_chart({"train loss": _curves(recs, "train", "loss"), "validation loss": _curves(recs, "eval", "val_loss")},
+                     files / f"{d.name}_loss.png", title=f"fine-tuning ({d.name})", ylabel="loss")
+        sections.append(f"<h2>Fine-tuning ({html.escape(d.name)}, {html.escape(ad.method)})</h2>"
+                        + img(f"{d.name}_loss.png"))
+        shown.setdefault("finetune", []).append(d.name)
+    for d in found.get(stages.COMPARE, []):
+        table = (d / "compare.md").read_text(encoding="utf-8") if (d / "compare.md").is_file() else ""
+        if (d / "compare.png").is_file():
+            shutil.copy(d / "compare.png", files / f"{d.name}_compare.png")
+        sections.append(f"<h2>Which approach ({html.escape(d.name)})</h2><pre>{html.escape(table)}</pre>"
+                        + img(f"{d.name}_compare.png"))
+        shown["compare"] = d.name
+    missing = [s for s in ("tokenizer", "shards", "pretrain", "finetune", "compare") if s not in shown]
+    if missing:
+        sections.append("<h2>Not in this run</h2><p>" + ", ".join(missing) + "</p>")
+    page = ("<!doctype html><meta charset='utf-8'><title>domainlm run " + html.escape(str(run)) + "</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;margin:1em 0}"
+            "pre{overflow-x:auto;font-size:12px}</style>"
+            f"<h1>domainlm run {html.escape(str(run))}</h1>" + "".join(sections))
+    out.write_text(page, encoding="utf-8")
+    return {"sections": shown, "missing": missing, "charts": sorted(p.name for p in files.iterdir())}
+
+
+def report(cfg) -> int:
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise UserError(f"run {cfg.run!r} is not a directory; give a pipeline's workdir (e.g. runs/demo)")
+    out = Path(cfg.output) if cfg.output else run / "report.html"
+    info = render(run, out)
+    summary("report", [("page", str(out)), ("sections", ", ".join(info["sections"]) or "none"),
+                       ("charts", len(info["charts"])), ("not in this run", ", ".join(info["missing"]) or "-")])
+    return 0
