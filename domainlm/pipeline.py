@@ -211,5 +211,13 @@ def run_pipeline(path: str, *, set_values: list[str] = (), only: list[str] | Non
         except UserError as e:
             raise UserError(f"stage {name!r} ({cmd.name}): {e}") from None
         rows.append((name, f"ran in {time.perf_counter() - t0:.1f}s ({cmd.name}; {why})"))
+        after = stage_state(cmd, cfg)
+        if after not in ("up to date", "always runs"):
+            # e.g. pretraining stopped by SIGTERM after saving a checkpoint: later stages would read a
+            # half-trained model, so the pipeline stops here and the same command resumes it.
+            rows.append(("total", f"{time.perf_counter() - t_all:.1f}s"))
+            summary(f"domainlm run {path}", rows)
+            raise UserError(f"stage {name!r} ({cmd.name}) stopped before it finished ({after}); rerun "
+                            f"`domainlm run {path}` to resume it")
     rows.append(("total", f"{time.perf_counter() - t_all:.1f}s"))
     summary(f"domainlm run {path}", rows)

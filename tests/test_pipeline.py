@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.conftest import run_cli
 
@@ -77,3 +78,22 @@ def test_pipeline_errors(tmp_path, capsys):
     cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
     code, _, err = run_cli(["run", cfg, "--only", "tokenzer"], capsys)
     assert code == 2 and "no stage 'tokenzer'" in err
+
+
+def test_a_stage_that_stops_before_it_finishes_stops_the_pipeline(tmp_path, capsys, monkeypatch):
+    """Pretraining stopped by SIGTERM returns normally with a checkpoint but no finished output:
+    the stages after it must not run on a half-trained model."""
+    from domainlm.data import pydoc
+
+    real = pydoc.build
+
+    def interrupted(cfg):            # the stage returns, but its output never gets its manifest
+        real(cfg)
+        (Path(cfg.output) / "manifest.json").unlink()
+
+    monkeypatch.setattr(pydoc, "build", interrupted)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
+    code, out, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "stage 'corpus' (corpus pydoc) stopped before it finished (no output yet)" in err, err
+    assert not (tmp_path / "w/tok").exists()
