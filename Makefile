@@ -26,3 +26,23 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The GPU check (bench/gpu_check.sh; issue 11). Prepared on a CPU machine after `make setup`:
+# Python 3.12 wheels of what the GPU machines lack, and a tiny tokenizer + shards, under the
+# git-ignored bench/work/gpu (what the device tool carries). gpu-check-dry checks them (no GPU).
+.PHONY: gpu-wheels gpu-inputs gpu-prepare gpu-check-dry gpu-check
+
+gpu-wheels:
+	$(BIN)/python bench/gpu_wheels.py download
+
+gpu-inputs:
+	$(BIN)/python bench/gpu_inputs.py
+
+gpu-prepare: gpu-wheels gpu-inputs
+
+gpu-check-dry: gpu-prepare
+	bash bench/gpu_check.sh --dry-run
+
+# On the GPU machine itself (python3 there is the one with CUDA torch).
+gpu-check:
+	bash bench/gpu_check.sh --part all

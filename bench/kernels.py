@@ -1,4 +1,4 @@
-"""Triton kernels (domainlm.pretrain.kernels) against PyTorch eager, torch.compile and Liger Kernel.
+"""Triton kernels (domainlm.pretrain.kernels) against the torch path, torch.compile and Liger Kernel.
 
     .venv/bin/python bench/kernels.py                     # all kernels, Llama 1B and 8B shapes, bf16
     .venv/bin/python bench/kernels.py --only rmsnorm,ce   # a subset
@@ -7,17 +7,24 @@
 Needs a CUDA device (on a machine without one it says so and exits 0). Each kernel runs forward
 + backward in bf16 at Llama 1B (hidden 2048, ffn 8192, 32 q / 8 kv heads of 64) and 8B (4096,
 14336, 32 / 8 of 128) shapes, 8192 tokens (micro batch 4 x seq 2048), in the same process against:
-  eager    megatron-core's torch path (the formulas its local spec runs) and, for RMSNorm, also
-           torch.nn.functional.rms_norm (what torch.nn.RMSNorm calls);
-  compile  torch.compile of the eager function;
-  liger    Liger Kernel (`pip install liger-kernel`; skipped with a note when absent), given
-           its native layouts (separate gate/up tensors, HF [b, h, s, d] rotary input).
+  torch    exactly what `model.kernels: torch` runs (the baseline of every ratio):
+           RMSNorm: torch.nn.RMSNorm, i.e. F.rms_norm (+ the residual add megatron's
+           bias-dropout-add does before it); SwiGLU: megatron's gated linear unit
+           (chunk, F.silu(gate) * up); RoPE: megatron's _apply_rotary_pos_emb_bshd (what
+           SelfAttention calls without fusion); linear + CE: the output projection, then
+           megatron's vocab_parallel_cross_entropy on fp32 logits (compute_language_model_loss);
+  eager formula  (RMSNorm only) the unfused Python formula, x * rsqrt(mean(x^2) + eps) * w,
+           which torch.nn.RMSNorm replaced; for reference;
+  compile  torch.compile of the torch-path function;
+  liger    Liger Kernel (`pip install liger-kernel`, installed only for the benchmark run;
+           skipped with a note when absent), given its native layouts (separate gate/up
+           tensors, HF [b, h, s, d] rotary input).
 Times are medians of triton.testing.do_bench (ms, fwd+bwd). Memory-bound kernels also report
 achieved GB/s (minimum bytes a fwd+bwd must move / time) against the device's peak. Peak memory is
 the allocator's high-water mark during one fwd+bwd above what the inputs held before it.
 The fused linear cross-entropy is measured at vocab 32000 and 128256 for peak memory and time.
-Goals (issue 6): RMSNorm and rotary >= 3x eager; SwiGLU >= eager at 1.5x lower peak memory;
-every kernel >= torch.compile and Liger; fused CE peak <= 1/4 of eager at 128k, <= 10% slower.
+Goals (issue 11): RMSNorm fwd+bwd >= Liger and >= 2x F.rms_norm at 1B shapes; RoPE >= 2x the
+torch path; fused CE peak memory <= 1/4 of logits + CE at vocab 128k.
 Results are printed and appended to bench/results/kernels.txt (--out to change).
 
 `model_step_throughput(size, kernels)` measures end-to-end tokens/s and peak memory of one
@@ -159,33 +166,51 @@ def device_lines(cuda: bool) -> list[str]:
 
 
 def eager_rmsnorm(x, w):
-    # megatron/HF Llama formula, unfused (what an eager RMSNorm without a fused kernel runs).
+    # The HF/megatron formula unfused: what an RMSNorm without a fused kernel used to run.
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w
 
 
 def torch_rmsnorm(x, w):
+    # torch.nn.RMSNorm.forward, what domainlm.pretrain.model.RMSNorm (kernels: torch) runs.
     return F.rms_norm(x, (x.shape[-1],), w, EPS)
 
 
-def eager_add_rmsnorm(x, r, w):
-    h = x + r
-    return eager_rmsnorm(h, w), h
+def torch_add_rmsnorm(x, r, w):
+    h = x + r          # megatron's bias-dropout-add (no bias, no dropout), then the norm
+    return torch_rmsnorm(h, w), h
 
 
-def eager_swiglu(x):
-    gate, up = torch.chunk(x, 2, dim=-1)  # megatron's gated linear unit
+def torch_swiglu(x):
+    gate, up = torch.chunk(x, 2, dim=-1)  # megatron's MLP gated linear unit
     return F.silu(gate) * up
 
 
-def eager_rope(q, k, freqs):
+def torch_rope(q, k, freqs):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     return _apply_rotary_pos_emb_bshd(q, freqs), _apply_rotary_pos_emb_bshd(k, freqs)
 
 
-def eager_ce(h, w, y):
-    return F.cross_entropy((h @ w.t()).float(), y)
+def torch_ce(h, w, y):
+    # GPTModel's output layer, then compute_language_model_loss as domainlm's torch path does it
+    # (model.vocab_parallel_loss: megatron's vocab-parallel CE on fp32 logits), mean over tokens.
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.vocab_parallel_cross_entropy((h @ w.t()).float(), y).mean()
+
+
+def megatron_world(cuda: bool) -> None:
+    """A world of one process with megatron's TP=1 groups (its vocab-parallel CE needs them)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
 
 
 def bench_rmsnorm(shape, dev, dtype, timer, lf, tokens):
@@ -197,7 +222,7 @@ def bench_rmsnorm(shape, dev, dtype, timer, lf, tokens):
     w = torch.ones(n, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n, device=dev, dtype=dtype)
     rows = {}
-    plain = {"eager": eager_rmsnorm, "F.rms_norm": torch_rmsnorm, "compile": compiled(eager_rmsnorm),
+    plain = {"torch": torch_rmsnorm, "eager formula": eager_rmsnorm, "compile": compiled(torch_rmsnorm),
              "triton": lambda a, b: rms_norm(a, b, EPS)}
     if lf is not None:
         plain["liger"] = lambda a, b: lf.liger_rms_norm(a, b, EPS, in_place=False)
@@ -206,7 +231,7 @@ def bench_rmsnorm(shape, dev, dtype, timer, lf, tokens):
     nbytes = 5 * tokens * n * x.element_size()  # fwd: read x, write y; bwd: read dy, x, write dx
     yield "rmsnorm", rows, nbytes
     rows = {}
-    fused = {"eager": eager_add_rmsnorm, "compile": compiled(eager_add_rmsnorm),
+    fused = {"torch": torch_add_rmsnorm, "compile": compiled(torch_add_rmsnorm),
              "triton": lambda a, b, c: rms_norm(a, c, EPS, residual=b)}
     for name, fn in fused.items():
         rows[name] = timer.run(fwd_bwd(fn, [x, r, w], (dy, dy)))
@@ -221,7 +246,7 @@ def bench_swiglu(shape, dev, dtype, timer, lf, tokens):
     x = torch.randn(tokens, 2 * f, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, f, device=dev, dtype=dtype)
     rows = {name: timer.run(fwd_bwd(fn, [x], dy)) for name, fn in
-            (("eager", eager_swiglu), ("compile", compiled(eager_swiglu)), ("triton", swiglu))}
+            (("torch", torch_swiglu), ("compile", compiled(torch_swiglu)), ("triton", swiglu))}
     if lf is not None:
         a = torch.randn(tokens, f, device=dev, dtype=dtype, requires_grad=True)
         b = torch.randn(tokens, f, device=dev, dtype=dtype, requires_grad=True)
@@ -244,7 +269,7 @@ def bench_rope(shape, dev, dtype, timer, lf, tokens):
     k = torch.randn(seq, bsz, hk, d, device=dev, dtype=dtype, requires_grad=True)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     rows = {}
-    for name, fn in (("eager", eager_rope), ("compile", compiled(eager_rope)),
+    for name, fn in (("torch", torch_rope), ("compile", compiled(torch_rope)),
                      ("triton", lambda a, b, f: apply_rotary(a, f, b))):
         rows[name] = timer.run(fwd_bwd(lambda a, b, fn=fn: fn(a, b, freqs), [q, k], (dq, dk)))
     if lf is not None:
@@ -275,8 +300,8 @@ def _ce_rows(d, vocab, dev, dtype, timer, lf, tokens):
     w = (torch.randn(vocab, d, device=dev, dtype=dtype) * 0.02).requires_grad_()
     y = torch.randint(0, vocab, (tokens,), device=dev)
     one = torch.ones((), device=dev)
-    rows = {"eager": timer.run(fwd_bwd(lambda a, b: eager_ce(a, b, y), [h, w], one)),
-            "compile": timer.run(fwd_bwd(compiled(lambda a, b: eager_ce(a, b, y)), [h, w], one)),
+    rows = {"torch": timer.run(fwd_bwd(lambda a, b: torch_ce(a, b, y), [h, w], one)),
+            "compile": timer.run(fwd_bwd(compiled(lambda a, b: torch_ce(a, b, y)), [h, w], one)),
             "triton": timer.run(fwd_bwd(lambda a, b: fused_linear_cross_entropy(a, b, y), [h, w], one))}
     if lf is not None:
         rows["liger"] = timer.run(fwd_bwd(lambda a, b: lf.liger_fused_linear_cross_entropy(a, b, y),
@@ -289,20 +314,20 @@ CASES = {"rmsnorm": bench_rmsnorm, "swiglu": bench_swiglu, "rope": bench_rope, "
 
 def format_rows(title: str, rows: dict[str, Result], nbytes, peak_bw) -> list[str]:
     out = [f"  {title}"]
-    eager = rows.get("eager")
+    eager = rows.get("torch")     # the baseline: what kernels: torch runs
     for name, r in rows.items():
         if r.ms is None:
-            out.append(f"    {name:<11} {r.note}")
+            out.append(f"    {name:<13} {r.note}")
             continue
-        speed = f"{eager.ms / r.ms:5.2f}x eager" if eager and eager.ms else ""
+        speed = f"{eager.ms / r.ms:5.2f}x torch" if eager and eager.ms else ""
         mem = f"peak {r.peak_mib:9.1f} MiB" if r.peak_mib is not None else "peak      n/a"
         if eager and eager.peak_mib and r.peak_mib is not None:
-            mem += f" ({r.peak_mib / eager.peak_mib:4.2f} of eager)"
+            mem += f" ({r.peak_mib / eager.peak_mib:4.2f} of torch)"
         bw = ""
         if nbytes:
             gbs = nbytes / (r.ms * 1e-3) / 1e9
             bw = f"  {gbs:7.1f} GB/s" + (f" ({gbs / peak_bw:4.0%} of peak)" if peak_bw else "")
-        out.append(f"    {name:<11} {r.ms:9.3f} ms  {speed:<12} {mem}{bw}")
+        out.append(f"    {name:<13} {r.ms:9.3f} ms  {speed:<12} {mem}{bw}")
     return out
 
 
@@ -318,7 +343,7 @@ def model_step_throughput(size: str, kernels: str, *, seq_len: int = 2048, micro
     'step_ms', 'loss'}.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     from domainlm.pretrain.config import ModelArgs
     from domainlm.pretrain.model import build_model, padded_vocab, transformer_config
@@ -330,8 +355,9 @@ def model_step_throughput(size: str, kernels: str, *, seq_len: int = 2048, micro
         dist.init_process_group("nccl", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    from domainlm.pretrain import rng
+
+    rng.seed(0, "cuda")
     m = resolve_model(ModelArgs(size=size, kernels=kernels))
     config = transformer_config(m, bf16=True)
     model = build_model(m, config, vocab_size=padded_vocab(vocab, m.make_vocab_size_divisible_by, 1),
@@ -393,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {"smoke": dict(hidden=48, ffn=72, heads=4, kv_heads=2, head_dim=12)}
     lf = liger_functional()
     timer = Timer(cuda, args.rep_ms)
-    lines = [f"# bench/kernels.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+    megatron_world(cuda)
+    lines = [f"# bench/kernels.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  load average "
+             + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
              "command: python bench/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])]
     lines += device_lines(cuda)
     theo, measured = peak_bandwidth_gbs(cuda)
@@ -405,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("CPU SMOKE RUN (Triton interpreter, tiny shapes): checks the harness, measures nothing")
     if lf is None:
         lines.append("liger: not installed (pip install liger-kernel) - its rows are skipped")
-    lines.append(f"bf16, {tokens} tokens; ms = median fwd+bwd; peak = allocator high-water above inputs")
+    lines.append(f"bf16, {tokens} tokens; ms = median fwd+bwd; peak = allocator high-water above inputs; "
+                 "ratios against torch = what kernels: torch runs")
     for line in lines:
         print(line, flush=True)
     for shape_name, shape in shapes.items():

@@ -1,16 +1,18 @@
 """Pretraining throughput: tokens/s and MFU of `domainlm pretrain`'s training step.
 
     python bench/pretrain.py                      # CPU: tiny config vs stock transformers Llama
-    python bench/pretrain.py --gpu-sizes 125M 1B  # GPU (when CUDA is present): bf16, one GPU
+    python bench/pretrain.py --gpu-sizes 125M 1B  # GPU (when CUDA is present): bf16, one GPU, kernels torch and triton
 
 CPU: the real Trainer (megatron-core GPTModel, its schedule, the CPU optimizer) runs the tiny
 config, and an equally sized stock `transformers.LlamaForCausalLM` runs the same training step
 (the same windows from the same loader, micro-batches, gradient accumulation, AdamW, clipping),
 in this process, alternating, median of --repeats. Goal: ours >= 0.9x.
 
-GPU: the 125M and 1B configs, bf16, one GPU, megatron DDP + distributed optimizer; tokens/s and
-MFU = tokens/s x (6N + 12 L d T) / peak dense bf16 FLOP/s (table in domainlm/pretrain/metrics.py:
-H100/H200 989 TFLOP/s, A100 312 TFLOP/s). No credit for recomputation.
+GPU: the 125M and 1B configs, bf16, one GPU, megatron DDP + distributed optimizer, each with
+`model.kernels` torch and triton (--gpu-kernels); whole optimizer steps (forward, backward,
+gradient sync, AdamW, clipping) timed after warm-up; tokens/s and MFU = tokens/s x (6N + 12 L d T)
+/ peak dense bf16 FLOP/s (table in domainlm/pretrain/metrics.py: H100/H200 989 TFLOP/s, A100 312
+TFLOP/s). No credit for recomputation. The ratio of the two kernel settings is printed per size.
 
 Data: the demo's tokenizer (runs/demo/tokenizer) and shards (runs/demo/shards); where the shards
 are missing, random-token shards for that tokenizer are written to bench/work/ (speed does not
@@ -189,23 +191,33 @@ def bench_gpu(base: dict, ns) -> None:
     import torch
 
     for size in ns.gpu_sizes:
-        t = {"model.size": size, "train.seq_len": ns.gpu_seq_len, "train.micro_batch_size": ns.gpu_micro_batch_size,
-             "train.global_batch_size": ns.gpu_micro_batch_size * ns.gpu_accumulation, "train.max_steps": 10**6,
-             "train.precision": "bf16", "train.recompute": ns.recompute, "train.device": "cuda",
-             "checkpoint.dir": str(REPO / f"bench/work/ckpt-{size}"), "checkpoint.overwrite": "true",
-             "schedule.warmup_steps": 10}
-        trainer = trainer_for({**base, **t})
-        try:
-            steps = ns.gpu_steps
-            seconds = timed(trainer.train_step, steps, ns.warmup, torch.cuda.synchronize)
-            tok_s = steps * trainer.cfg.train.global_batch_size * ns.gpu_seq_len / seconds
-            mfu = tok_s * trainer.metrics.flops_per_token / trainer.metrics.peak if trainer.metrics.peak else None
-            mem = torch.cuda.max_memory_allocated() / 2**30
-        finally:
-            trainer.close()
-        print(f"{size:>5}: {trainer.params['total'] / 1e6:,.0f}M params, seq {ns.gpu_seq_len}, micro {ns.gpu_micro_batch_size} x "
-              f"{ns.gpu_accumulation}, bf16, recompute {ns.recompute}: {tok_s:,.0f} tokens/s, "
-              f"MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a (unknown GPU peak)'}, peak memory {mem:.1f} GiB")
+        tok_s = {}
+        for kernels in ns.gpu_kernels:
+            t = {"model.size": size, "model.kernels": kernels, "train.seq_len": ns.gpu_seq_len,
+                 "train.micro_batch_size": ns.gpu_micro_batch_size,
+                 "train.global_batch_size": ns.gpu_micro_batch_size * ns.gpu_accumulation, "train.max_steps": 10**6,
+                 "train.precision": "bf16", "train.recompute": ns.recompute, "train.device": "cuda",
+                 "checkpoint.dir": str(REPO / f"bench/work/ckpt-{size}-{kernels}"), "checkpoint.overwrite": "true",
+                 "schedule.warmup_steps": 10}
+            torch.cuda.reset_peak_memory_stats()
+            trainer = trainer_for({**base, **t})
+            try:
+                steps = ns.gpu_steps
+                seconds = timed(trainer.train_step, steps, ns.warmup, torch.cuda.synchronize)
+                tok_s[kernels] = steps * trainer.cfg.train.global_batch_size * ns.gpu_seq_len / seconds
+                mfu = tok_s[kernels] * trainer.metrics.flops_per_token / trainer.metrics.peak if trainer.metrics.peak else None
+                mem = torch.cuda.max_memory_allocated() / 2**30
+            finally:
+                trainer.close()
+                trainer = None
+                torch.cuda.empty_cache()
+            print(f"{size:>5} kernels={kernels:<6}: {tok_s[kernels] / 1e3:,.1f}k tokens/s, MFU "
+                  f"{'%.1f%%' % (100 * mfu) if mfu else 'n/a (unknown GPU peak)'}, peak memory {mem:.1f} GiB "
+                  f"({steps} steps after {ns.warmup} warm-up; seq {ns.gpu_seq_len}, micro {ns.gpu_micro_batch_size} x "
+                  f"{ns.gpu_accumulation}, bf16, recompute {ns.recompute})", flush=True)
+        if {"torch", "triton"} <= set(tok_s):
+            print(f"{size:>5}: kernels triton / torch = {tok_s['triton'] / tok_s['torch']:.2f}x tokens/s (goal >= 1.1x)",
+                  flush=True)
 
 
 def main() -> None:
@@ -223,6 +235,7 @@ def main() -> None:
     ap.add_argument("--gpu-micro-batch-size", type=int, default=8)
     ap.add_argument("--gpu-accumulation", type=int, default=2)
     ap.add_argument("--gpu-steps", type=int, default=10)
+    ap.add_argument("--gpu-kernels", nargs="*", default=["torch", "triton"], choices=["torch", "triton"])
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ns = ap.parse_args()
 
@@ -237,6 +250,7 @@ def main() -> None:
     base = {"tokenizer": ns.tokenizer, "data.shards": [str(shards)], "data.num_workers": 0, "eval.every": 0,
             "log.tensorboard": "false", "log.every": 10**6}
     print(device_line())
+    print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"command: python bench/pretrain.py {' '.join(sys.argv[1:])}".rstrip())
     if torch.cuda.is_available():
         bench_gpu(base, ns)

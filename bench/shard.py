@@ -11,6 +11,14 @@ For each corpus (the pydoc corpus, and a >= 200 MB corpus made from it):
             IndexedDatasetBuilder in the main process; wall clock, tokens/s.
 Goals: shard >= 0.7 x ceiling, and shard >= megatron.
 
+Repeats: the three are run --repeats times (default 5) interleaved, the order rotating each round
+(shard, ceiling, megatron; then ceiling, megatron, shard; ...), so a disturbance of the machine
+hits all three alike; min and median of each are reported and the ratios are taken median to
+median (and best to best). The ceiling encodes exactly the texts the pipeline tokenizes: every
+record's text after the pipeline's own cleaning (data/beam/clean.py), from the same file. The
+1-minute load average is recorded before every run: on a shared machine figures taken at a
+load above ~0.7 measure the neighbours too.
+
 The big corpus is the pydoc corpus plus copies of it under new ids, each copy's words shuffled
 within every line (seeded): the copies tokenize like the original but are not near duplicates
 of it, so deduplication keeps them and every pipeline stage sees the full volume.
@@ -18,6 +26,7 @@ of it, so deduplication keeps them and every pipeline stage sees the full volume
     .venv/bin/python bench/shard.py                   # pydoc and 200 MB, all cores
     .venv/bin/python bench/shard.py --only pydoc      # smoke run
     .venv/bin/python bench/shard.py --size-mb 50 --workers 2
+    .venv/bin/python bench/shard.py --only big --size-mb 5 --repeats 3   # check the harness
 
 Work files go to bench/work/shard/ (gitignored); the results are printed and written to
 bench/results/shard.txt (or --out).
@@ -108,8 +117,12 @@ def big_corpus(src: Path, size_mb: int) -> Path:
 
 
 def texts_of(corpus: Path) -> list[str]:
+    """The texts the pipeline tokenizes: each record's text after its cleaning (NFC, control
+    characters dropped); records it drops as duplicates or by filter are ~1.5% here."""
+    from domainlm.data.beam.clean import clean
+
     with open(corpus, "rb") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+        return [clean(json.loads(line)["text"])[0] for line in f if line.strip()]
 
 
 def run_shard(corpus: Path, tok: Path, workers: int, name: str) -> dict:
@@ -172,11 +185,60 @@ def megatron(corpus: Path, tok: Path, workers: int) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def _stats(xs: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return min(xs), statistics.median(xs)
+
+
+def measure(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> list[str]:
+    """The three measurements `repeats` times, interleaved with a rotating order."""
+    texts = texts_of(corpus)
+    runs: dict[str, list[dict]] = {"shard": [], "ceiling": [], "megatron": []}
+    kinds = list(runs)
+    loads = []
+    for r in range(repeats):
+        for kind in kinds[r % 3:] + kinds[:r % 3]:
+            loads.append(os.getloadavg()[0])
+            if kind == "shard":
+                runs[kind].append(run_shard(corpus, tok, workers, name))
+            elif kind == "ceiling":
+                runs[kind].append(ceiling(texts, tok, workers))
+            else:
+                runs[kind].append(megatron(corpus, tok, workers))
+            print(f"  [{name} round {r + 1}/{repeats}] {kind:<8} {runs[kind][-1]['tokens_per_s'] / 1e6:6.3f} M tokens/s "
+                  f"(load {loads[-1]:.2f})", flush=True)
+    rate = {k: _stats([x["tokens_per_s"] for x in v]) for k, v in runs.items()}
+    secs = {k: _stats([x["seconds"] for x in v]) for k, v in runs.items()}
+    first = runs["shard"][0]
+    cpu = _stats([x["cpu_seconds"] for x in runs["shard"]])
+    one_core = _stats([x["tokens_per_s_1core"] for x in runs["ceiling"]])
+    best = {k: max(x["tokens_per_s"] for x in runs[k]) for k in kinds}
+    size = corpus.stat().st_size
+    return [
+        f"{name}: {size / 1e6:.1f} MB, {first['records']:,} documents ({first['kept']:,} kept), "
+        f"{first['tokens'] / 1e6:.2f}M tokens written; {repeats} interleaved rounds, load average "
+        f"{min(loads):.2f}-{max(loads):.2f} over the runs",
+        f"  {'':<11} {'median':>8} {'best':>8} M tokens/s   seconds min / median   runs (M tokens/s)",
+        *[f"  {k:<11} {rate[k][1] / 1e6:8.3f} {best[k] / 1e6:8.3f}              {secs[k][0]:6.1f} / {secs[k][1]:6.1f}   "
+          + " ".join(f"{x['tokens_per_s'] / 1e6:.3f}" for x in runs[k]) for k in kinds],
+        f"  ceiling = 1 core x {workers}: 1 core {one_core[1] / 1e6:.3f} M/s median over "
+        f"{runs['ceiling'][0]['tokens'] / 1e6:.2f}M tokens of the cleaned texts",
+        f"  data shard / ceiling = {rate['shard'][1] / rate['ceiling'][1]:.2f} by median, "
+        f"{best['shard'] / best['ceiling']:.2f} best to best (goal >= 0.7)",
+        f"  data shard / megatron = {rate['shard'][1] / rate['megatron'][1]:.2f} by median, "
+        f"{best['shard'] / best['megatron']:.2f} best to best (goal >= 1)",
+        f"  CPU: data shard {cpu[1]:.1f} s median for {first['tokens'] / 1e6:.1f}M tokens = "
+        f"{cpu[1] / first['tokens'] * 1e6:.2f} s per M tokens; raw encode {1e6 / one_core[1]:.2f} s per M tokens",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["pydoc", "big"], default=None)
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--workers", type=int, default=0, help="0: every core")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the three measurements")
     ap.add_argument("--out", default=None, help="default: bench/results/shard.txt (shard_NNmb.txt for --size-mb)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -188,36 +250,22 @@ def main() -> None:
         corpora.append(("pydoc", src))
     if args.only in (None, "big"):
         corpora.append((f"{args.size_mb}MB", big_corpus(src, args.size_mb)))
-    lines = [describe(), f"workers: {workers}; tokenizer: {tok}; load average at start "
-             f"{os.getloadavg()[0]:.1f} (other processes share these cores when it is over 0)", ""]
+    lines = [describe(), f"command: python bench/shard.py {' '.join(sys.argv[1:])}".rstrip(),
+             f"workers: {workers}; tokenizer: {tok}; load average at start (1, 5, 15 min): "
+             + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (other processes share these cores when over 0)", ""]
     print("\n".join(lines), flush=True)
     tiny = WORK / "tiny.jsonl"
     tiny.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:50]))
-    fixed = run_shard(tiny, tok, workers, "tiny")
-    row = f"fixed cost (50 documents): {fixed['seconds']:.1f} s wall, {fixed['cpu_seconds']:.1f} s CPU"
+    fixed = [run_shard(tiny, tok, workers, "tiny") for _ in range(max(1, min(3, args.repeats)))]
+    row = (f"fixed cost (50 documents, {len(fixed)} runs): {_stats([f['seconds'] for f in fixed])[1]:.1f} s wall, "
+           f"{_stats([f['cpu_seconds'] for f in fixed])[1]:.1f} s CPU (medians)")
     print(row, flush=True)
     lines.append(row)
     for name, corpus in corpora:
-        size = corpus.stat().st_size
-        r_shard = run_shard(corpus, tok, workers, name)
-        r_ceiling = ceiling(texts_of(corpus), tok, workers)
-        r_mega = megatron(corpus, tok, workers)
-        rows = [
-            f"{name}: {size / 1e6:.1f} MB, {r_shard['records']:,} documents ({r_shard['kept']:,} kept), "
-            f"{r_shard['tokens'] / 1e6:.2f}M tokens written",
-            f"  data shard : {r_shard['tokens_per_s'] / 1e6:6.3f} M tokens/s  ({r_shard['seconds']:.1f} s wall, "
-            f"{r_shard['cpu_seconds']:.1f} s CPU)",
-            f"  ceiling    : {r_ceiling['tokens_per_s'] / 1e6:6.3f} M tokens/s  (1 core: "
-            f"{r_ceiling['tokens_per_s_1core'] / 1e6:.3f} M/s x {workers}; {r_ceiling['tokens'] / 1e6:.2f}M tokens)",
-            f"  megatron   : {r_mega['tokens_per_s'] / 1e6:6.3f} M tokens/s  ({r_mega['seconds']:.1f} s wall)",
-            f"  data shard / ceiling = {r_shard['tokens_per_s'] / r_ceiling['tokens_per_s']:.2f} (goal >= 0.7); "
-            f"data shard / megatron = {r_shard['tokens_per_s'] / r_mega['tokens_per_s']:.2f} (goal >= 1)",
-            f"  CPU: data shard {r_shard['cpu_seconds']:.1f} s for {r_shard['tokens'] / 1e6:.1f}M tokens = "
-            f"{r_shard['cpu_seconds'] / r_shard['tokens'] * 1e6:.2f} s per M tokens; raw encode "
-            f"{1e6 / r_ceiling['tokens_per_s_1core']:.2f} s per M tokens; load average now {os.getloadavg()[0]:.1f}",
-        ]
+        rows = measure(name, corpus, tok, workers, args.repeats)
         print("\n".join(rows), flush=True)
         lines += rows
+    lines.append(f"load average at the end: {os.getloadavg()[0]:.2f}")
     out = Path(args.out or HERE / "results" / ("shard.txt" if args.size_mb == 200 else f"shard_{args.size_mb}mb.txt"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

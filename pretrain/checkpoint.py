@@ -10,9 +10,15 @@
       latest             "iter_0000100", replaced atomically once that dir is complete
       logs/              metrics.jsonl, tensorboard/
 
-A save writes iter_N.tmp/ on every rank, renames it to iter_N/ once all ranks are done, and only
-then moves `latest`; a crash mid-save leaves the previous `latest` intact. Tensors are saved as
-sharded tensors in global coordinates, so a checkpoint loads under any TP/PP/DP layout.
+A save writes iter_N.tmp/ on every rank, records the size and sha256 of every file in
+iter_N.tmp/checksums.json, renames it to iter_N/ once all ranks are done, and only then moves
+`latest`; a crash mid-save leaves the previous `latest` intact. Tensors are saved as sharded
+tensors in global coordinates, so a checkpoint loads under any TP/PP/DP layout.
+
+Before a checkpoint is loaded (resume, `convert to-hf`) its files are checked against
+checksums.json (sizes by every rank, hashes split over the ranks). A damaged `latest` (a file
+truncated by a full disk or a killed copy, say) is named, with the file, and the previous intact
+checkpoint is used instead; when none is intact the command stops with one line.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ from dataclasses import dataclass
 from domainlm import stages
 from domainlm.config import dump_yaml
 from domainlm.errors import UserError
-from domainlm.manifest import MANIFEST, write_json
+from domainlm.manifest import MANIFEST, read_jsonl, write_json
 from domainlm.tokenizer.tokdir import TokenizerId, check_same
 
 STAGE = stages.PRETRAIN
 LATEST = "latest"
 _ITER = re.compile(r"^iter_(\d{7})$")
+CHECKSUMS = "checksums.json"
+# torch DCP names each rank's data files __{rank}_{n}.distcp; that rank hashes them at save
+# time, while they are still in its page cache.
+_WRITER = re.compile(r"^__(\d+)_")
+_HASH_CHUNK = 8 << 20
 
 
 def iter_name(step: int) -> str:
@@ -90,6 +101,10 @@ class CheckpointDir:
     def kept(self) -> list[str]:
         return kept(self.root)
 
+    def metrics(self) -> list[dict[str, Any]]:
+        """The run's logged metrics (logs/metrics.jsonl: {"kind": "train"|"eval", "step", ...} per line)."""
+        return read_jsonl(self.root / "logs" / "metrics.jsonl")
+
     def latest(self) -> int | None:
         return read_latest(self.root)
 
@@ -106,6 +121,19 @@ class CheckpointDir:
             steps = ", ".join(str(int(n[5:])) for n in available) or "none"
             raise UserError(f"{label} {str(self.root)!r} has no iteration {step}; available iterations: {steps}")
         return step
+
+    def intact_iteration(self, step: int | None, label: str) -> tuple[int, list[str]]:
+        """`iteration(step)` with its files checked against checksums.json: a damaged `latest` falls
+        back to the newest intact one (returned with the warnings); an asked-for iteration that is
+        damaged is refused."""
+        chosen = self.iteration(step, label)
+        if step is None:
+            return pick_intact(self.root, chosen, label, "give --iteration of an intact checkpoint")
+        problems = verify(self.root / iter_name(chosen))
+        if problems:
+            raise UserError(f"{label} {str(self.root)!r}: {iter_name(chosen)} is damaged: "
+                            f"{'; '.join(problems[:3])}; give another --iteration ({', '.join(self.kept())})")
+        return chosen, []
 
     def architecture_diffs(self, now: dict[str, Any]) -> list[str]:
         """'model.KEY: SAVED there, NOW here' for every architecture field that differs."""
@@ -231,8 +259,8 @@ def _strategies(root_for_load: Path | None = None):
 
 
 def save(root: Path, step: int, state: dict[str, Any], keep_last: int, *, done: bool = False) -> Path:
-    """Collective: write iter_N, then (rank 0) move `latest` to it and delete the oldest;
-    `done` (the last step) also marks the run complete in the manifest."""
+    """Collective: write iter_N and its checksums, then (rank 0) move `latest` to it and delete
+    the oldest; `done` (the last step) also marks the run complete in the manifest."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -247,6 +275,7 @@ def save(root: Path, step: int, state: dict[str, Any], keep_last: int, *, done: 
     with dist_checkpointing_on_cpu():
         dist_checkpointing.save(state, str(tmp), sharded_strategy=_strategies())
     dist.barrier()
+    write_checksums(tmp)
     if rank0:
         if final.exists():
             shutil.rmtree(final)
@@ -265,11 +294,128 @@ def save(root: Path, step: int, state: dict[str, Any], keep_last: int, *, done: 
 
 
 def load(root: Path, step: int, state: dict[str, Any]) -> dict[str, Any]:
-    """Collective: load iter_N into the sharded `state` (any TP/PP/DP layout)."""
+    """Collective: load iter_N into the sharded `state` (any TP/PP/DP layout). A file that cannot
+    be read (a damaged checkpoint without checksums.json) is one line naming the dir."""
+    import pickle
+
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
     from domainlm.pretrain.cpu_compat import dist_checkpointing_on_cpu
 
     path = root / iter_name(step)
-    with dist_checkpointing_on_cpu():
-        return dist_checkpointing.load(state, str(path), sharded_strategy=_strategies(path))
+    try:
+        with dist_checkpointing_on_cpu():
+            return dist_checkpointing.load(state, str(path), sharded_strategy=_strategies(path))
+    except (EOFError, OSError, pickle.UnpicklingError, CheckpointingException, DCPException) as e:
+        # torch DCP wraps each rank's error; name the first one rather than the wrapper.
+        cause = next(iter(getattr(e, "failures", {}).values()), e)
+        if isinstance(cause, tuple):        # (exception, traceback) in some torch versions
+            cause = cause[0]
+        detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        raise UserError(f"{path}: cannot be read ({type(cause).__name__}{': ' + detail if detail else ''}); the "
+                        f"checkpoint is damaged -- resume from another iteration (move this one away)") from None
+
+
+# -- checksums ---------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: Any) -> list:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_checksums(path: Path) -> None:
+    """Collective: the size and sha256 of every file of a checkpoint dir, into checksums.json.
+    Each rank hashes the data files it wrote (__R_*.distcp); rank 0 the rest, and writes."""
+    rank, world = _world()
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    mine = {}
+    for name in names:
+        m = _WRITER.match(name)
+        owner = int(m.group(1)) % world if m else 0
+        if owner == rank:
+            f = path / name
+            mine[name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files: dict[str, Any] = {}
+    for part in _gather(mine):
+        files.update(part)
+    if rank == 0:
+        _write_atomic(path / CHECKSUMS, {"algorithm": "sha256", "files": dict(sorted(files.items()))})
+
+
+def verify(path: Path) -> list[str] | None:
+    """Collective: what is wrong with a checkpoint dir's files ([] when intact), or None when it
+    has no checksums.json (written before domainlm recorded them: nothing to check against).
+    Sizes are checked by every rank (cheap), hashes split over the ranks."""
+    import json
+
+    f = path / CHECKSUMS
+    if not f.is_file():
+        return None
+    try:
+        recorded = json.loads(f.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{CHECKSUMS}: unreadable ({type(e).__name__})"]
+    rank, world = _world()
+    problems, to_hash = [], []
+    for i, (name, rec) in enumerate(sorted(recorded.items())):
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != rec["bytes"]:
+            problems.append(f"{name}: {p.stat().st_size:,} bytes, {rec['bytes']:,} when written")
+        elif i % world == rank:
+            to_hash.append((name, rec["sha256"]))
+    mine = []
+    for name, want in to_hash:
+        try:
+            if _sha256(path / name) != want:
+                mine.append(f"{name}: contents differ from when written (sha256)")
+        except OSError as e:   # reported, not raised: the other ranks are waiting in the gather
+            mine.append(f"{name}: unreadable ({e.strerror or type(e).__name__})")
+    for part in _gather(mine):
+        problems.extend(part)
+    return sorted(set(problems))
+
+
+def pick_intact(root: Path, step: int, label: str, fix: str) -> tuple[int, list[str]]:
+    """Collective: `step` if its checkpoint is intact, else the newest older intact one, with a
+    warning per damaged checkpoint skipped; UserError (one line) when none is intact."""
+    warnings: list[str] = []
+    candidates = [int(n[5:]) for n in kept(root) if int(n[5:]) <= step and (root / n / "metadata.json").is_file()]
+    damaged = []
+    for s in sorted(candidates, reverse=True):
+        problems = verify(root / iter_name(s))
+        if not problems:
+            return s, warnings
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        damaged.append(f"{iter_name(s)} ({shown})")
+        warnings.append(f"{label} {str(root)!r}: {iter_name(s)} is damaged: {shown}")
+    raise UserError(f"{label} {str(root)!r} holds no intact checkpoint to load: "
+                    f"{', '.join(damaged) or 'no complete iter_* dir'}; restore the files, or {fix}")

@@ -183,7 +183,8 @@ class ParallelArgs:
     """Pipeline-parallel size: splits the layers into this many stages. GPU only: refused on
     CPU, where megatron-core's pipeline schedules and p2p communication need CUDA."""
     sequence_parallel: bool = False
-    """With TP > 1 on GPU, also split norms/dropout activations along the sequence."""
+    """With TP > 1 on GPU, also split norms/dropout activations along the sequence
+    (train.seq_len must then be a multiple of parallel.tensor)."""
     distributed_optimizer: bool = True
     """GPU: shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
 
@@ -337,6 +338,12 @@ class PretrainConfig:
                 f"{t.micro_batch_size * dp}")
         if p.sequence_parallel and p.tensor == 1:
             raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
+        if p.sequence_parallel and t.seq_len % p.tensor:
+            # megatron splits the [seq, batch, hidden] activations along seq over the TP ranks and
+            # asserts divisibility only at the first forward (tensor_parallel/mappings.py).
+            raise UserError(f"parallel.sequence_parallel splits the sequence over parallel.tensor={p.tensor} ranks; "
+                            f"train.seq_len={t.seq_len} is not a multiple of it: use a seq_len divisible by "
+                            f"{p.tensor} (e.g. {-(-t.seq_len // p.tensor) * p.tensor})")
         return dp
 
 

@@ -6,7 +6,8 @@ and GPU paths compute the same thing (tests/test_pretrain_gpu.py compares them w
 
     CpuRotaryEmbedding        RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()
     model_parallel_manual_seed  tensor_parallel.model_parallel_cuda_manual_seed / its RNG tracker
-                              use torch.cuda RNG states (also used by activation recomputation)
+                              use torch.cuda RNG states (also used by activation recomputation);
+                              installed for CPU runs only and taken out by restore_megatron_rng
     forward_backward_no_pipelining  schedules.forward_backward_no_pipelining counts tokens in a
                               tensor made with device="cuda"
     CpuDataParallel           distributed.DistributedDataParallel keeps grad buffers on CUDA
@@ -16,7 +17,8 @@ and GPU paths compute the same thing (tests/test_pretrain_gpu.py compares them w
                               and makes a status flag on torch.cuda.current_device(); its
                               fully-parallel load exchanges shards through CUDA (not used on CPU)
 
-Nothing here runs on the GPU path, which uses megatron-core's own classes.
+Nothing here runs on the GPU path, which uses megatron-core's own classes; the one stand-in that
+outlives its call (the RNG tracker) is removed before a GPU run seeds megatron's own.
 """
 
 from __future__ import annotations
@@ -83,11 +85,19 @@ class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
             torch.set_rng_state(orig)
 
 
+# megatron's own RNG hooks, kept so the stand-in can be taken out again (restore_megatron_rng).
+_MEGATRON_RNG_HOOKS = (mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state)
+
+
 def model_parallel_manual_seed(seed: int) -> None:
     """Replaces tensor_parallel.model_parallel_cuda_manual_seed: the same three named streams
     (data parallel: seed; tensor parallel: seed + 2718 + tp_rank; expert: seed + 1024) on the CPU
     generator. Also points megatron's private `_get/_set_cuda_rng_state`, which activation
-    recomputation (CheckpointFunction) calls to replay a layer's RNG, at the CPU generator."""
+    recomputation (CheckpointFunction) calls to replay a layer's RNG, at the CPU generator.
+
+    Process-wide: until `restore_megatron_rng()` every megatron RNG call in this process goes to
+    the CPU generator, so a GPU run later in the same process must undo it first (the trainer
+    does, at close and before its CUDA seeding)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tracker = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER = tracker
@@ -98,6 +108,23 @@ def model_parallel_manual_seed(seed: int) -> None:
     tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def cpu_rng_installed() -> bool:
+    """Whether model_parallel_manual_seed's stand-in is what megatron's RNG calls reach now."""
+    return (isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker)
+            or (mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state) != _MEGATRON_RNG_HOOKS)
+
+
+def restore_megatron_rng() -> None:
+    """Undo model_parallel_manual_seed: megatron's own `_get/_set_cuda_rng_state` again, and no
+    tracker, so megatron's next `model_parallel_cuda_manual_seed` builds its own
+    CudaRNGStatesTracker instead of returning early onto the CPU one (with that one, TP ranks
+    would draw their weights from the same CUDA stream). A no-op when nothing is installed."""
+    mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state = _MEGATRON_RNG_HOOKS
+    if isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mp_random._CUDA_RNG_STATE_TRACKER = None
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
 
 # Schedule --------------------------------------------------------------------------------------

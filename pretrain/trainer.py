@@ -25,7 +25,7 @@ import torch.distributed as dist
 from domainlm.errors import UserError
 from domainlm.manifest import make_manifest
 from domainlm.progress import log, summary
-from domainlm.pretrain import checkpoint, init_from
+from domainlm.pretrain import checkpoint, init_from, optimizer as optim, rng
 from domainlm.pretrain.config import PretrainConfig, inputs
 from domainlm.pretrain.metrics import Metrics, flops_per_token, memory_gb, peak_flops
 from domainlm.data.shards import open_shards_dir
@@ -101,6 +101,7 @@ class Trainer:
         self.tok = load_tokenizer_dir(cfg.tokenizer)
         _check_shards_tokenizer(cfg.data.shards, self.tok)
         self.dp_size = cfg.check_layout(world, self.device.type)
+        cuda_connections(cfg, self.device.type, os.environ)
         cpu = self.device.type == "cpu"
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and not cpu)
         if self.bf16 and cpu:
@@ -120,7 +121,7 @@ class Trainer:
 
     def _build(self) -> None:
         """Process groups, seeds, model, DDP, optimizer, LR schedule, schedule function."""
-        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from domainlm.pretrain import cpu_compat
@@ -130,11 +131,7 @@ class Trainer:
         cpu = self.device.type == "cpu"
         parallel_state.initialize_model_parallel(p.tensor, p.pipeline)
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        if cpu:
-            cpu_compat.model_parallel_manual_seed(t.seed)
-        else:
-            torch.manual_seed(t.seed)
-            tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
+        rng.seed(t.seed, self.device.type)
         self.vocab = padded_vocab(self.tok.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
         self.params = count_parameters(m, self.vocab)
         self.tconfig = transformer_config(m, tensor=p.tensor, pipeline=p.pipeline,
@@ -200,19 +197,8 @@ class Trainer:
         return DistributedDataParallel(self.tconfig, ddp, model)
 
     def _optimizer(self, cpu: bool):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        o = self.cfg.optim
-        config = OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
-            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=self.bf16,
-            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer and not cpu)
-        if cpu:
-            from domainlm.pretrain.cpu_compat import cpu_optimizer
-
-            return cpu_optimizer(config, [self.model])
-        return get_megatron_optimizer(config, [self.model])
+        return optim.build(self.cfg.optim, bf16=self.bf16, distributed=self.cfg.parallel.distributed_optimizer,
+                           cpu=cpu, model_chunks=[self.model])
 
     def _loader(self, split: str, seed: int | None = None):
         from domainlm.pretrain.loader import TokenWindowLoader
@@ -248,7 +234,7 @@ class Trainer:
         model_sd = unwrap(self.model).sharded_state_dict()
         return {
             "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading),
+            "optimizer": optim.sharded_state_dict(self.optimizer, model_sd, loading=loading),
             "scheduler": self.scheduler.state_dict(),
             "trainer": {"step": self.step, "model": self.cfg.model.architecture(),
                         "layout": self._layout(), "ranks": None if loading else self._gather_rank_states()},
@@ -259,13 +245,9 @@ class Trainer:
         return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.dp_size, "world": dist.get_world_size()}
 
     def _gather_rank_states(self) -> list:
-        """Per-rank RNG states and loader positions of every rank (saved in the common part)."""
-        from megatron.core.tensor_parallel import random as mp_random
-
-        mine = {"rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-                "rng_tracker": mp_random.get_cuda_rng_tracker().get_states(),
-                "loader": self.train_loader.state_dict()}
+        """Per-rank RNG states (with the device they were drawn on) and loader positions of every
+        rank (saved in the common part)."""
+        mine = {**rng.rank_state(self.device), "loader": self.train_loader.state_dict()}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {k: _to_cpu(v) for k, v in mine.items()})
         return gathered
@@ -277,9 +259,17 @@ class Trainer:
             log.info("saved %s", checkpoint.iter_name(self.step))
 
     def _resume(self, step: int) -> None:
-        from megatron.core.tensor_parallel import random as mp_random
         from domainlm.pretrain.model import unwrap
 
+        latest = step
+        step, damaged = checkpoint.pick_intact(self.root, step, "checkpoint.dir",
+                                               "start afresh in another checkpoint.dir (or with --checkpoint.overwrite)")
+        if self.rank == 0:
+            for line in damaged:
+                log.warning("%s", line)
+            if step != latest:
+                log.warning("resuming from %s (step %d) instead of %s: %d steps are redone",
+                            checkpoint.iter_name(step), step, checkpoint.iter_name(latest), latest - step)
         state = checkpoint.load(self.root, step, self._state(loading=True))
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -288,10 +278,9 @@ class Trainer:
         saved_layout, ranks = state["trainer"]["layout"], state["trainer"]["ranks"]
         if saved_layout == self._layout():
             mine = ranks[self.rank]
-            torch.set_rng_state(mine["rng_cpu"])
-            if mine["rng_cuda"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(mine["rng_cuda"])
-            mp_random.get_cuda_rng_tracker().set_states(mine["rng_tracker"])
+            moved = rng.restore(mine, self.device, seed_value=self.cfg.train.seed, step=self.step)
+            if moved and self.rank == 0:
+                log.warning("%s", moved)
             self.train_loader.load_state_dict(mine["loader"])
         else:
             # Another TP/PP/DP layout: weights, optimizer and schedule reshard; per-rank streams
@@ -429,6 +418,8 @@ class Trainer:
         for loader in (self.train_loader, self.valid_loader):
             if loader is not None and hasattr(loader, "close"):
                 loader.close()
+        if getattr(self, "device", None) is not None:
+            rng.close(self.device.type)
         if self._owns_process_group and dist.is_initialized():
             from megatron.core import parallel_state
 
@@ -465,3 +456,26 @@ def _check_shards_tokenizer(shards: list[str], tok) -> None:
         check_same(open_shards_dir(path).tokenizer_id, tok.identity, what=f"data.shards {path!r}",
                    mine_label=f"tokenizer {str(tok.path)!r}",
                    fix="give the tokenizer the shards were made with, or reshard")
+
+
+def cuda_connections(cfg: PretrainConfig, device_type: str, env) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 for tensor-parallel GPU runs, before CUDA starts.
+
+    megatron-core's tensor-parallel layers overlap their all-reduce / all-gather of the input
+    gradient (and, with sequence parallelism, of the activations) with the weight-gradient GEMM,
+    and rely on one hardware queue to launch the communication first
+    (tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication). Read when the
+    CUDA context is created, so it must be in the environment before the first CUDA call; a
+    value set by the user is kept, with a warning when it is not 1.
+    """
+    if device_type != "cuda" or cfg.parallel.tensor == 1:
+        return
+    have = env.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if have is None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        if torch.cuda.is_initialized():
+            log.warning("CUDA_DEVICE_MAX_CONNECTIONS=1 set after CUDA started in this process; it takes "
+                        "effect in new processes only (set it before launching)")
+    elif have != "1":
+        log.warning("CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor parallelism overlaps its communication only "
+                    "with 1 (megatron-core); unset it or set it to 1", have)

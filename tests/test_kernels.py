@@ -16,6 +16,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from domainlm.pretrain import kernels
 from domainlm.pretrain.kernels.fused_linear_ce import (
@@ -80,6 +81,21 @@ def test_interpreter_path_selected(caplog):
         os.environ["TRITON_INTERPRET"] = "1"
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernels.resolve_kernels("cuda")
+
+
+def test_interpreter_mode_without_triton_knobs(monkeypatch):
+    """Triton < 3.4 has no triton.knobs: the mode then comes from TRITON_INTERPRET, which is what
+    triton.jit itself reads there (pyproject allows triton >= 3.2)."""
+    import sys
+
+    import triton
+
+    assert kernels._interpret_mode() is True          # knobs, with TRITON_INTERPRET=1 (fixture)
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)   # `from triton import knobs` fails
+    assert kernels._interpret_mode() is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels._interpret_mode() is False
 
 
 # Compiled mode: every kernel through Triton's GPU compiler (to a cubin), no GPU needed ----------
@@ -357,6 +373,72 @@ def test_fused_linear_ce_fp32_accumulation_single_row_and_shapes():
         fused_linear_cross_entropy(h.float(), w, y)
 
 
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run and the shapes it produced (work done and buffers made)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        # Views and in-place ops reuse their input's memory: only new tensors count as buffers.
+        name = func.overloadpacket.__name__
+        fresh = not func.is_view and not name.endswith("_")
+        self.ops.append((name, [tuple(t.shape) for t in outs if fresh and isinstance(t, torch.Tensor)]))
+        return out
+
+    def matmuls(self) -> int:
+        return sum(name in ("mm", "addmm", "matmul", "bmm") for name, _ in self.ops)
+
+    def made(self, shape) -> bool:
+        return any(shape in shapes for _, shapes in self.ops)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_ce_under_no_grad_computes_no_gradients(reduction):
+    """Validation runs the loss under torch.no_grad: one GEMM per chunk, no [V, d] weight-gradient
+    or [N, d] hidden-gradient buffer, and the same losses as with autograd on."""
+    n, d, v, chunk = 24, 32, 300, 8
+    h, w, y = ce_inputs(torch.bfloat16, n=n, d=d, v=v, seed=31)
+    with torch.no_grad(), _Ops() as ops:
+        quiet = fused_linear_cross_entropy(h, w, y, chunk_size=chunk, reduction=reduction)
+    assert quiet.grad_fn is None and w.grad is None
+    assert ops.matmuls() == n // chunk                    # the logits' GEMM per chunk, nothing else
+    assert not ops.made((v, d)) and not ops.made((n, d))  # no gradient buffers
+    with _Ops() as ops_grad:
+        loud = fused_linear_cross_entropy(h, w, y, chunk_size=chunk, reduction=reduction)
+    assert ops_grad.matmuls() == 3 * (n // chunk) and ops_grad.made((v, d))  # what no_grad saves
+    assert torch.equal(quiet, loud.detach())
+    # Inputs that need no gradient take the same path with autograd on.
+    with _Ops() as ops_frozen:
+        frozen = fused_linear_cross_entropy(h.detach(), w.detach(), y, chunk_size=chunk, reduction=reduction)
+    assert ops_frozen.matmuls() == n // chunk and torch.equal(frozen, quiet)
+
+
+def test_fused_linear_ce_weight_gradient_sums_chunks_in_fp32():
+    """128 one-token chunks all pulling on the same weights: summed in fp32 (the default) the
+    weight gradient stays within one bf16 ulp of the one-chunk result (one GEMM, fp32 inside);
+    summed in bf16 (accum_dtype=None, Liger's way) it drifts several times further."""
+    h, w, y = ce_inputs(torch.bfloat16, n=128, d=16, v=32, seed=32)
+    h = h.detach().abs().requires_grad_()  # same-sign terms: the partial sums grow
+    y[:] = 7
+
+    def grad_w(chunk, **kw):
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=chunk, reduction="sum", **kw)
+        return torch.autograd.grad(loss, w)[0].double()
+
+    one = grad_w(128)
+    drift = {name: ((grad_w(1, **kw) - one).abs().max() / one.abs().max()).item()
+             for name, kw in (("fp32", {}), ("bf16", {"accum_dtype": None}))}
+    assert drift["fp32"] <= 2 ** -7, drift                # at most one bf16 ulp
+    assert drift["bf16"] >= 3 * drift["fp32"] and drift["bf16"] >= 2 ** -6, drift
+    hr, wr = f64(h, w)
+    ref = torch.autograd.grad(linear_cross_entropy_reference(hr, wr, y, reduction="sum"), wr)[0]
+    close(one, ref, torch.bfloat16, scale=2.0)
+
+
 def test_auto_chunk_size_bounds_logits_memory():
     # 8B-like: 8192 tokens x hidden 4096 at vocab 128k -> 512-token chunks (128 MiB of bf16 logits).
     assert auto_chunk_size(8192, 4096, 128256) == 512
@@ -379,7 +461,9 @@ def _tp_worker(rank, world, port, result_q):
         loss.backward()
         # d hidden is a partial sum over vocab shards; megatron's copy region all-reduces it.
         dist.all_reduce(hh.grad)
-        result_q.put((rank, loss.item(), hh.grad, shard.grad))
+        # numpy copies travel by value: a shared-memory tensor is fetched from this process when
+        # the parent unpickles it, which fails if this process has already exited.
+        result_q.put((rank, loss.item(), hh.grad.numpy(), shard.grad.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -404,6 +488,7 @@ def test_fused_linear_ce_vocab_parallel_two_ranks():
     ref = linear_cross_entropy_reference(hr, wr, y, label_smoothing=0.1, z_loss=1e-2)
     g_h, g_w = torch.autograd.grad(ref, [hr, wr])
     for rank, loss, dh, dw in results:
+        dh, dw = torch.from_numpy(dh), torch.from_numpy(dw)
         close(torch.tensor(loss), ref, torch.float32)
         close(dh, g_h, torch.float32)
         close(dw, g_w[rank * 48:(rank + 1) * 48], torch.float32)
@@ -427,6 +512,9 @@ def megatron_world():
         created = False
     parallel_state.initialize_model_parallel(1, 1)
     yield
+    from domainlm.pretrain import cpu_compat
+
+    cpu_compat.restore_megatron_rng()   # _tiny_gpt installed the CPU stand-in
     parallel_state.destroy_model_parallel()
     if created:
         dist.destroy_process_group()

