@@ -111,3 +111,51 @@ def tiny_llama(path: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -
 def tiny_hf_model(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Llama HF dir with the session tokenizer (see `tiny_llama`)."""
     return tiny_llama(tmp_path_factory.mktemp("hf") / "model", tokenizer_dir)
+
+
+def pydoc_subset(corpus: Path, out: Path, *, symbols: int = 100, documents: int = 600, seed: int = 0):
+    """A part of a pydoc corpus for retrieval tests, and the test-split QA pairs it answers.
+
+    `symbols` test-split symbols (by seeded hash) with their documents, plus distractors: first
+    the documents of the same class or module (the hardest to tell apart), then others by hash,
+    up to `documents`. Lines keep the corpus's order. Returns (corpus.jsonl, [QA])."""
+    import hashlib
+    import json
+
+    from domainlm.qa import read_qa
+
+    def h(s: str) -> str:
+        return hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()
+
+    test = read_qa([str(corpus / "qa.jsonl")], split="test")
+    gold = sorted({q.doc_id for q in test}, key=h)[:symbols]
+    lines = (corpus / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    keep = set(gold)
+    parents = {g.rsplit(".", 1)[0] for g in gold if "." in g}
+    for i in sorted(ids, key=h):
+        if len(keep) >= documents // 2:
+            break
+        if "." in i and i.rsplit(".", 1)[0] in parents:
+            keep.add(i)
+    for i in sorted(ids, key=h):
+        if len(keep) >= documents:
+            break
+        keep.add(i)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for line, i in zip(lines, ids) if i in keep), encoding="utf-8")
+    chosen = set(gold)
+    return out, [q for q in test if q.doc_id in chosen]
+
+
+@pytest.fixture(scope="session")
+def pydoc_index(tmp_path_factory, pydoc_corpus):
+    """An index (`domainlm index build`, default embedder) of `pydoc_subset` of the session corpus;
+    returns (index dir, [QA] whose gold documents it holds)."""
+    from domainlm.serve.config import IndexBuildConfig
+    from domainlm.serve.index_build import build
+
+    root = tmp_path_factory.mktemp("index")
+    corpus, qas = pydoc_subset(pydoc_corpus, root / "subset" / "corpus.jsonl")
+    build(IndexBuildConfig(input=[str(corpus)], output=str(root / "index")))
+    return root / "index", qas

@@ -1,0 +1,103 @@
+"""Cut documents into chunks of at most N tokens with overlap, at paragraph or line boundaries.
+
+Tokens are the embedder's (its fast tokenizer's offsets map them back to characters), so a chunk
+is exactly what one dense vector covers. A chunk's text is a slice of the document's text as it
+is, never re-joined tokens, so what a user sees in `sources` is the corpus text.
+
+Where to cut, in order of preference, within the second half of the window: after a blank line
+(paragraph), after a newline, else at the token boundary where the window ends. The next chunk
+starts `overlap` tokens back, moved forward to the first line start in that span when there is
+one, so chunks rarely begin mid-line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from domainlm.corpus import Document
+
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+@dataclass(slots=True)
+class Chunk:
+    id: str
+    """'{doc_id}#{n}': n counts the document's chunks from 0."""
+    doc_id: str
+    """The document's id, as the corpus reader and the shards give it."""
+    source: str
+    """file:line of the record (JSONL, Parquet, datasets), or file:line of the chunk's first line
+    in a .txt document."""
+    text: str
+    tokens: int
+
+
+def _strength(gap: str) -> int:
+    """2 for a paragraph break in the text between two tokens, 1 for a line break, else 0."""
+    if "\n" not in gap:
+        return 0
+    return 2 if _PARAGRAPH.search(gap) else 1
+
+
+def spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap: int) -> Iterator[tuple[int, int, int]]:
+    """(first token, end token, start char) of each chunk of a document whose tokens have the
+    character `offsets`; nothing for a document without tokens."""
+    n = len(offsets)
+    if n == 0:
+        return
+    # cut[i]: how good a place the gap before token i is to cut (i = 1..n-1).
+    cut = [0] * n
+    for i in range(1, n):
+        cut[i] = _strength(text[offsets[i - 1][1]:offsets[i][0]])
+    s = 0
+    while True:
+        end = min(n, s + chunk_tokens)
+        if end == n:
+            yield s, n, offsets[s][0]
+            return
+        best, e = 0, end
+        for i in range(end, s + chunk_tokens // 2, -1):
+            if cut[i] > best:
+                best, e = cut[i], i
+                if best == 2:
+                    break
+        yield s, e, offsets[s][0]
+        nxt = e - overlap if overlap else e
+        for i in range(max(nxt, s + 1), e):
+            if cut[i]:
+                nxt = i
+                break
+        s = max(nxt, s + 1)
+
+
+def chunk_documents(docs: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int,
+                    batch: int = 256) -> Iterator[Chunk | Document]:
+    """Chunks of every document, in order; a document with no tokens (empty or whitespace) is
+    yielded itself so the caller can count it."""
+    pending: list[Document] = []
+
+    def flush() -> Iterator[Chunk | Document]:
+        enc = tokenizer([d.text for d in pending], add_special_tokens=False, return_offsets_mapping=True,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        for doc, offs in zip(pending, enc["offset_mapping"]):
+            offs = [tuple(o) for o in offs]
+            found = False
+            txt_file = ":" not in Path(doc.source).name      # a .txt document: its own file
+            for n, (a, b, start) in enumerate(spans(doc.text, offs, chunk_tokens, overlap)):
+                found = True
+                source = f"{doc.source}:{doc.text.count(chr(10), 0, start) + 1}" if txt_file else doc.source
+                yield Chunk(id=f"{doc.key}#{n}", doc_id=doc.key, source=source,
+                            text=doc.text[start:offs[b - 1][1]], tokens=b - a)
+            if not found:
+                yield doc
+        pending.clear()
+
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) >= batch:
+            yield from flush()
+    if pending:
+        yield from flush()

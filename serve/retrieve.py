@@ -1,0 +1,145 @@
+"""Retrieval over an index dir: BM25, dense, or both fused by reciprocal rank; one hit per document.
+
+    r = open_retriever("runs/demo/index")
+    hits = r.retrieve("What does json.dumps do?", top_k=4, mode="hybrid")
+    # [Hit(id='json.dumps#0', doc_id='json.dumps', source='corpus.jsonl:812', score=0.0325, text=...), ...]
+
+The server, `index query` and the evaluation stage (retrieval metrics, RAG prompting) all
+retrieve through here. Scores: BM25 score in bm25 mode, cosine in dense mode, the fused
+reciprocal-rank score in hybrid mode (higher is better in all three).
+
+- dense: the question's unit vector against the faiss index; hits under `min_score` (cosine)
+  are not used, in dense mode and in fusion.
+- hybrid: reciprocal rank fusion (Cormack et al., 2009): a chunk scores sum(1 / (rrf_k + rank))
+  over the two ranked lists (ranks from 1), so neither retriever's score scale matters.
+- per-document deduplication: ranked chunks keep only the best chunk of each document, so
+  top_k hits are top_k different documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from domainlm.errors import UserError
+from domainlm.serve.config import RetrievalArgs
+from domainlm.serve.index_dir import BM25, VECTORS, IndexDir, open_index_dir
+
+MODES = ("hybrid", "bm25", "dense")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    """The chunk's id ('{doc_id}#{n}')."""
+    doc_id: str
+    """The document's id (as the corpus reader and the shards give it)."""
+    source: str
+    """file:line."""
+    score: float
+    text: str
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "doc_id": self.doc_id, "source": self.source, "score": round(self.score, 6),
+                "text": self.text}
+
+
+class Retriever:
+    """An open index: chunks in memory, the faiss and bm25s indexes memory-mapped, the embedder."""
+
+    def __init__(self, index: IndexDir, embedder=None, settings: RetrievalArgs | None = None,
+                 device: str = "cpu"):
+        from domainlm.serve.dense import DenseIndex
+        from domainlm.serve.embedder import Embedder
+        from domainlm.serve.sparse import BM25Index
+
+        self.index = index
+        self.settings = settings or RetrievalArgs()
+        self.embedder = embedder if embedder is not None else Embedder(index.embedder(), device)
+        self.chunks = index.chunks()
+        self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search)
+        self.sparse = BM25Index(index.path / BM25, len(self.chunks))
+        if self.dense.dim != self.embedder.dim or self.dense.index.ntotal != len(self.chunks):
+            raise UserError(f"index {str(index.path)!r}: {self.dense.index.ntotal} vectors of dim {self.dense.dim} "
+                            f"for {len(self.chunks)} chunks and a {self.embedder.dim}-d embedder; rebuild it")
+
+    def retrieve(self, question: str, top_k: int | None = None, mode: str | None = None,
+                 min_score: float | None = None) -> list[Hit]:
+        """The best `top_k` chunks for `question`, one per document, best first."""
+        return self.retrieve_many([question], top_k, mode, min_score)[0]
+
+    def retrieve_many(self, questions: list[str], top_k: int | None = None, mode: str | None = None,
+                      min_score: float | None = None) -> list[list[Hit]]:
+        """`retrieve` for many questions at once (one embedder call, one search per index)."""
+        s = self.settings
+        top_k = s.top_k if top_k is None else top_k
+        mode = mode or s.mode
+        min_score = s.min_score if min_score is None else min_score
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        k = max(s.candidates, top_k)
+        sparse = self.sparse.search(questions, k) if mode != "dense" else None
+        dense = self.dense.search(self.embedder.encode(questions), k, min_score) if mode != "bm25" else None
+        out = []
+        for i in range(len(questions)):
+            if mode == "bm25":
+                ranked = sparse[i]
+            elif mode == "dense":
+                ranked = dense[i]
+            else:
+                ranked = fuse([sparse[i], dense[i]], s.rrf_k)
+            out.append(self._hits(ranked, top_k))
+        return out
+
+    def _hits(self, ranked: list[tuple[int, float]], top_k: int) -> list[Hit]:
+        hits, docs = [], set()
+        for n, score in ranked:
+            c = self.chunks[n]
+            if c.doc_id in docs:
+                continue
+            docs.add(c.doc_id)
+            hits.append(Hit(id=c.id, doc_id=c.doc_id, source=c.source, score=score, text=c.text))
+            if len(hits) == top_k:
+                break
+        return hits
+
+    def with_settings(self, **changes) -> "Retriever":
+        """The same open index with other default settings (shares the loaded indexes)."""
+        other = object.__new__(Retriever)
+        other.index, other.embedder, other.chunks = self.index, self.embedder, self.chunks
+        other.dense, other.sparse = self.dense, self.sparse
+        other.settings = replace(self.settings, **changes)
+        return other
+
+
+def fuse(lists: list[list[tuple[int, float]]], rrf_k: int) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion of ranked (chunk, score) lists -> (chunk, fused score), best first."""
+    fused: dict[int, float] = {}
+    for ranked in lists:
+        for rank, (n, _) in enumerate(ranked, 1):
+            fused[n] = fused.get(n, 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def metrics(retriever: Retriever, questions: list[str], gold: list[str], mode: str, depth: int = 10) -> dict:
+    """recall@1, recall@4 and MRR@depth of the gold document ids over `questions` (documents,
+    not chunks: hits are one per document)."""
+    results = retriever.retrieve_many(questions, top_k=depth, mode=mode)
+    r1 = r4 = rr = 0.0
+    for hits, want in zip(results, gold):
+        ranks = [i for i, h in enumerate(hits, 1) if h.doc_id == want]
+        if ranks:
+            r1 += ranks[0] == 1
+            r4 += ranks[0] <= 4
+            rr += 1.0 / ranks[0]
+    n = max(1, len(questions))
+    return {"mode": mode, "questions": len(questions), "recall@1": r1 / n, "recall@4": r4 / n, f"mrr@{depth}": rr / n}
+
+
+def open_retriever(index: str | Path, embedder: str | None = None, settings: RetrievalArgs | None = None,
+                   device: str = "auto") -> Retriever:
+    """Open the index at `index` with its embedder (refusing `embedder` if it is another)."""
+    from domainlm.serve.embedder import Embedder
+
+    idx = open_index_dir(index)
+    return Retriever(idx, Embedder(idx.embedder(embedder), device), settings)

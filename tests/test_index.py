@@ -1,0 +1,280 @@
+"""`domainlm index build` / `index query` and retrieval: real embedder, real faiss and bm25s.
+
+Chunking against the corpus reader and the embedder's own tokenizer; the manifest; resuming an
+interrupted build; BM25 against rank_bm25's scoring; reciprocal rank fusion by hand; retrieval
+quality on the pydoc QA test split (gold document in the top 4 for >= 90% of questions,
+hybrid); one-line refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from domainlm.serve.embedder import Embedder, resolve_embedder
+
+    return Embedder(resolve_embedder("all-MiniLM-L6-v2"), "cpu")
+
+
+def _doc(text: str, key: str = "d", source: str = "c.jsonl:1"):
+    from domainlm.corpus import Document
+
+    return Document(key, text, source)
+
+
+def test_chunks_are_exact_slices_with_overlap_at_line_starts(embedder):
+    from domainlm.serve.chunking import chunk_documents
+
+    # lines of ~15 tokens, paragraphs of 4 lines: a window of 120 holds 1-2 paragraphs
+    paragraphs = ["\n".join(" ".join(f"w{p}x{line}x{i}" for i in range(4)) for line in range(4)) for p in range(12)]
+    text = "\n\n".join(paragraphs)
+    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=120, overlap=24))
+    assert len(chunks) > 3
+    tok = embedder.tokenizer
+    for n, c in enumerate(chunks):
+        assert c.id == f"d#{n}" and c.doc_id == "d" and c.source == "c.jsonl:1"
+        assert c.text in text                                   # a slice of the document, never re-joined
+        assert len(tok(c.text, add_special_tokens=False)["input_ids"]) == c.tokens <= 120
+    for a, b in zip(chunks, chunks[1:]):
+        # every chunk but the last ends at a paragraph or line end; the next starts at a line start
+        end = text.index(a.text) + len(a.text)
+        assert text[end] == "\n"
+        start = text.index(b.text)
+        assert text[start - 1] == "\n"
+        assert start < end                                      # overlap
+        overlap = len(tok(text[start:end], add_special_tokens=False)["input_ids"])
+        assert 0 < overlap <= 24
+    covered = "".join(c.text for c in chunks)
+    assert all(line in covered for p in paragraphs for line in p.split("\n"))  # nothing lost
+    ends = [text.index(c.text) + len(c.text) for c in chunks[:-1]]
+    assert sum(text[e:e + 2] == "\n\n" for e in ends) >= len(ends) - 1       # paragraph ends preferred
+
+
+def test_chunking_without_line_breaks_cuts_at_token_boundaries(embedder):
+    from domainlm.serve.chunking import chunk_documents
+
+    text = " ".join(f"tok{i}" for i in range(600))
+    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=64, overlap=8))
+    ids = embedder.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert all(c.tokens == 64 for c in chunks[:-1])
+    # windows of 64 tokens advancing by 56: the token count covered is the whole document
+    assert (len(chunks) - 1) * 56 + chunks[-1].tokens == len(ids)
+    empty = list(chunk_documents([_doc("  \n\n ")], embedder.tokenizer, 64, 8))
+    assert len(empty) == 1 and empty[0].__class__.__name__ == "Document"
+
+
+def test_txt_documents_get_file_line_sources(embedder, tmp_path):
+    from domainlm.corpus import read_documents
+    from domainlm.serve.chunking import chunk_documents
+
+    f = tmp_path / "manual.txt"
+    f.write_text("\n".join(f"line {i} " + "alpha beta gamma " * 6 for i in range(1, 61)), encoding="utf-8")
+    chunks = list(chunk_documents(read_documents([str(f)]), embedder.tokenizer, 100, 30))
+    assert len(chunks) > 2
+    for c in chunks:
+        line = int(c.source.rsplit(":", 1)[1])
+        assert c.source == f"{f}:{line}" and c.text.startswith(f"line {line} ")
+
+
+def test_index_build_manifest_and_query(pydoc_index, pydoc_corpus, capsys):
+    from domainlm.corpus import read_documents
+    from domainlm.manifest import sha256_file
+    from domainlm.serve.embedder import dir_sha256, packaged_dir
+    from domainlm.serve.index_dir import open_index_dir
+
+    index, qas = pydoc_index
+    idx = open_index_dir(index)
+    m = idx.manifest
+    corpus = Path(m["inputs"][0]["path"])
+    assert m["stage"] == "index build" and m["inputs"][0]["sha256"] == sha256_file(corpus)
+    assert m["embedder"]["name"] == "all-MiniLM-L6-v2" and m["embedder"]["sha256"] == dir_sha256(packaged_dir())
+    assert m["index"]["dense"] == "flat-ip" and m["index"]["bm25"] == "bm25s" and m["embedder"]["dim"] == 384
+    docs = {d.key: d for d in read_documents([str(corpus)])}
+    chunks = idx.chunks()
+    assert m["counts"]["documents"] == len(docs) and m["counts"]["chunks"] == len(chunks) >= len(docs)
+    for c in chunks:                                             # the corpus reader's ids and file:line
+        assert c.doc_id in docs and c.source == docs[c.doc_id].source and c.text in docs[c.doc_id].text
+    q = qas[0]
+    code, out, _ = run_cli(["index", "query", "--index", index, q.question, "--json"], capsys)
+    assert code == 0
+    hits = json.loads(out)["hits"]
+    assert len(hits) == 4 and len({h["doc_id"] for h in hits}) == 4
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    code, out, _ = run_cli(["index", "query", "--index", index, q.question, "--retrieval.mode", "bm25",
+                            "--retrieval.top-k", "2"], capsys)
+    assert code == 0 and "[1]" in out and "[2]" in out and "[3]" not in out and q.question in out
+
+
+def test_retrieval_quality_on_the_pydoc_test_split(pydoc_index):
+    """Gold document in the top 4 for >= 90% of test questions with hybrid retrieval."""
+    from domainlm.serve.retrieve import metrics, open_retriever
+
+    index, qas = pydoc_index
+    r = open_retriever(index, device="cpu")
+    questions, gold = [q.question for q in qas], [q.doc_id for q in qas]
+    table = {mode: metrics(r, questions, gold, mode) for mode in ("bm25", "dense", "hybrid")}
+    print(f"\nretrieval on {len(questions)} pydoc test questions, {len(r.chunks)} chunks:")
+    for mode, t in table.items():
+        print(f"  {mode:6s}  recall@1 {t['recall@1']:.3f}  recall@4 {t['recall@4']:.3f}  MRR@10 {t['mrr@10']:.3f}")
+    assert len(questions) >= 150
+    assert table["hybrid"]["recall@4"] >= 0.90
+    assert table["hybrid"]["mrr@10"] >= max(table["dense"]["mrr@10"], 0.5)
+
+
+def test_bm25_scores_match_the_lucene_formula(pydoc_index):
+    """bm25s's scores against BM25 (Lucene's variant, as bm25s documents it) computed here from
+    the same tokens: the same best chunks with the same scores for real questions."""
+    from domainlm.serve.index_dir import open_index_dir
+    from domainlm.serve.sparse import BM25Index
+
+    index, qas = pydoc_index
+    idx = open_index_dir(index)
+    texts = [c.text for c in idx.chunks()]
+    bm = BM25Index(index / "bm25", len(texts))
+    tok = bm.tokenizer
+    vocab_inv = {v: k for k, v in tok.get_vocab_dict().items()}
+    docs = [[vocab_inv[i] for i in ids] for ids in tok.tokenize(texts, update_vocab=False, return_as="ids",
+                                                                 show_progress=False)]
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    df: dict[str, int] = {}
+    for d in docs:
+        for w in set(d):
+            df[w] = df.get(w, 0) + 1
+    k1, b = 1.5, 0.75
+    for q in qas[:20]:
+        terms = [vocab_inv[i] for i in tok.tokenize([q.question], update_vocab=False, return_as="ids",
+                                                     show_progress=False)[0] if i in vocab_inv and vocab_inv[i]]
+        ref = np.zeros(n)
+        for j, d in enumerate(docs):
+            for w in terms:
+                tf = d.count(w)
+                if tf:   # Lucene: idf log(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b |d| / avg))
+                    idf = np.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+                    ref[j] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avg))
+        got = bm.search([q.question], 5)[0]
+        want = np.argsort(-ref, kind="stable")[:5]
+        assert [s for _, s in got] == pytest.approx(list(ref[want][:len(got)]), rel=1e-4)
+        assert got[0][0] in set(np.flatnonzero(np.isclose(ref, ref.max())))
+
+
+def test_fusion_and_per_document_dedup():
+    from domainlm.serve.chunking import Chunk
+    from domainlm.serve.retrieve import Retriever, fuse
+
+    fused = fuse([[(1, 9.0), (2, 5.0), (3, 1.0)], [(3, 0.9), (1, 0.8)]], rrf_k=60)
+    want = {1: 1 / 61 + 1 / 62, 2: 1 / 62, 3: 1 / 63 + 1 / 61}
+    assert [n for n, _ in fused] == [1, 3, 2]
+    assert dict(fused) == pytest.approx(want)
+    r = object.__new__(Retriever)
+    r.chunks = [Chunk(f"d{i // 2}#{i % 2}", f"d{i // 2}", "c:1", f"t{i}", 1) for i in range(6)]
+    hits = r._hits([(1, 0.9), (0, 0.8), (3, 0.7), (5, 0.6), (4, 0.5)], top_k=3)
+    assert [(h.id, h.doc_id) for h in hits] == [("d0#1", "d0"), ("d1#1", "d1"), ("d2#1", "d2")]
+
+
+def test_hnsw_above_the_size_limit_agrees_with_exact(pydoc_index, tmp_path):
+    from domainlm.serve.dense import DenseIndex, build_faiss, save_faiss
+    from domainlm.serve.retrieve import open_retriever
+
+    index, qas = pydoc_index
+    r = open_retriever(index, device="cpu")
+    vecs = np.stack([r.dense.index.reconstruct(i) for i in range(r.dense.index.ntotal)])
+    hnsw, info = build_faiss(vecs, hnsw_above=10, m=32, ef_construction=80)
+    assert info["dense"] == "hnsw"
+    save_faiss(hnsw, tmp_path / "v.faiss")
+    q = r.embedder.encode([x.question for x in qas[:50]])
+    exact = r.dense.search(q, 4, -1.0)
+    approx = DenseIndex(tmp_path / "v.faiss", ef_search=128).search(q, 4, -1.0)
+    agree = np.mean([a[0][0] == e[0][0] for a, e in zip(approx, exact)])
+    assert agree >= 0.95
+    high = r.dense.search(q, 50, 0.5)
+    assert all(s >= 0.5 for hits in high for _, s in hits)      # the cosine threshold
+
+
+def test_interrupted_build_resumes_from_saved_blocks(tmp_path):
+    from domainlm.serve.dense import embed_resumable
+
+    texts = [f"text {i}" for i in range(10)]
+    calls = []
+
+    def encode(batch, fail_at=None):
+        calls.append(len(batch))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return np.array([[float(t.split()[1]), 1.0] for t in batch], np.float32)
+
+    partial = tmp_path / ".index.partial"
+    with pytest.raises(KeyboardInterrupt):
+        embed_resumable(lambda b: encode(b, fail_at=3), texts, partial, "k1", block=4)
+    assert sorted(p.name for p in partial.glob("block-*.npy")) == ["block-000000.npy", "block-000001.npy"]
+    calls.clear()
+    vecs, reused = embed_resumable(encode, texts, partial, "k1", block=4)
+    assert calls == [2] and reused == 8 and vecs[:, 0].tolist() == list(range(10))
+    calls.clear()
+    vecs, reused = embed_resumable(encode, texts, partial, "other chunks", block=4)
+    assert calls == [4, 4, 2] and reused == 0                   # another key: nothing reused
+
+
+@pytest.fixture(scope="module")
+def other_embedder(tmp_path_factory):
+    """A second, real sentence-transformers model (a small random BERT with MiniLM's tokenizer)."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    from domainlm.serve.embedder import packaged_dir
+
+    root = tmp_path_factory.mktemp("emb")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(root / "bert")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged_dir() / f, root / "bert" / f)
+    st = SentenceTransformer(modules=[models.Transformer(str(root / "bert"), max_seq_length=128),
+                                      models.Pooling(32)], device="cpu")
+    st.save(str(root / "small"))
+    return root / "small"
+
+
+def test_bad_input_is_one_line(pydoc_index, other_embedder, tmp_path, capsys):
+    index, qas = pydoc_index
+    code, _, err = run_cli(["index", "query", "--index", index, "--embedder", other_embedder, "q"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "was built with embedder 'all-MiniLM-L6-v2'" in err and "rebuild the index" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "a", "text": "   "}\n{"id": "b", "text": ""}\n', encoding="utf-8")
+    code, _, err = run_cli(["index", "build", "--input", empty, "--output", tmp_path / "i",
+                            "--embedder", other_embedder], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "no text to index (2 empty documents)" in errors[0]
+    assert not (tmp_path / "i").exists()
+    code, _, err = run_cli(["index", "build", "--input", tmp_path / "nothing.jsonl", "--output", tmp_path / "i"],
+                           capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(["index", "query", "--index", tmp_path, "q"], capsys)
+    assert code == 2 and "has no manifest.json" in err
+    code, _, err = run_cli(["index", "build", "--input", empty, "--output", tmp_path / "i", "--overlap", "200"],
+                           capsys)
+    assert code == 2 and "overlap must be in" in err
+
+
+def test_index_with_another_embedder(other_embedder, pydoc_corpus, tmp_path, capsys):
+    """--embedder DIR builds with any sentence-transformers dir; queries then use it."""
+    lines = (pydoc_corpus / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, _ = run_cli(["index", "build", "--input", tmp_path / "c.jsonl", "--output", tmp_path / "idx",
+                            "--embedder", other_embedder, "--chunk-tokens", "500"], capsys)
+    assert code == 0 and "capped at the embedder's window" in out
+    m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert m["embedder"]["name"] == "small" and m["embedder"]["dim"] == 32 and m["chunking"]["chunk_tokens"] == 126
+    code, out, _ = run_cli(["index", "query", "--index", tmp_path / "idx", "--retrieval.mode", "dense",
+                            "--retrieval.min-score", "-1", "anything"], capsys)
+    assert code == 0 and "[4]" in out
