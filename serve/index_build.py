@@ -58,18 +58,23 @@ def build(cfg: IndexBuildConfig) -> dict:
                             f"check --input and --text-field {cfg.text_field!r}")
         t_chunk = time.perf_counter() - t0
         texts = [c.text for c in chunks]
-        key = sha256_json({"embedder": ref.sha256, "block": cfg.block_chunks,
-                           "chunks": sha256_json([[c.id, c.text] for c in chunks])})
-        partial = out.path.parent / f".{out.path.name}.partial"
         t1 = time.perf_counter()
-        with progress(total=len(texts), desc="embedding", unit="chunk") as bar:
-            vecs, reused = dense.embed_resumable(lambda t: emb.encode(t, cfg.dense.batch_size), texts, partial, key,
-                                                 cfg.block_chunks, bar.update)
+        reused = 0
+        partial = out.path.parent / f".{out.path.name}.partial"
+        if cfg.dense.enabled:
+            key = sha256_json({"embedder": ref.sha256, "block": cfg.block_chunks,
+                               "chunks": sha256_json([[c.id, c.text] for c in chunks])})
+            with progress(total=len(texts), desc="embedding", unit="chunk") as bar:
+                vecs, reused = dense.embed_resumable(lambda t: emb.encode(t, cfg.dense.batch_size), texts, partial,
+                                                     key, cfg.block_chunks, bar.update)
         t_embed = time.perf_counter() - t1
         t2 = time.perf_counter()
-        index, dense_info = dense.build_faiss(vecs, cfg.dense.hnsw_above, cfg.dense.hnsw_m,
-                                              cfg.dense.hnsw_ef_construction)
-        dense.save_faiss(index, out.tmp / VECTORS)
+        if cfg.dense.enabled:
+            index, dense_info = dense.build_faiss(vecs, cfg.dense.hnsw_above, cfg.dense.hnsw_m,
+                                                  cfg.dense.hnsw_ef_construction)
+            dense.save_faiss(index, out.tmp / VECTORS)
+        else:
+            dense_info = {"dense": "none", "dim": emb.dim}
         bm25_info = sparse.build_bm25(texts, out.tmp / BM25)
         write_chunks(out.tmp / CHUNKS, chunks)
         t_index = time.perf_counter() - t2
@@ -77,7 +82,7 @@ def build(cfg: IndexBuildConfig) -> dict:
                   "empty_documents": empty, "duplicate_ids": dup_ids}
         timing = {"chunk_s": round(t_chunk, 2), "embed_s": round(t_embed, 2), "index_s": round(t_index, 2),
                   "reused_chunks": reused,
-                  "chunks_per_s": round((len(chunks) - reused) / t_embed, 1) if t_embed > 0 else None}
+                  "chunks_per_s": round((len(chunks) - reused) / t_embed, 1) if t_embed > 0.01 else None}
         manifest = make_manifest(
             STAGE, cfg, described,
             embedder={"name": ref.name, "path": str(ref.path.resolve()), "sha256": ref.sha256, "dim": emb.dim,
@@ -94,10 +99,12 @@ def build(cfg: IndexBuildConfig) -> dict:
                           + (f", {dup_ids} with a repeated id" if dup_ids else "") + ")"),
             ("chunks", f"{human_count(len(chunks))} of <= {window} tokens, overlap {manifest['chunking']['overlap']}"
                        + (" (capped at the embedder's window)" if window < cfg.chunk_tokens else "")),
-            ("dense", f"{dense_info['dense']} ({dense_info['dim']}-d, cosine)"),
+            ("dense", f"{dense_info['dense']} ({dense_info['dim']}-d, cosine)" if cfg.dense.enabled
+             else "none (--dense.enabled false: BM25 only)"),
             ("bm25", f"bm25s, {bm25_info['bm25_vocab']:,} terms"),
-            ("time", f"{total:.1f}s: chunking {t_chunk:.1f}s, embedding {t_embed:.1f}s "
-                     f"({timing['chunks_per_s']} chunks/s" + (f", {reused} reused" if reused else "") + f"), "
-                     f"indexes {t_index:.1f}s")]
+            ("time", f"{total:.1f}s: chunking {t_chunk:.1f}s, "
+                     + (f"embedding {t_embed:.1f}s ({timing['chunks_per_s']} chunks/s"
+                        + (f", {reused} reused" if reused else "") + "), " if cfg.dense.enabled else "")
+                     + f"indexes {t_index:.1f}s")]
     summary("domainlm index build", rows)
     return manifest

@@ -7,7 +7,8 @@
                       empty_documents, duplicate_ids}; index {dense, metric, bm25, ...}
       chunks.jsonl    one chunk per line, in vector order: {"id", "doc_id", "source", "text", "tokens"}
       vectors.faiss   faiss index of unit-length vectors (inner product = cosine): IndexFlatIP, or
-                      IndexHNSWFlat above `dense.hnsw_above` chunks
+                      IndexHNSWFlat above `dense.hnsw_above` chunks; absent from a BM25-only index
+                      (index.dense "none")
       bm25/           bm25s index (params, CSC arrays, vocab) and its tokenizer's vocab and stopwords
 
 `open_index_dir(path)` checks the directory; `IndexDir.embedder(requested)` returns the embedder
@@ -50,7 +51,12 @@ class IndexDir:
 
     @property
     def dense_type(self) -> str:
+        """'flat-ip', 'hnsw', or 'none' for a BM25-only index (built with --dense.enabled false)."""
         return str(self.manifest.get("index", {}).get("dense", "flat-ip"))
+
+    @property
+    def has_vectors(self) -> bool:
+        return self.dense_type != "none"
 
     def embedder(self, requested: str | None = None) -> EmbedderRef:
         """The embedder for this index's queries: `requested` if given (refused unless it is the
@@ -105,7 +111,8 @@ def open_index_dir(path: str | Path) -> IndexDir:
     """Check `path` is an index built by `domainlm index build`; UserError naming what is wrong."""
     p = Path(path)
     manifest = read_manifest(p, STAGE, what="an index directory (from `domainlm index build`)")
-    missing = [f for f in FILES if not (p / f).exists()]
+    bm25_only = manifest.get("index", {}).get("dense") == "none"
+    missing = [f for f in FILES if not (p / f).exists() and not (bm25_only and f == VECTORS)]
     if missing:
         raise UserError(f"index {str(p)!r} lacks {', '.join(missing)}; rebuild it with `domainlm index build`")
     if not manifest.get("embedder", {}).get("sha256"):

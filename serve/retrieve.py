@@ -57,9 +57,10 @@ class Retriever:
         self.settings = settings or RetrievalArgs()
         self.embedder = embedder if embedder is not None else Embedder(index.embedder(), device)
         self.chunks = index.chunks()
-        self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search)
+        self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search) if index.has_vectors else None
         self.sparse = BM25Index(index.path / BM25, len(self.chunks))
-        if self.dense.dim != self.embedder.dim or self.dense.index.ntotal != len(self.chunks):
+        if self.dense is not None and (self.dense.dim != self.embedder.dim
+                                       or self.dense.index.ntotal != len(self.chunks)):
             raise UserError(f"index {str(index.path)!r}: {self.dense.index.ntotal} vectors of dim {self.dense.dim} "
                             f"for {len(self.chunks)} chunks and a {self.embedder.dim}-d embedder; rebuild it")
 
@@ -77,6 +78,11 @@ class Retriever:
         min_score = s.min_score if min_score is None else min_score
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.dense is None:
+            if mode == "dense":
+                raise UserError(f"index {str(self.index.path)!r} has no dense vectors (built with --dense.enabled "
+                                "false); use mode bm25, or rebuild it with vectors")
+            mode = "bm25"        # hybrid over a BM25-only index is its one retriever
         k = max(s.candidates, top_k)
         sparse = self.sparse.search(questions, k) if mode != "dense" else None
         dense = self.dense.search(self.embedder.encode(questions), k, min_score) if mode != "bm25" else None

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from domainlm.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -278,3 +279,24 @@ def test_index_with_another_embedder(other_embedder, pydoc_corpus, tmp_path, cap
     code, out, _ = run_cli(["index", "query", "--index", tmp_path / "idx", "--retrieval.mode", "dense",
                             "--retrieval.min-score", "-1", "anything"], capsys)
     assert code == 0 and "[4]" in out
+
+
+def test_bm25_only_index_retrieves_as_the_full_index_bm25_mode(pydoc_index, tmp_path, capsys):
+    """--dense.enabled false: no embedding, no vectors; BM25 results equal the full index's bm25
+    mode, hybrid falls back to BM25, dense is refused with one line."""
+    from domainlm.serve.retrieve import open_retriever
+
+    index, qas = pydoc_index
+    corpus = json.loads((index / "manifest.json").read_text())["inputs"][0]["path"]
+    code, out, err = run_cli(["index", "build", "--input", corpus, "--output", tmp_path / "bm25",
+                              "--dense.enabled", "false"], capsys)
+    assert code == 0, err
+    assert "none (--dense.enabled false: BM25 only)" in out and not (tmp_path / "bm25" / "vectors.faiss").exists()
+    full, only = open_retriever(index), open_retriever(tmp_path / "bm25")
+    questions = [q.question for q in qas[:40]]
+    want = [[(h.id, round(h.score, 5)) for h in hs] for hs in full.retrieve_many(questions, 4, "bm25")]
+    for mode in ("bm25", "hybrid"):
+        got = [[(h.id, round(h.score, 5)) for h in hs] for hs in only.retrieve_many(questions, 4, mode)]
+        assert got == want
+    with pytest.raises(UserError, match="has no dense vectors"):
+        only.retrieve("what?", 4, "dense")
