@@ -36,7 +36,7 @@ def _inputs(*paths: str | None) -> list[dict]:
 
 
 def qa(cfg) -> int:
-    from domainlm.eval.generate import Generator
+    from domainlm.eval.generate import Generator, cpu_threads
     from domainlm.eval.prompts import load_library
     from domainlm.eval.qa import Approach, answer_and_score, summarize
 
@@ -50,10 +50,10 @@ def qa(cfg) -> int:
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.index)
-    gen = Generator(cfg.model, cfg.adapter, device=device_of(cfg.gen.device), threads=cfg.gen.threads or None)
+    gen = Generator(cfg.model, cfg.adapter, device=device_of(cfg.gen.device))
     approach = Approach(mode=cfg.mode, template=cfg.prompt.template, shots=cfg.prompt.shots, top_k=cfg.rag.top_k,
                         retrieval_mode=cfg.rag.mode)
-    with StageOutput(cfg.output, stages.EVAL_QA, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stages.EVAL_QA, overwrite=cfg.overwrite) as out, cpu_threads(cfg.gen.threads):
         log.info("answering %d questions (%s)", len(items), cfg.mode)
         records, cost = answer_and_score(gen, items, approach, library, pool=pool, retriever=retriever,
                                          seed=cfg.prompt.seed, max_new_tokens=cfg.gen.max_new_tokens,
@@ -123,6 +123,7 @@ def retrieval(cfg) -> int:
 
 def rag_data(cfg) -> int:
     from domainlm.eval.rag_data import rag_samples, write_jsonl
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
     from domainlm.serve.retrieve import open_retriever
 
     items = read_qa(cfg.data)
@@ -130,10 +131,12 @@ def rag_data(cfg) -> int:
         raise UserError("data: these QA records are the test split; SFT+RAG data comes from the train split "
                         "(e.g. qa.jsonl:train)")
     items = items[: cfg.limit] if cfg.limit else items
+    hf = open_hf_dir(cfg.model)
+    room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
     with StageOutput(cfg.output, stages.EVAL_RAG_DATA, overwrite=cfg.overwrite) as out:
-        rows, counts = rag_samples(items, open_retriever(cfg.index), cfg.rag.top_k, cfg.rag.mode)
+        rows, counts = rag_samples(items, open_retriever(cfg.index), cfg.rag.top_k, cfg.rag.mode, hf.tokenizer(), room)
         write_jsonl(out.tmp / "train.jsonl", rows)
-        out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, _inputs(cfg.index, *cfg.data), counts=counts,
+        out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, inputs_rag_data(cfg), counts=counts,
                                  files={"train": "train.jsonl"}))
     summary("eval rag-data", [("samples", f"{counts['samples']:,}"),
                               ("gold source retrieved", f"{counts['gold_retrieved']:,} (cited as [n])"),
@@ -147,4 +150,4 @@ def inputs_qa(cfg) -> list[dict]:
 
 
 def inputs_rag_data(cfg) -> list[dict]:
-    return _inputs(cfg.index, *cfg.data)
+    return _inputs(cfg.index, cfg.model, *cfg.data)

@@ -104,10 +104,12 @@ def consistency(gen, items: list[QA], approach: Approach, library: PromptLibrary
     by_template = []
     for t in templates:
         a = Approach(approach.mode, t, approach.shots, approach.top_k, approach.retrieval_mode)
-        prompts, _ = build_prompts(items, a, library, pool=pool, retriever=retriever, seed=cfg.qa.seed)
+        prompts, _ = build_prompts(items, a, library, pool=pool, retriever=retriever, seed=cfg.qa.seed, tok=gen.tok,
+                                   room=gen.room(cfg.gen.max_new_tokens))
         by_template.append([g.text for g in gen.generate(prompts, max_new_tokens=cfg.gen.max_new_tokens,
                                                           batch_size=cfg.gen.batch_size)])
-    prompts, _ = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed)
+    prompts, _ = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed, tok=gen.tok,
+                               room=gen.room(cfg.gen.max_new_tokens))
     by_seed = [[g.text for g in gen.generate(prompts, max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size,
                                              temperature=0.7, top_p=0.95, seed=s)]
                for s in range(cfg.consistency_seeds)]
@@ -126,10 +128,8 @@ def training_cost(adapter_dir: str | None) -> dict[str, Any] | None:
 
 
 def run(cfg: CompareConfig) -> int:
-    import torch
-
     from domainlm.eval.decontam import build_index, contaminated, summary as decontam_summary
-    from domainlm.eval.generate import Generator
+    from domainlm.eval.generate import Generator, cpu_threads
     from domainlm.eval.report_chart import compare_chart
 
     if cfg.pipeline:
@@ -148,14 +148,13 @@ def run(cfg: CompareConfig) -> int:
     dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
     library = load_library(library_path(cfg.prompt.library))
     device = device_of(cfg.gen.device)
-    if cfg.gen.threads:
-        torch.set_num_threads(cfg.gen.threads)
     retriever = None
     if any(a in ("rag", "sft+rag") for a in cfg.approaches):
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.inputs.index, device=device)
-    with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out, \
+            cpu_threads(cfg.gen.threads if device == "cpu" else 0):
         (out.tmp / "approaches").mkdir()
         base = Generator(cfg.inputs.model, device=device) if cfg.inputs.model else None
         choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else {"template": cfg.prompt.template,
@@ -242,14 +241,14 @@ def _decontamination(test: list[QA], cfg: CompareConfig, build_index, contaminat
     i = cfg.inputs
     t0 = time.perf_counter()
     if i.shards:
-        sources["pretraining shards"] = build_index("pretraining shards", _shard_texts(i.shards, i.model), test)
+        sources["pretraining shards"] = build_index("pretraining shards", _shard_texts(i.shards, i.model))
     sft_texts = list(_file_texts(i.sft_data))
     if sft_texts:
-        sources["SFT data"] = build_index("SFT data", sft_texts, test)
+        sources["SFT data"] = build_index("SFT data", sft_texts)
     if i.index and Path(i.index).is_dir():
         from domainlm.serve.index_dir import open_index_dir
 
-        sources["index"] = build_index("index", (c.text for c in open_index_dir(i.index).iter_chunks()), test)
+        sources["index"] = build_index("index", (c.text for c in open_index_dir(i.index).iter_chunks()))
     flags = {name: summarize_flags(contaminated(test, idx)) for name, idx in sources.items()}
     per = {"zero-shot": ["pretraining shards"], "few-shot": ["pretraining shards"],
            "rag": ["pretraining shards", "index"], "sft": ["pretraining shards", "SFT data"],

@@ -29,15 +29,29 @@ class Generation:
     """Wall time of the batch this answer was decoded in."""
 
 
+class cpu_threads:
+    """`with cpu_threads(n):` torch's intra-op threads set to n (0: unchanged) and restored after,
+    so a pipeline's later stages keep theirs."""
+
+    def __init__(self, n: int):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.old)
+
+
 class Generator:
     """An HF causal LM (optionally with a PEFT adapter) ready to answer chat prompts."""
 
     def __init__(self, model_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, threads: int | None = None):
+                 dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        if threads:
-            torch.set_num_threads(threads)
         self.hf: HFDir = open_hf_dir(model_dir)
         self.hf.require_chat_template("evaluation")
         self.tok = self.hf.tokenizer()
@@ -57,6 +71,10 @@ class Generator:
         self.device = device
         self.stops = stop_ids(self.tok)
         self.max_positions = self.hf.max_positions or 2048
+
+    def room(self, max_new_tokens: int) -> int:
+        """Prompt tokens that fit the model's context next to max_new_tokens of answer."""
+        return self.max_positions - max_new_tokens - 8
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -28,8 +28,30 @@ class Approach:
     retrieval_mode: str = "hybrid"
 
 
+def fit_sources(messages: list[dict[str, str]], hits: list[Any], tok, room: int) -> tuple[list[dict], list[Any]]:
+    """The RAG messages with the hits that fit: the prompt (chat template applied) stays within
+    `room` tokens, sources cut and then dropped from the last, as the server fits them
+    (`serve.prompt.fit_hits`): what a model is trained on, evaluated on and served is the same."""
+    from dataclasses import replace
+
+    from domainlm.serve.prompt import fit_hits, rag_messages
+
+    if not hits:
+        return messages, hits
+
+    def n_tokens(msgs) -> int:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    frame = n_tokens(rag_messages(messages, [replace(hits[0], text="")]))
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    cut = lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])  # noqa: E731
+    kept = fit_hits(hits, room - frame, count, cut)
+    return rag_messages(messages, kept), kept
+
+
 def build_prompts(items: list[QA], approach: Approach, library: PromptLibrary, *, pool: list[QA] = (),
-                  retriever=None, seed: int = 0) -> tuple[list[list[dict[str, str]]], list[list[Any]]]:
+                  retriever=None, seed: int = 0, tok=None, room: int = 0) -> tuple[list[list[dict[str, str]]], list[list[Any]]]:
     """The chat messages for every item, and (mode rag) the hits each prompt carries.
 
     The template phrases the question in every mode; few-shot prepends worked examples; rag puts
@@ -43,28 +65,28 @@ def build_prompts(items: list[QA], approach: Approach, library: PromptLibrary, *
             if approach.mode == "few-shot" else []
         messages = library.messages(approach.template, qa.question, shots)
         if approach.mode == "rag":
-            from domainlm.serve.prompt import rag_messages
-
-            messages = rag_messages(messages, hits[i])
+            messages, hits[i] = fit_sources(messages, hits[i], tok, room)
         prompts.append(messages)
     return prompts, hits
 
 
-def score(qa: QA, answer: str, hits: list[Any]) -> dict[str, Any]:
+def score(qa: QA, answer: str, hits: list[Any], rag: bool = False) -> dict[str, Any]:
+    """EM, F1, contains; with retrieval also: gold document in the prompt's sources, the first
+    cited source is the gold document, share of the answer supported by the sources."""
     plain = metrics.strip_citations(answer)
     out: dict[str, Any] = {
         "exact_match": metrics.exact_match(plain, qa.answer),
         "f1": metrics.token_f1(plain, qa.answer),
         "contains": metrics.contains(plain, qa.answer),
     }
-    if hits:
+    if rag:
         cited = metrics.citations(answer)
         docs = [h.doc_id for h in hits]
         out["gold_retrieved"] = float(qa.doc_id in docs) if qa.doc_id else None
-        # cited: the first source the answer cites is the gold document (None when it cites none)
+        # the first source the answer cites is the gold document (0 when it cites none)
         valid = [n for n in cited if 1 <= n <= len(hits)]
         out["cited"] = bool(valid)
-        out["citation_correct"] = (float(docs[valid[0] - 1] == qa.doc_id) if valid and qa.doc_id else None)
+        out["citation_correct"] = (float(bool(valid) and docs[valid[0] - 1] == qa.doc_id) if qa.doc_id else None)
         out["faithfulness"] = metrics.faithfulness(answer, "\n".join(h.text for h in hits))
     return out
 
@@ -74,15 +96,16 @@ def answer_and_score(gen: Generator, items: list[QA], approach: Approach, librar
                      batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-question records and the cost of producing them (wall and process CPU seconds)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    prompts, hits = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=seed)
+    prompts, hits = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=seed,
+                                  tok=gen.tok, room=gen.room(max_new_tokens))
     outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     cost = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     records = []
     for qa, prompt, h, o in zip(items, prompts, hits, outs):
         rec = {"id": qa.id, "question": qa.question, "gold": qa.answer, "doc_id": qa.doc_id, "answer": o.text,
-               **score(qa, o.text, h), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
+               **score(qa, o.text, h, approach.mode == "rag"), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
                "prompt": prompt}
-        if h:
+        if approach.mode == "rag":
             rec["sources"] = [{"n": i + 1, "doc_id": x.doc_id, "source": x.source, "score": round(x.score, 5)}
                               for i, x in enumerate(h)]
         records.append(rec)
@@ -107,7 +130,8 @@ def latency(gen: Generator, items: list[QA], approach: Approach, library: Prompt
     times = []
     for i, qa in enumerate(items):
         t0 = time.perf_counter()
-        prompts, _ = build_prompts([qa], approach, library, pool=pool, retriever=retriever, seed=i)
+        prompts, _ = build_prompts([qa], approach, library, pool=pool, retriever=retriever, seed=i, tok=gen.tok,
+                                   room=gen.room(max_new_tokens))
         gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=1)
         times.append(time.perf_counter() - t0)
     return {"p50_s": metrics.percentile(times, 50), "p95_s": metrics.percentile(times, 95), "n": len(times)}

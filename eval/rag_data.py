@@ -1,7 +1,8 @@
 """SFT+RAG training data: QA train pairs as chats whose prompts carry retrieved sources.
 
 The prompt is the server's RAG prompt (`domainlm.serve.prompt.rag_messages`) over what the index
-retrieves for the question: exactly what the model sees when served. The answer cites the gold
+retrieves for the question, fitted into the model's context as the server fits it: exactly what
+the model sees when served and evaluated. The answer cites the gold
 source as " [n]" when retrieval found it; when it did not (retrieval misses sometimes), the answer
 is the plain answer, so the model learns to answer from what it knows when the sources do not help.
 """
@@ -15,12 +16,14 @@ from typing import Any
 from domainlm.qa import QA
 
 
-def rag_samples(items: list[QA], retriever, top_k: int, mode: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    from domainlm.serve.prompt import rag_messages
+def rag_samples(items: list[QA], retriever, top_k: int, mode: str, tok, room: int
+                ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    from domainlm.eval.qa import fit_sources
 
     hits = retriever.retrieve_many([qa.question for qa in items], top_k, mode)
     out, counts = [], {"samples": 0, "gold_retrieved": 0, "gold_missed": 0, "no_doc_id": 0}
     for qa, h in zip(items, hits):
+        messages, h = fit_sources([{"role": "user", "content": qa.question}], h, tok, room)
         docs = [x.doc_id for x in h]
         answer = qa.answer
         if qa.doc_id is None:
@@ -30,7 +33,6 @@ def rag_samples(items: list[QA], retriever, top_k: int, mode: str) -> tuple[list
             counts["gold_retrieved"] += 1
         else:
             counts["gold_missed"] += 1
-        messages = rag_messages([{"role": "user", "content": qa.question}], h)
         messages.append({"role": "assistant", "content": answer})
         out.append({"messages": messages, "id": qa.id, "doc_id": qa.doc_id})
         counts["samples"] += 1

@@ -96,14 +96,16 @@ def test_thirteen_gram_overlap_is_found_and_short_items_are_matched_whole():
              QA("What is gamma?", "Unseen words entirely here.", "c", "3")]
     source = ["intro text " + " ".join(long_answer.split()[1:]) + " outro",   # 13 consecutive words of item 1
               "we know that Beta is small, indeed"]                                  # item 2's whole answer
-    idx = build_index("src", source, items)
+    idx = build_index("src", source)
     flags = contaminated(items, idx)
     assert flags["1"] == {"question": False, "answer": True}
     assert flags["2"] == {"question": False, "answer": True}
     assert flags["3"] == {"question": False, "answer": False}
-    twelve = build_index("src", ["intro " + " ".join(long_answer.split()[1:13])], items)   # only 12 words
+    twelve = build_index("src", ["intro " + " ".join(long_answer.split()[1:13])])   # only 12 words
     assert not contaminated(items, twelve)["1"]["answer"]
     assert summary(flags) == {"items": 3, "question": 0, "answer": 2, "any": 2, "any_share": 2 / 3}
+    # a short item matches on word boundaries only: "is small" is in "Beta is small", "is smal" is not
+    assert idx.contains("Beta is small") and not idx.contains("eta is small") and not idx.contains("is smal")
 
 
 # -- generation and perplexity on a tiny model ----------------------------------------------------
