@@ -19,7 +19,7 @@ from typing import Any
 
 from domainlm.errors import UserError
 from domainlm import stages
-from domainlm.manifest import MANIFEST
+from domainlm.manifest import MANIFEST, read_jsonl
 from domainlm.pretrain.convert.hfdir import HFDir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,6 +52,10 @@ class AdapterDir:
     def chat_template(self) -> str | None:
         jinja = self.path / "chat_template.jinja"
         return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The training's logged metrics (logs/metrics.jsonl: {"kind": "train"|"eval", "step", ...})."""
+        return read_jsonl(self.path / "logs" / "metrics.jsonl")
 
     def check_base(self, hf: HFDir) -> None:
         """UserError unless `hf` holds the weights this adapter was trained on."""
@@ -113,7 +117,9 @@ def write_tokenizer(model_dir: Path, out: Path, chat_template: str) -> list[str]
 
 def write_adapter(peft_model, out: Path, *, base_path: str) -> list[str]:
     """peft's own save_pretrained: adapter_config.json + adapter_model.safetensors."""
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    # The vocab is never resized here, so an adapter on lm_head / embed_tokens needs only its
+    # A and B matrices, not a copy of the base's embedding (peft's default then).
+    peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     cfg_file = out / ADAPTER_CONFIG
     cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = base_path     # what PeftModel / vLLM resolve the base by

@@ -1,0 +1,421 @@
+"""Fine-tuning: our LoRA SFT step against stock TRL SFTTrainer + peft, LoRA's share, memory.
+
+    python bench/finetune.py                       # CPU: the demo model (runs/demo/hf), pydoc QA
+    python bench/finetune.py --model DIR --data QA.jsonl
+    python bench/finetune.py --gpu                 # GPU: 1B LoRA bf16 seq 2048, kernels triton vs TRL; QLoRA memory
+    python bench/finetune.py --gpu --dry-run       # builds and checks both GPU configs, runs nothing (no CUDA needed)
+
+CPU (the same process, interleaved repeats, min and median reported):
+- ours: `domainlm finetune sft`'s Trainer.train_step (peft LoRA r=16 on every linear projection,
+  answer-only loss from the chat template, AdamW, clipping, warmup + cosine);
+- TRL: `trl.SFTTrainer` with the same peft LoraConfig on the same model dir, the same
+  conversations (`messages`, assistant_only_loss=True), micro-batch, gradient accumulation,
+  max length, optimizer (adamw_torch), learning rate, schedule and clipping.
+  Throughput counts the non-pad tokens each forward received (a forward pre-hook on TRL's model;
+  our step returns them), over whole optimizer steps after warm-up steps.
+- LoRA r=16 on the 1B shape (configs/model/1B.yaml): the real LlamaForCausalLM and peft's
+  get_peft_model built on the meta device (no memory), parameters counted.
+- Peak memory (max RSS of a fresh process): our trainer with LoRA and with full fine-tuning, a few
+  steps each, on the demo model and on the 125M shape (random weights).
+
+GPU (when CUDA is present): a random 1B Llama (configs/model/1B.yaml shape, bf16) with the demo
+tokenizer, conversations of ~2000 tokens, micro-batch 4 x 2, LoRA r=16: ours with --kernels
+triton vs TRL + peft (sdpa, its own fused LM head); tokens/s and torch.cuda.max_memory_allocated.
+QLoRA (ours, NF4 base via bitsandbytes): peak memory. Goal: >= 1.3x the tokens/s at <= 0.6x the
+peak memory of TRL + peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# -- the shared workload --------------------------------------------------------------------------
+
+
+def conversations(qa_file: Path, n: int, min_chars: int = 0) -> list[list[dict]]:
+    out = []
+    for line in qa_file.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("split", "train") != "train":
+            continue
+        out.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
+        if len(out) == n:
+            break
+    return out
+
+
+def ours_trainer(model: str, data: Path, out: Path, w: dict, extra: dict | None = None):
+    from domainlm.config import load_config
+    from domainlm.finetune.config import SFTConfig
+    from domainlm.finetune.trainer import Trainer
+
+    o = {"model": model, "data": [str(data)], "output": str(out / "adapter"), "overwrite": "true",
+         "checkpoint.dir": str(out / "run"), "valid_fraction": "0", "log.tensorboard": "false",
+         "train.seq_len": str(w["seq"]), "train.micro_batch_size": str(w["micro"]),
+         "train.global_batch_size": str(w["micro"] * w["accum"]), "train.max_steps": str(w["steps"] + w["warmup"] + 5),
+         "lora.r": "16", "lora.alpha": "32", "lora.dropout": str(w["dropout"]), "optim.lr": "2e-4",
+         "schedule.warmup_steps": "2", **(extra or {})}
+    t = Trainer(load_config(SFTConfig, None, o))
+    t.setup()
+    return t
+
+
+def rate(steps: list[tuple[int, float]]) -> float:
+    """Tokens/s of timed steps [(tokens, seconds)]: all tokens over n x the median step time, so a
+    burst of another job on a shared machine does not decide the figure (the mean is printed too)."""
+    tokens = sum(n for n, _ in steps)
+    return tokens / (len(steps) * statistics.median(sec for _, sec in steps))
+
+
+def time_ours(t, w: dict) -> list[tuple[int, float]]:
+    import torch
+
+    sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
+    for _ in range(w["warmup"]):
+        t.train_step()
+    steps = []
+    for _ in range(w["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        n = t.train_step()[2]
+        sync()
+        steps.append((n, time.perf_counter() - t0))
+    return steps
+
+
+def trl_args(w: dict, out: Path, bf16: bool) -> dict:
+    """TRL's SFTConfig for the same work as ours (the fields that differ from its defaults)."""
+    return dict(
+        output_dir=str(out / "trl"), per_device_train_batch_size=w["micro"], gradient_accumulation_steps=w["accum"],
+        max_length=w["seq"], assistant_only_loss=True, packing=False, learning_rate=2e-4, lr_scheduler_type="cosine",
+        warmup_steps=2, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        max_steps=w["steps"] + w["warmup"], logging_steps=10_000, save_strategy="no", report_to="none",
+        dataloader_num_workers=0, use_cpu=not bf16, bf16=bf16, seed=1234, dataset_num_proc=None,
+        disable_tqdm=True, gradient_checkpointing=False)
+
+
+def trl_trainer(model_dir: str, convs: list, out: Path, w: dict, bf16: bool = False):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation="sdpa")
+    cfg = SFTConfig(**trl_args(w, out, bf16))
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=w["dropout"], target_modules=TARGETS, bias="none",
+                          task_type="CAUSAL_LM")
+    import datasets
+    from transformers import PrinterCallback
+
+    datasets.disable_progress_bars()
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
+                         processing_class=tok, peft_config=peft_cfg)
+    trainer.remove_callback(PrinterCallback)          # its end-of-train dict would land in the results
+    counter = {"tokens": 0}
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        counter["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+
+    class Clock(TrainerCallback):
+        """Times each optimizer step after the warm-up (begin: before its first micro-batch's forward)."""
+
+        steps: list = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            if bf16:
+                torch.cuda.synchronize()
+            self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
+
+        def on_step_end(self, args, state, control, **kw):
+            if bf16:
+                torch.cuda.synchronize()
+            if state.global_step > w["warmup"]:
+                self.steps.append((counter["tokens"] - self.tok0, time.perf_counter() - self.t0))
+
+    clock = Clock()
+    clock.steps = []
+    trainer.add_callback(clock)
+    return trainer, clock
+
+
+def time_trl(trainer, clock) -> list[tuple[int, float]]:
+    trainer.train()
+    return clock.steps
+
+
+# -- CPU ------------------------------------------------------------------------------------------------
+
+
+def cpu_throughput(args) -> list[str]:
+    import torch
+
+    w = {"seq": 256, "micro": 8, "accum": 2, "steps": args.steps, "warmup": 3, "dropout": 0.05}
+    data = Path(args.work) / "qa_bench.jsonl"
+    convs = conversations(Path(args.data), args.samples)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    ours, theirs, means = [], [], {"ours": [], "trl": []}
+    for rep in range(args.repeats):
+        t = ours_trainer(args.model, data, Path(args.work) / "ours", w)
+        try:
+            steps = time_ours(t, w)
+        finally:
+            t.close()
+        ours.append(rate(steps))
+        means["ours"].append(sum(n for n, _ in steps) / sum(s for _, s in steps))
+        trainer, clock = trl_trainer(args.model, convs, Path(args.work), w)
+        steps = time_trl(trainer, clock)
+        theirs.append(rate(steps))
+        means["trl"].append(sum(n for n, _ in steps) / sum(s for _, s in steps))
+        del trainer
+        print(f"  repeat {rep + 1}: ours {ours[-1]:,.0f} tok/s, TRL {theirs[-1]:,.0f} tok/s", file=sys.stderr, flush=True)
+    mo, mt = statistics.median(ours), statistics.median(theirs)
+    lines = [f"workload: {args.model}, {len(convs)} pydoc QA conversations, LoRA r=16 alpha=32 dropout 0.05 on "
+             f"{' '.join(TARGETS)}, seq {w['seq']}, micro {w['micro']} x accum {w['accum']}, AdamW lr 2e-4, clip 1.0, "
+             f"warmup+cosine, fp32, {torch.get_num_threads()} torch threads; {w['steps']} steps timed after "
+             f"{w['warmup']}, {args.repeats} interleaved repeats; tokens/s of a repeat = its non-pad tokens / "
+             "(steps x median step time)",
+             f"{'implementation':44s} {'min':>9s} {'median':>9s}  runs (tokens/s; mean-based in brackets)",
+             f"{'domainlm finetune sft (Trainer.train_step)':44s} {min(ours):9,.0f} {mo:9,.0f}  "
+             + " ".join(f"{x:,.0f} [{m:,.0f}]" for x, m in zip(ours, means["ours"])),
+             f"{'TRL SFTTrainer + peft':44s} {min(theirs):9,.0f} {mt:9,.0f}  "
+             + " ".join(f"{x:,.0f} [{m:,.0f}]" for x, m in zip(theirs, means["trl"])),
+             f"ratio ours / TRL: median {mo / mt:.2f}x, min {min(ours) / min(theirs):.2f}x (goal >= 1.0)"]
+    return lines
+
+
+def lora_share_1b() -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from domainlm.config import read_yaml
+
+    m = read_yaml(REPO / "configs/model/1B.yaml")["model"]
+    lines = []
+    for vocab, what in ((32768, "a 32k domain vocab"), (128256, "Llama 3.2's 128,256 vocab")):
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
+                          num_hidden_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+                          num_key_value_heads=m["num_query_groups"], tie_word_embeddings=m["tie_embeddings"])
+        with torch.device("meta"):
+            model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        lines.append(f"LoRA r=16 on the 1B shape ({m['num_layers']} layers, d {m['hidden_size']}, {what}): "
+                     f"{trainable:,} of {total:,} parameters trainable = {100 * trainable / total:.3f}% (goal <= 1%)")
+    return lines
+
+
+def memory_child(args) -> None:
+    """One fresh process: build our trainer, run a few steps, print RSS after setup and peak."""
+    import torch
+
+    torch.manual_seed(0)
+    w = {"seq": 256, "micro": 4, "accum": 1, "steps": 3, "warmup": 0, "dropout": 0.0}
+    extra = {"method": args.memory_child}
+    t = ours_trainer(args.model, Path(args.data), Path(args.work) / f"mem-{args.memory_child}", w, extra)
+    base = _rss_now()
+    for _ in range(w["steps"]):
+        t.train_step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"after_setup": base, "peak": peak, "params": t.params}))
+    t.close()
+
+
+def _rss_now() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def random_model(shape: str, tokenizer_model: Path, out: Path, dtype: str = "float32") -> Path:
+    """A random Llama of a configs/model shape with the demo model's tokenizer files (speed and memory
+    do not depend on the weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from domainlm.config import read_yaml
+
+    if (out / "config.json").is_file():
+        return out
+    m = read_yaml(REPO / f"configs/model/{shape}.yaml")["model"]
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_model))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
+                      num_hidden_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+                      num_key_value_heads=m["num_query_groups"], rope_theta=float(m["rotary_base"]),
+                      rms_norm_eps=m["norm_eps"], tie_word_embeddings=m["tie_embeddings"], max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "tokenizer.model"):
+        if (tokenizer_model / name).is_file():
+            shutil.copy(tokenizer_model / name, out / name)
+    return out
+
+
+def memory(args) -> list[str]:
+    data = Path(args.work) / "qa_bench.jsonl"
+    models = [("demo model", args.model), ("125M shape", str(random_model("125M", Path(args.model),
+                                                                         Path(args.work) / "llama125m")))]
+    lines = [f"{'peak memory (max RSS, fresh process, 3 steps, micro 4, seq 256)':64s} {'after setup':>12s} "
+             f"{'peak':>10s} {'trainable':>14s}"]
+    for name, model in models:
+        for method in ("lora", "full"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", method, "--model", model, "--data",
+                                  str(data), "--work", args.work], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            lines.append(f"  {name + ', ' + method:62s} {r['after_setup'] / 2**30:10.2f} GiB {r['peak'] / 2**30:7.2f} GiB "
+                         f"{r['params']['trainable']:14,}")
+    return lines
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+
+
+def gpu_plan(args) -> dict:
+    """The GPU runs' configs, checked (with --dry-run nothing else happens)."""
+    from domainlm.config import load_config
+    from domainlm.finetune.config import SFTConfig
+
+    w = {"seq": 2048, "micro": 4, "accum": 2, "steps": 20, "warmup": 3, "dropout": 0.0}
+    common = {"model": "bench/work/llama1b", "data": ["bench/work/long_conversations.jsonl"], "output": "bench/work/o",
+              "train.seq_len": "2048", "train.micro_batch_size": "4", "train.global_batch_size": "8",
+              "train.max_steps": "30", "train.precision": "bf16", "lora.r": "16", "lora.alpha": "32",
+              "lora.dropout": "0", "valid_fraction": "0"}
+    ours = load_config(SFTConfig, None, {**common, "kernels": "triton"})
+    qlora = load_config(SFTConfig, None, {**common, "method": "qlora", "kernels": "triton"})
+    if args.dry_run:        # TRL's config is checked too (in fp32: transformers refuses bf16 without a GPU)
+        from trl import SFTConfig as TRLConfig
+
+        TRLConfig(**trl_args(w, Path(args.work), bf16=False))
+    return {"workload": w, "ours": ours, "qlora": qlora}
+
+
+def long_conversations(tok_dir: Path, corpus: Path | None, n: int, tokens: int) -> list[list[dict]]:
+    """n conversations of about `tokens` tokens: a long user text and a long answer (corpus text, or
+    numbered filler where no corpus is at hand; speed does not depend on the words)."""
+    texts = []
+    if corpus is not None and corpus.is_file():
+        for line in corpus.read_text(encoding="utf-8").splitlines():
+            texts.append(json.loads(line)["text"])
+            if len(texts) >= 4 * n:
+                break
+    words = " ".join(texts).split() or [f"word{i}" for i in range(50_000)]
+    per_side = tokens // 2 // 2                    # ~2 tokens per word on pydoc text
+    out, at = [], 0
+    for i in range(n):
+        user = " ".join(words[at:at + per_side])
+        at = (at + per_side) % max(1, len(words) - per_side)
+        answer = " ".join(words[at:at + per_side])
+        at = (at + per_side) % max(1, len(words) - per_side)
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+    return out
+
+
+def gpu(args) -> list[str]:
+    import torch
+
+    plan = gpu_plan(args)
+    if args.dry_run:
+        w = plan["workload"]
+        return [f"GPU plan (dry run, nothing executed): 1B shape bf16, seq {w['seq']}, micro {w['micro']} x accum "
+                f"{w['accum']}, LoRA r=16 on {' '.join(TARGETS)}; ours kernels={plan['ours'].kernels} "
+                f"precision={plan['ours'].train.precision}; TRL SFTTrainer + peft (sdpa, bf16); QLoRA "
+                f"method={plan['qlora'].method}; {w['steps']} steps timed after {w['warmup']}"]
+    if not torch.cuda.is_available():
+        return ["GPU: no CUDA device here; run `python bench/finetune.py --gpu` on a GPU machine"]
+    w = plan["workload"]
+    work = Path(args.work)
+    model = random_model("1B", Path(args.model), work / "llama1b", dtype="bfloat16")
+    convs = long_conversations(Path(args.model), Path(args.corpus) if args.corpus else None, 64, w["seq"] - 48)
+    data = work / "long_conversations.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    lines = [f"GPU: {torch.cuda.get_device_name(0)}; 1B shape ({model}), bf16, ~{w['seq']}-token conversations, micro "
+             f"{w['micro']} x accum {w['accum']}, LoRA r=16, {w['steps']} steps after {w['warmup']}"]
+    results = {}
+    for name in ("ours (kernels triton)", "TRL SFTTrainer + peft", "ours QLoRA (kernels triton)"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if name.startswith("TRL"):
+            trainer, clock = trl_trainer(str(model), convs, work, w, bf16=True)
+            tok_s = rate(time_trl(trainer, clock))
+            del trainer
+        else:
+            extra = {"kernels": "triton", "train.precision": "bf16", "method": "qlora" if "QLoRA" in name else "lora"}
+            t = ours_trainer(str(model), data, work / "ours-gpu", w, extra)
+            try:
+                tok_s = rate(time_ours(t, w))
+            finally:
+                t.close()
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        results[name] = (tok_s, peak)
+        lines.append(f"  {name:32s} {tok_s:12,.0f} tok/s   peak {peak:6.2f} GiB")
+    a, b = results["ours (kernels triton)"], results["TRL SFTTrainer + peft"]
+    lines.append(f"  ours / TRL: {a[0] / b[0]:.2f}x tokens/s (goal >= 1.3), {a[1] / b[1]:.2f}x peak memory (goal <= 0.6)")
+    return lines
+
+
+def main() -> None:
+    from machine import describe
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "runs/demo/hf"), help="HF dir (default: the demo model)")
+    p.add_argument("--data", default=str(REPO / "runs/demo/corpus/qa.jsonl"), help="pydoc qa.jsonl")
+    p.add_argument("--corpus", default=str(REPO / "runs/demo/corpus/corpus.jsonl"), help="text for --gpu's long samples")
+    p.add_argument("--work", default=str(REPO / "bench/work/finetune"))
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--memory-child", choices=["lora", "full"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    print(describe(("torch", "transformers", "peft", "trl", "accelerate")))
+    print(f"command: python bench/finetune.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.gpu:
+        lines = gpu(args)
+    else:
+        if not Path(args.model).is_dir() or not Path(args.data).is_file():
+            sys.exit(f"needs the demo model and QA file ({args.model}, {args.data}): run `domainlm run configs/demo.yaml` "
+                     "first, or give --model and --data")
+        lines = cpu_throughput(args) + lora_share_1b() + memory(args)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The training and validation samples of a run: read, split, rendered, tokenized, counted.
+
+Records come from --data (records.py) and the training points' examples (points.py); the
+validation set is --valid-data, or the records whose seeded content hash falls below
+--valid-fraction (points' examples always train). Each conversation is rendered with the chat
+template and tokenized with labels (chat.py); one longer than train.seq_len is dropped and
+counted as `too_long` (cutting it would cut off the end token the model must learn). Everything
+read is accounted for: records = kept + sum(dropped), per split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from domainlm.errors import UserError
+from domainlm.finetune.chat import ChatEncoder, Encoded
+from domainlm.finetune.points import Point, read_points, training_examples
+from domainlm.finetune.records import ReadStats, hash_fraction, read_examples
+
+
+@dataclass(slots=True)
+class Prepared:
+    train: list[Encoded]
+    valid: list[Encoded]
+    points: list[Point]
+    stats: dict[str, Any]
+    """The manifest's `data` entry: per split files, records, kept, dropped by reason, tokens."""
+    readers: list[ReadStats] = field(default_factory=list)
+    """Whose dead letters go to dead_letter.jsonl."""
+
+
+def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prepared:
+    """`max_positions`: the model's max_position_embeddings; a sample longer than it (or than
+    train.seq_len) is dropped as too_long, also when packing (positions restart per sample, so
+    rows may be longer than the model's positions, samples not)."""
+    train_stats, valid_stats, point_stats = ReadStats(), ReadStats(), ReadStats()
+    examples = read_examples(cfg.data, train_stats, "data") if cfg.data else []
+    points = read_points(cfg.points, point_stats) if cfg.points else []
+    if cfg.valid_data:
+        valid = read_examples(cfg.valid_data, valid_stats, "valid_data")
+    else:
+        held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
+        valid = [ex for ex, h in zip(examples, held) if h]
+        examples = [ex for ex, h in zip(examples, held) if not h]
+    train_ex = examples + training_examples(points)
+    enc_train = encoder.encode_many([ex.messages for ex in train_ex], desc="tokenizing train")
+    enc_valid = encoder.encode_many([ex.messages for ex in valid], desc="tokenizing valid") if valid else []
+    limit = min(cfg.train.seq_len, max_positions or cfg.train.seq_len)
+    train = [e for e in enc_train if len(e.ids) <= limit]
+    valid_kept = [e for e in enc_valid if len(e.ids) <= limit]
+    long_train, long_valid = len(enc_train) - len(train), len(enc_valid) - len(valid_kept)
+    if long_train:
+        train_stats.dropped["too_long"] += long_train
+    if long_valid:
+        (valid_stats if cfg.valid_data else train_stats).dropped["too_long"] += long_valid
+    entry = {"max_sample_tokens": limit,
+             "train": {**train_stats.as_dict(), "samples": len(train), **_tokens(train)},
+             "valid": ({**valid_stats.as_dict()} if cfg.valid_data else
+                       {"from": "data", "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed})
+             | {"samples": len(valid_kept), **_tokens(valid_kept)}}
+    if points:
+        entry["points"] = {**point_stats.as_dict(), "examples_in_train": len(training_examples(points))}
+    if not train:
+        read = train_stats.records + point_stats.records
+        dropped = train_stats.dropped + point_stats.dropped
+        why = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+        hint = (f"; samples may hold at most {limit} tokens (train.seq_len {cfg.train.seq_len}, the model's "
+                f"max_position_embeddings {max_positions})" if dropped.get("too_long") else "")
+        raise UserError(f"no usable training record in {', '.join(cfg.data + ([cfg.points] if cfg.points else []))}: "
+                        f"{read} read, dropped: {why}{hint}; see the formats in `domainlm finetune sft --help`")
+    return Prepared(train=train, valid=valid_kept, points=points, stats=entry,
+                    readers=[train_stats, valid_stats, point_stats])
+
+
+def _tokens(samples: list[Encoded]) -> dict[str, int]:
+    return {"tokens": sum(len(s.ids) for s in samples), "supervised_tokens": sum(s.supervised for s in samples)}

@@ -1,0 +1,137 @@
+"""The fine-tuning model against references: the loss equals stock transformers' loss; packed rows
+give the loss and gradients of the same samples unpacked (nothing leaks across samples); the
+Triton kernels in the HF Llama modules give the loss and gradients of the torch path (kernels run
+by Triton's CPU interpreter, TRITON_INTERPRET=1, and checked to have really run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from domainlm.finetune.batches import collate
+from domainlm.finetune.chat import IGNORE, ChatEncoder, pad_id
+from domainlm.finetune.model import LossModel
+
+# peft reads `is_gradient_checkpointing`, which transformers 5 deprecates: a library-version notice.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer_dir, pydoc_corpus):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    enc = ChatEncoder(tok, (tokenizer_dir / "chat_template.jinja").read_text())
+    qa = [json.loads(x) for x in (pydoc_corpus / "qa.jsonl").read_text().splitlines()[:6]]
+    convs = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}] for r in qa]
+    convs[2] = convs[2] + [{"role": "user", "content": "Thanks. Anything else?"},
+                           {"role": "assistant", "content": "No."}]
+    return enc.encode_many(convs), pad_id(tok)
+
+
+def lora_model(hf_dir, *, dropout=0.0, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():            # B = 0 at init would hide every LoRA gradient path but B's own
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, loss_model, batches):
+    model.zero_grad(set_to_none=True)
+    total = sum(loss_model(mb.input_ids, mb.labels, mb.attention_mask, mb.position_ids) for mb in batches)
+    count = sum(int((mb.labels[:, 1:] != IGNORE).sum()) for mb in batches)
+    (total / count).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(total.detach() / count), grads, total
+
+
+def test_loss_equals_stock_transformers(tiny_hf_model, samples):
+    enc, pad = samples
+    model = lora_model(tiny_hf_model)
+    mb = collate([[s] for s in enc], pad, packed=False)
+    ours = LossModel(model)(mb.input_ids, mb.labels, mb.attention_mask) / int((mb.labels[:, 1:] != IGNORE).sum())
+    stock = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=mb.labels).loss
+    torch.testing.assert_close(ours, stock, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_batch_equals_the_same_samples_unpacked(tiny_hf_model, samples):
+    enc, pad = samples
+    model = lora_model(tiny_hf_model)
+    lm = LossModel(model)
+    unpacked = [collate([[s] for s in enc[:3]], pad, packed=False), collate([[s] for s in enc[3:]], pad, packed=False)]
+    packed = [collate([enc[:3], enc[3:5], enc[5:]], pad, packed=True)]
+    assert packed[0].position_ids[0].tolist().count(0) == 3        # the widest row: 3 samples, no tail
+    assert packed[0].position_ids[1].tolist().count(0) == 3        # 2 samples + the padded tail
+    loss_a, grads_a, _ = loss_and_grads(model, lm, unpacked)
+    loss_b, grads_b, _ = loss_and_grads(model, lm, packed)
+    assert abs(loss_a - loss_b) <= 1e-5
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-5, msg=n)
+    # A control: the same row with position ids that do not restart lets the samples attend to
+    # each other, and the loss moves.
+    leaky = collate([enc[:3], enc[3:5], enc[5:]], pad, packed=True)
+    leaky.position_ids = torch.arange(leaky.input_ids.shape[1]).expand_as(leaky.input_ids).contiguous()
+    assert abs(loss_and_grads(model, lm, [leaky])[0] - loss_a) > 1e-3
+
+
+@pytest.fixture()
+def interpreter():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def test_triton_kernels_in_hf_llama_equal_the_torch_path(tmp_path, tokenizer_dir, interpreter):
+    """A tiny Llama with a 256-token vocab: the interpreter runs the fused cross-entropy one
+    token row at a time, so a small vocab keeps this test in seconds (the kernels' own tests in
+    test_kernels.py cover large vocabs and chunking)."""
+    from domainlm.finetune.chat import Encoded
+    from domainlm.finetune.kernels import apply_kernels
+    from tests.conftest import tiny_llama
+
+    hf_dir = tiny_llama(tmp_path / "v256", tokenizer_dir, vocab_size=256)
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n, learn):
+        ids = torch.randint(4, 256, (n,), generator=g).tolist()
+        return Encoded(ids, [IGNORE] * (n - learn) + ids[n - learn:])
+
+    enc = [sample(9, 4), sample(6, 3), sample(7, 2), sample(4, 2), sample(5, 3)]
+    batches = [collate([[s] for s in enc[:2]], 0, packed=False), collate([enc[2:4], enc[4:]], 0, packed=True)]
+    ref = lora_model(hf_dir)
+    loss_ref, grads_ref, _ = loss_and_grads(ref, LossModel(ref), batches)
+    ours = lora_model(hf_dir)
+    counts = apply_kernels(ours)
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rotary": 2}       # 2 layers x 2 norms + final; 2 MLPs; 2 attns
+    loss, grads, total = loss_and_grads(ours, LossModel(ours, fused=True), batches)
+    # The kernels' autograd Functions are in the graph (no silent fallback to the references).
+    names, seen, stack = set(), set(), [total.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward", "RotaryFunctionBackward",
+            "LinearCrossEntropyFunctionBackward"} <= names
+    assert abs(loss - loss_ref) <= 1e-5
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+    # The swap keeps the state dict as it was: the adapter files do not know about the kernels.
+    assert ours.state_dict().keys() == ref.state_dict().keys()
