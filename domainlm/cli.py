@@ -84,6 +84,56 @@ COMMANDS: list[Command] = [
         inputs="domainlm.pretrain.convert.command:inputs_from_hf",
     ),
     Command(
+        "finetune sft", "instruction-tune an HF Llama model: LoRA / DoRA / QLoRA (peft) or full, answer-only loss",
+        run="domainlm.finetune.command:sft", config="domainlm.finetune.config:SFTConfig",
+        inputs="domainlm.finetune.inputs:inputs",
+    ),
+    Command(
+        "finetune merge", "merge an adapter into its base model: an HF model dir, verified by logits",
+        run="domainlm.finetune.command:merge", config="domainlm.finetune.config:MergeConfig",
+        inputs="domainlm.finetune.inputs:inputs_merge",
+    ),
+    Command(
+        "index build", "chunk a corpus and index it for retrieval: BM25 (bm25s) + dense vectors (faiss)",
+        run="domainlm.serve.index_build:build", config="domainlm.serve.config:IndexBuildConfig",
+        inputs="domainlm.serve.index_build:inputs",
+    ),
+    Command(
+        "index query", "ask an index a question: the chunks it retrieves, with document ids and sources",
+        run="domainlm.serve.index_query:query_command", arguments="domainlm.serve.index_query:add_arguments",
+    ),
+    Command(
+        "serve", "OpenAI-compatible HTTP server with retrieval (RAG), adapters by model name, secure defaults",
+        run="domainlm.serve.command:serve", config="domainlm.serve.config:ServeConfig",
+    ),
+    Command(
+        stages.EVAL_QA, "answer held-out QA with a model (zero-shot, few-shot or RAG) and score every answer",
+        run="domainlm.eval.command:qa", config="domainlm.eval.config:EvalQAConfig",
+        inputs="domainlm.eval.command:inputs_qa",
+    ),
+    Command(
+        stages.EVAL_PPL, "perplexity of a model (+ adapter) on a shards dir or corpus files",
+        run="domainlm.eval.command:ppl", config="domainlm.eval.config:EvalPplConfig",
+    ),
+    Command(
+        stages.EVAL_RETRIEVAL, "recall@1/@k and MRR of an index on QA with gold documents, per retriever",
+        run="domainlm.eval.command:retrieval", config="domainlm.eval.config:EvalRetrievalConfig",
+    ),
+    Command(
+        stages.EVAL_RAG_DATA, "SFT+RAG training data: QA train pairs with retrieved sources in their prompts",
+        run="domainlm.eval.command:rag_data", config="domainlm.eval.config:RagDataConfig",
+        inputs="domainlm.eval.command:inputs_rag_data",
+    ),
+    Command(
+        stages.COMPARE, "which approach for this domain? prompting, RAG, SFT, SFT+RAG on the same held-out QA",
+        run="domainlm.eval.compare:run", config="domainlm.eval.config:CompareConfig",
+        inputs="domainlm.eval.compare:inputs",
+    ),
+    Command(
+        stages.REPORT, "render a run directory as one HTML page with charts",
+        run="domainlm.eval.report:report", config="domainlm.eval.config:ReportConfig",
+    ),
+    Command(
         "run", "run a pipeline config: every stage in order, skipping those up to date",
         run="domainlm.pipeline:run_command", arguments="domainlm.pipeline:add_arguments",
     ),
@@ -95,6 +145,9 @@ GROUP_HELP = {
     "data": "turn a corpus into training shards",
     "launch": "launch a stage on many processes, GPUs or nodes (torchrun, Slurm)",
     "convert": "convert checkpoints between megatron-core and Hugging Face (Llama)",
+    "finetune": "instruction-tune a model (peft adapters or full) and merge adapters",
+    "index": "build and query the retrieval index of a corpus (BM25 + dense, hybrid)",
+    "eval": "evaluate a model: QA accuracy, perplexity, retrieval quality; SFT+RAG data",
 }
 
 

@@ -85,12 +85,24 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_pipeline(path: str, extra: list[str] | None = None) -> tuple[PipelineConfig, list[tuple[str, Any, Any]]]:
+def load_pipeline(path: str, extra: list[str] | None = None, variables: list[str] | None = None
+                  ) -> tuple[PipelineConfig, list[tuple[str, Any, Any]]]:
     """The pipeline and, per stage, (name, command, resolved stage config)."""
     from domainlm.cli import find_command, resolve
 
     raw = read_yaml(path)
     pipe = from_dict(PipelineConfig, raw, source=path)
+    for item in variables or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UserError(f"--var {item!r}: write NAME=VALUE, e.g. corpus=data/my/corpus.jsonl")
+        if name != "workdir" and name not in pipe.vars:
+            raise UserError(f"--var {item!r}: {path} has no variable {name!r}{did_you_mean(name, pipe.vars)}; "
+                            f"variables: {', '.join(['workdir', *pipe.vars])}")
+        if name == "workdir":
+            pipe.workdir = value
+        else:
+            pipe.vars[name] = value
     env = {"workdir": pipe.workdir, **pipe.vars}
     for item in extra or []:
         key, eq, value = item.partition("=")
@@ -168,22 +180,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rerun these stages even if up to date (all stages when none named)")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="override a stage value, e.g. --set tokenizer.vocab_size=8000 (repeatable)")
+    parser.add_argument("--var", dest="var_values", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a pipeline variable (workdir or one under vars:), e.g. --var corpus=my.jsonl")
     parser.add_argument("--dry-run", action="store_true", help="show what would run and why, run nothing")
 
 
 def run_command(ns: argparse.Namespace) -> int:
     """Run every stage of a pipeline config in order, skipping those that are up to date."""
-    run_pipeline(ns.pipeline, set_values=ns.set_values, only=ns.only, force=ns.force, dry_run=ns.dry_run)
+    run_pipeline(ns.pipeline, set_values=ns.set_values, var_values=ns.var_values, only=ns.only, force=ns.force,
+                 dry_run=ns.dry_run)
     return 0
 
 
-def run_pipeline(path: str, *, set_values: list[str] = (), only: list[str] | None = None,
+def run_pipeline(path: str, *, set_values: list[str] = (), var_values: list[str] = (), only: list[str] | None = None,
                  force: list[str] | None = None, dry_run: bool = False, skip_commands: tuple[str, ...] = ()) -> None:
     """`domainlm run PATH`; stages whose command is in `skip_commands` are left out (`compare`
     runs a pipeline's earlier stages this way, never itself)."""
     from domainlm.cli import resolve
 
-    pipe, stages = load_pipeline(path, list(set_values))
+    pipe, stages = load_pipeline(path, list(set_values), list(var_values))
     stages = [s for s in stages if s[1].name not in skip_commands]
     names = [n for n, _, _ in stages]
     for n in (only or []) + (force or []):

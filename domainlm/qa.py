@@ -69,6 +69,17 @@ def read_qa(paths: list[str] | str, split: str | None = None) -> list[QA]:
     return out
 
 
+def sample(items: list[QA], n: int, seed: int = 0) -> list[QA]:
+    """n items drawn with a seeded generator, kept in file order (all of them when n is 0 or more
+    than there are): a subset spread over the whole file, not its first documents."""
+    if not n or n >= len(items):
+        return list(items)
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
 def _read_file(path: Path, split: str | None):
     splits_seen: set[str] = set()
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
-from domainlm.qa import read_qa, split_spec
+from domainlm.qa import read_qa, sample, split_spec
 
 
 def device_of(choice: str) -> str:
@@ -130,7 +130,7 @@ def rag_data(cfg) -> int:
     if any(qa.split == "test" for qa in items):
         raise UserError("data: these QA records are the test split; SFT+RAG data comes from the train split "
                         "(e.g. qa.jsonl:train)")
-    items = items[: cfg.limit] if cfg.limit else items
+    items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
     with StageOutput(cfg.output, stages.EVAL_RAG_DATA, overwrite=cfg.overwrite) as out:

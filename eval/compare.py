@@ -33,7 +33,7 @@ from domainlm.eval.prompts import PromptLibrary, load_library
 from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
-from domainlm.qa import QA, read_qa, split_spec
+from domainlm.qa import QA, read_qa, sample, split_spec
 
 NEEDS = {"zero-shot": ("model",), "few-shot": ("model",), "rag": ("model", "index"), "sft": ("model", "sft"),
          "sft+rag": ("model", "sft_rag", "index"), "scratch": ("scratch",), "continued": ("continued",)}
@@ -138,8 +138,7 @@ def run(cfg: CompareConfig) -> int:
         log.info("building what the approaches need: domainlm run %s (its compare/report stages left out)", cfg.pipeline)
         run_pipeline(cfg.pipeline, skip_commands=(stages.COMPARE, stages.REPORT))
     check_inputs(cfg)
-    test = read_qa(cfg.qa.test)
-    test = test[: cfg.qa.limit] if cfg.qa.limit else test
+    test = sample(read_qa(cfg.qa.test), cfg.qa.limit, cfg.qa.seed)
     train = read_qa(cfg.qa.train)
     leaked = _test_questions_in_training(test, train, cfg)
     if leaked:

@@ -184,7 +184,9 @@ class RagDataConfig:
     max_new_tokens: int = 48
     """Answer tokens reserved in the context (as at evaluation)."""
     limit: int = 0
-    """Only the first N pairs (0: all)."""
+    """Only N pairs, a seeded sample spread over the files (0: all)."""
+    seed: int = 0
+    """Seed of that sample."""
     overwrite: bool = field(default=False, metadata=RUNTIME)
     """Replace an output directory that holds something else."""
 
@@ -198,7 +200,7 @@ class QASets:
     test: list[str] = field(default_factory=list, metadata=INPUT)
     """Held-out QA files every approach answers."""
     limit: int = 200
-    """Test questions scored (the first N, in file order; 0: all)."""
+    """Test questions scored: a seeded sample of N spread over the test files (0: all)."""
     dev: int = 48
     """Questions carved from the train data (seeded) to pick the prompt template and shots."""
     seed: int = 0
