@@ -166,7 +166,7 @@ def main() -> None:
         f"# bench/loader.py  {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"command: {' '.join([Path(sys.executable).name] + sys.argv)}",
         f"machine: {machine()}",
-        f"load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         f"data: {m['tokens'] / 1e6:.1f}M tokens, {m['documents']} documents, {len(m['shards'])} shards "
         f"(uint16, page cache warm); seq_len {a.seq_len}, micro batch {a.micro_batch_size}, "
         f"shuffle_buffer {a.shuffle_buffer}; {a.repeats} rounds of {a.seconds:.0f} s each, alternating",

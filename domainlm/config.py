@@ -245,21 +245,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """Read a YAML mapping, with a one-line error for a missing file or a syntax error."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} not found")
+        raise UserError(f"{what} {str(p)!r} not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {str(p)!r}{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise UserError(f"{what} {str(p)!r}{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r}: the top level must be a mapping of keys")
+        raise UserError(f"{what} {str(p)!r}: the top level must be a mapping of keys")
     return data
 
 

@@ -147,12 +147,13 @@ def id_str(value) -> str | None:
     return value
 
 
-def parse_json_line(raw: bytes, text_field: str, id_field: str) -> tuple[str, str | None]:
-    """(text, id) of one JSONL line; Bad for a malformed one.
+def load_json_object(raw: bytes) -> dict:
+    """One JSON-lines record as a dict; Bad (invalid_utf8, invalid_json, not_an_object) otherwise.
 
     orjson parses (3x the stdlib's speed, which is most of a record's cost); a line it refuses
     is parsed again by the stdlib json module, whose rules decide (it also accepts NaN, big
-    integers and lone surrogate escapes) and whose messages name the column.
+    integers and lone surrogate escapes) and whose messages name the column. Every JSON-lines
+    reader (the corpus, the shard pipeline, fine-tuning data) parses records through here.
     """
     try:
         rec = orjson.loads(raw)
@@ -167,6 +168,12 @@ def parse_json_line(raw: bytes, text_field: str, id_field: str) -> tuple[str, st
             raise Bad("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})", excerpt(line)) from None
     if not isinstance(rec, dict):
         raise Bad("not_an_object", f"a JSON {type(rec).__name__}, not an object", excerpt(raw))
+    return rec
+
+
+def parse_json_line(raw: bytes, text_field: str, id_field: str) -> tuple[str, str | None]:
+    """(text, id) of one JSONL line; Bad for a malformed one."""
+    rec = load_json_object(raw)
     if text_field not in rec:
         fields = ", ".join(sorted(map(str, rec))) or "none"
         raise Bad("missing_field", f"no {text_field!r} field (fields: {fields})", excerpt(raw))

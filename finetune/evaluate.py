@@ -12,15 +12,13 @@ and recall. Perplexity is exp of the mean next-token loss over windows of train.
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from domainlm.errors import UserError
+from domainlm.qa import exact_match, token_f1
 from domainlm.finetune.chat import ChatEncoder, end_token_ids, pad_id
 from domainlm.progress import progress
 
@@ -57,28 +55,6 @@ def generate(model, encoder: ChatEncoder, conversations: list[list[dict]], *, ne
 
 
 # -- QA ----------------------------------------------------------------------------------------
-
-
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(prediction: str, truth: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(truth))
-
-
-def token_f1(prediction: str, truth: str) -> float:
-    p, t = normalize_answer(prediction).split(), normalize_answer(truth).split()
-    if not p or not t:
-        return float(p == t)
-    common = sum((Counter(p) & Counter(t)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(t)
-    return 2 * precision * recall / (precision + recall)
 
 
 def qa_scores(model, encoder: ChatEncoder, qa: list, *, new_tokens: int, batch_size: int) -> dict[str, Any]:

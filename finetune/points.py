@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from domainlm.config import read_yaml
 from domainlm.errors import UserError
 from domainlm.finetune.records import Bad, Example, ReadStats, excerpt, to_messages
 
@@ -64,19 +63,11 @@ class Point:
 
 
 def read_points(path: str, stats: ReadStats) -> list[Point]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"points file {path!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"points file {path!r}{f' line {mark.line + 1}' if mark else ''}: invalid YAML "
-                        f"({getattr(e, 'problem', e)})") from None
+    data = read_yaml(path, what="points file")
     if not isinstance(data, dict) or not isinstance(data.get("points"), list) or not data["points"]:
         raise UserError(f"points file {path!r}: the top level must be `points:` with a list of points "
                         "(name, examples, tests)")
-    stats.files.append({"path": str(p), "bytes": p.stat().st_size})
+    stats.files.append({"path": str(path), "bytes": Path(path).stat().st_size})
     out, names = [], set()
     for i, raw in enumerate(data["points"]):
         where = f"points file {path!r}, point {i + 1}"

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
 
+from domainlm import corpus
 from domainlm.errors import UserError
 from domainlm.manifest import expand_inputs, sha256_file
 from domainlm.qa import split_spec
@@ -54,10 +54,9 @@ class Example:
                                digest_size=8).hexdigest()
 
 
-class Bad(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
+# The corpus reader's malformed-record exception and JSON-lines parser: one parser for every
+# JSON-lines reader (reason, message, excerpt).
+Bad = corpus.Bad
 
 
 @dataclass(slots=True)
@@ -140,21 +139,7 @@ def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set
             yield Example(messages=messages, source=f"{path}:{line_no}", format=fmt)
 
 
-def parse_line(raw: bytes) -> dict[str, Any]:
-    try:
-        rec = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Bad("invalid_utf8", f"not valid UTF-8 at byte {e.start}") from None
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise Bad("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise Bad("not_an_object", f"a JSON {type(rec).__name__}, not an object")
-    return rec
+parse_line = corpus.load_json_object
 
 
 def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:

@@ -37,10 +37,7 @@ the last incomplete micro batch are left out, and `len(loader)` says how many ba
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
-import json
 import multiprocessing
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np

@@ -228,7 +228,6 @@ class Trainer:
 
     def _state(self, *, loading: bool) -> dict:
         """The sharded state dict of a checkpoint (model and optimizer in global coordinates)."""
-        from megatron.core import parallel_state
         from domainlm.pretrain.model import unwrap
 
         model_sd = unwrap(self.model).sharded_state_dict()

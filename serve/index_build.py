@@ -8,7 +8,6 @@ nothing is left half-written; the embedded blocks of an interrupted build are ke
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from domainlm.corpus import Document, corpus_files, read_documents
 from domainlm.errors import UserError

@@ -121,7 +121,6 @@ def test_cli_unknown_flag_is_an_argparse_error(capsys):
 
 def _config_class_for(path: Path):
     """The config class a YAML file under configs/ belongs to, from its header command line."""
-    from domainlm.cli import find_command, resolve
 
     header = path.read_text().splitlines()[0]
     m = re.match(r"#\s*domainlm\s+(.+?)\s+(--config\s+)?(\S+\.yaml)\s*$", header)

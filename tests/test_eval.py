@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 from domainlm.errors import UserError
 from domainlm.eval import metrics
 from domainlm.qa import QA
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import gpu_wheels  # noqa: E402
 def _wheel(d: Path, filename: str, requires: list[str]) -> None:
     name, version = filename.split("-")[:2]
     with zipfile.ZipFile(d / filename, "w") as z:
-        meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+        meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
         meta += [f"Requires-Dist: {r}" for r in requires]
         z.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(meta) + "\n")
 

@@ -115,7 +115,6 @@ def _kind(path: str) -> str | None:
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
     """(path, size) of every corpus file named by the patterns, sorted, unique; a saved
     `datasets` directory is listed as (dir, -1). Names nothing -> UserError."""
-    from apache_beam.io.filesystems import FileSystems
 
     if not patterns:
         raise UserError("no input given; pass --input with corpus files, globs or directories")

@@ -55,7 +55,7 @@ def inputs_from_hf(cfg: ConvertFromHFConfig) -> list[dict]:
 
 def to_hf(cfg: ConvertToHFConfig) -> dict:
     """Entry point of `domainlm convert to-hf`."""
-    from domainlm.pretrain.convert import hf, hfdir
+    from domainlm.pretrain.convert import hfdir
     from domainlm.pretrain.convert import megatron as meg
     from domainlm.pretrain.convert.card import model_card, training_summary
     from domainlm.pretrain.convert.mapping import hf_config, to_hf as map_to_hf

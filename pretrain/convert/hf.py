@@ -5,8 +5,6 @@ The HF dir format itself (files, safetensors, tokenizer, generation config) is h
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
