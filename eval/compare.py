@@ -122,9 +122,11 @@ def training_cost(adapter_dir: str | None) -> dict[str, Any] | None:
     """Seconds and tokens the adapter's training took, as its manifest records them."""
     if not adapter_dir or not (Path(adapter_dir) / MANIFEST).is_file():
         return None
-    m = json.loads((Path(adapter_dir) / MANIFEST).read_text(encoding="utf-8"))
-    metrics_ = m.get("metrics") or m.get("train") or {}
-    return {k: metrics_.get(k) for k in ("train_seconds", "tokens", "steps") if k in metrics_} or None
+    t = json.loads((Path(adapter_dir) / MANIFEST).read_text(encoding="utf-8")).get("training") or {}
+    if "seconds" not in t:
+        return None
+    return {"train_seconds": t["seconds"], "tokens": t.get("tokens"), "steps": t.get("steps"),
+            "device": t.get("device"), "resumed_at": t.get("resumed_at")}
 
 
 def run(cfg: CompareConfig) -> int:
@@ -305,7 +307,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         cost = r["cost"]
         unit = "gpu_s_per_1k_questions" if "gpu_s_per_1k_questions" in cost else "cpu_s_per_1k_questions"
         train = r.get("training") or {}
-        train_s = (f"{train.get('train_seconds', 0):.0f} s, {train.get('tokens', 0):,} tok" if train else "-")
+        train_s = "-"
+        if train:
+            tok = f", {train['tokens']:,} tok" if train.get("tokens") is not None else ""
+            train_s = f"{train['train_seconds']:.0f} s{tok}" + (" (resumed)" if train.get("resumed_at") else "")
         contam = "; ".join(f"{src}: {v['any']}/{v['items']}" for src, v in (r.get("decontamination") or {}).items()) or "-"
         cit = f"{r['citation_correct']:.3f}" if "citation_correct" in r else "-"
         faith = f"{r['faithfulness']:.3f}" if "faithfulness" in r else "-"

@@ -97,7 +97,8 @@ def facts(trainer) -> dict[str, Any]:
                      "epochs": trainer.step * cfg.train.global_batch_size / trainer.batches.items_per_epoch,
                      "warmup_steps": trainer.warmup,
                      "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                     "seconds": round(trainer.seconds, 2)},
+                     "seconds": round(trainer.seconds, 2),
+                     "tokens": trainer.tokens_trained},   # tokens the model read in this run (all processes)
         "checks": checks,
     }
 

@@ -310,12 +310,14 @@ class Trainer:
 
         cfg = self.cfg
         self.start_step, t0 = self.step, time.perf_counter()
+        self.tokens_trained = 0
         self.metrics.start(self.step)
         every = cfg.checkpoint.save_every
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm, tokens = self.train_step()
             self.metrics.count(tokens)
+            self.tokens_trained += tokens
             last = self.step == self.total_steps
             rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
             if self.step % cfg.log.every == 0 or last or self.step == self.start_step + 1:
