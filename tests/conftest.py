@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Enough packages for >1 MB of held-out text at heldout_fraction 0.4, built in ~8 s.
 TEST_PACKAGES = ["stdlib", "numpy", "datasets", "peft"]
+
+
+@contextlib.contextmanager
+def triton_interpreter_env():
+    """TRITON_INTERPRET=1 for the block (Triton's CPU interpreter runs the kernels); the old value after."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ by Triton's CPU interpreter, TRITON_INTERPRET=1, and checked to have really run)
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from domainlm.finetune.batches import collate
 from domainlm.finetune.chat import IGNORE, ChatEncoder, pad_id
 from domainlm.finetune.model import LossModel
+from tests.conftest import triton_interpreter_env
 
 # peft reads `is_gradient_checkpointing`, which transformers 5 deprecates: a library-version notice.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -87,13 +87,8 @@ def test_packed_batch_equals_the_same_samples_unpacked(tiny_hf_model, samples):
 
 @pytest.fixture()
 def interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    with triton_interpreter_env():
+        yield
 
 
 def test_triton_kernels_in_hf_llama_equal_the_torch_path(tmp_path, tokenizer_dir, interpreter):

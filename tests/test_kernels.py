@@ -27,19 +27,15 @@ from domainlm.pretrain.kernels.fused_linear_ce import (
 from domainlm.pretrain.kernels.rmsnorm import rms_norm, rms_norm_reference
 from domainlm.pretrain.kernels.rope import apply_rotary, rope_reference
 from domainlm.pretrain.kernels.swiglu import swiglu, swiglu_reference
+from tests.conftest import triton_interpreter_env
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    with triton_interpreter_env():
+        yield
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
@@ -415,6 +411,24 @@ def test_fused_linear_ce_under_no_grad_computes_no_gradients(reduction):
     with _Ops() as ops_frozen:
         frozen = fused_linear_cross_entropy(h.detach(), w.detach(), y, chunk_size=chunk, reduction=reduction)
     assert ops_frozen.matmuls() == n // chunk and torch.equal(frozen, quiet)
+
+
+def test_fused_linear_ce_under_autocast_computes_in_its_dtype():
+    """QLoRA trains with fp32 head and hidden states under bf16 autocast. The fused loss then runs
+    in bf16 as autocast runs the unfused head (on the H100 it failed: autocast cast the backward's
+    GEMM into a buffer of the other dtype), with fp32 gradients for the fp32 inputs."""
+    h, w, y = ce_inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=8)
+    assert ran(loss, "LinearCrossEntropyFunction") and loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, [h, w])
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    # The reference: the same loss on the bf16-rounded inputs, in float64.
+    hb, wb = (t.detach().to(torch.bfloat16).double().requires_grad_() for t in (h, w))
+    ref = F.cross_entropy(hb @ wb.t(), y, ignore_index=-100)
+    close(loss, ref, torch.bfloat16)
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, [hb, wb])):
+        close(g, g_ref, torch.bfloat16, scale=0.1)
 
 
 def test_fused_linear_ce_weight_gradient_sums_chunks_in_fp32():

@@ -353,6 +353,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast (QLoRA: fp32 head and hidden states, bf16 compute) the GEMMs inside would
+        # be cast one by one and disagree with the buffers the kernel allocates: run the whole
+        # function in autocast's dtype instead, as autocast would run the unfused head, with
+        # autocast off inside; gradients flow back through the casts in the inputs' dtypes.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(dt), weight.to(dt), labels, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, tp_group=tp_group,
+                chunk_size=chunk_size, accum_dtype=accum_dtype)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
