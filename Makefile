@@ -28,8 +28,9 @@ clean:
 	rm -rf $(VENV) runs
 
 # The GPU check (bench/gpu_check.sh; issue 11). Prepared on a CPU machine after `make setup`:
-# Python 3.12 wheels of what the GPU machines lack, and a tiny tokenizer + shards, under the
-# git-ignored bench/work/gpu (what the device tool carries). gpu-check-dry checks them (no GPU).
+# Python 3.12 wheels of what the GPU machines lack (part c's fine-tuning ones apart), and a tiny
+# tokenizer + shards + text, under the git-ignored bench/work/gpu (what the device tool carries).
+# gpu-check-dry checks them (no GPU).
 .PHONY: gpu-wheels gpu-inputs gpu-prepare gpu-check-dry gpu-check
 
 gpu-wheels:

