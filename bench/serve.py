@@ -372,6 +372,7 @@ def retrieval(n_chunks: int, sample: int, queries: int) -> None:
         path = root
         counts = {"chunks": n_chunks}
         dense_type = "bench"
+        has_vectors = True
 
         def chunks(self):
             return chunks
