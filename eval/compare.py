@@ -31,6 +31,8 @@ from domainlm.eval.command import device_of, library_path
 from domainlm.eval.config import CompareConfig
 from domainlm.eval.prompts import PromptLibrary, load_library
 from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
+from domainlm.eval.stats import add_statistics
+from domainlm.eval.table import markdown_table
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
 from domainlm.qa import QA, read_qa, sample, split_spec
@@ -163,11 +165,13 @@ def run(cfg: CompareConfig) -> int:
         log.info("prompt picked on %d dev questions: template %r, %d shots", len(dev), choice["template"], choice["shots"])
         decontam = _decontamination(test, cfg, build_index, contaminated, decontam_summary)
         results: dict[str, dict[str, Any]] = {}
+        records: dict[str, list[dict[str, Any]]] = {}
         for name in cfg.approaches:
             log.info("approach %s: %d questions", name, len(test))
             gen, approach = _approach(name, cfg, choice, base, device)
             recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed,
                                           max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
+            records[name] = recs
             with open(out.tmp / "approaches" / f"{name.replace('+', '_')}.jsonl", "w", encoding="utf-8") as f:
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -183,6 +187,7 @@ def run(cfg: CompareConfig) -> int:
                              "decontamination": decontam.get(name)}
         report = {"questions": len(test), "device": device, "prompt_choice": choice, "approaches": results,
                   "decontamination_sources": decontam.get("_sources")}
+        add_statistics(report, records, seed=cfg.qa.seed)
         write_json(out.tmp / "compare.json", report)
         table = markdown_table(report)
         (out.tmp / "compare.md").write_text(table, encoding="utf-8")
@@ -297,31 +302,3 @@ def _strings(obj) -> list[str]:
     if isinstance(obj, list):
         return [s for v in obj for s in _strings(v)]
     return []
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    rows = ["| approach | exact match | F1 | contains | citation ok | faithful | agree (phrasings) | agree (seeds) | "
-            "p50 / p95 s | cost /1k q | training | test items in training data (13-gram) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for name, r in report["approaches"].items():
-        cost = r["cost"]
-        unit = "gpu_s_per_1k_questions" if "gpu_s_per_1k_questions" in cost else "cpu_s_per_1k_questions"
-        train = r.get("training") or {}
-        train_s = "-"
-        if train:
-            tok = f", {train['tokens']:,} tok" if train.get("tokens") is not None else ""
-            train_s = f"{train['train_seconds']:.0f} s{tok}" + (" (resumed)" if train.get("resumed_at") else "")
-        contam = "; ".join(f"{src}: {v['any']}/{v['items']}" for src, v in (r.get("decontamination") or {}).items()) or "-"
-        cit = f"{r['citation_correct']:.3f}" if "citation_correct" in r else "-"
-        faith = f"{r['faithfulness']:.3f}" if "faithfulness" in r else "-"
-        rows.append(f"| {name} | {r['exact_match']:.3f} | {r['f1']:.3f} | {r['contains']:.3f} | {cit} | {faith} | "
-                    f"{r['consistency']['phrasings']:.2f} | {r['consistency']['seeds']:.2f} | "
-                    f"{r['latency']['p50_s']:.3f} / {r['latency']['p95_s']:.3f} | "
-                    f"{cost[unit]:.1f} {unit.split('_')[0].upper()}-s | {train_s} | {contam} |")
-    c = report["prompt_choice"]
-    rows.append("")
-    rows.append(f"{report['questions']} held-out questions on {report['device']}. Prompt picked on "
-                f"{c.get('dev_questions', 0)} dev questions (from the train split): template `{c['template']}`, "
-                f"{c['shots']} shots (library version {c.get('library_version', '?')}). The index holds the gold "
-                "documents by design: RAG is meant to find the answer there.")
-    return "\n".join(rows) + "\n"

@@ -106,8 +106,8 @@ def answer_and_score(gen: Generator, items: list[QA], approach: Approach, librar
                **score(qa, o.text, h, approach.mode == "rag"), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
                "prompt": prompt}
         if approach.mode == "rag":
-            rec["sources"] = [{"n": i + 1, "doc_id": x.doc_id, "source": x.source, "score": round(x.score, 5)}
-                              for i, x in enumerate(h)]
+            rec["sources"] = [{"n": i + 1, "doc_id": x.doc_id, "source": x.source, "score": round(x.score, 5),
+                               "text": x.text} for i, x in enumerate(h)]
         records.append(rec)
     return records, cost
 

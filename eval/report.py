@@ -2,7 +2,9 @@
 
 Finds the stage outputs in RUN_DIR by their manifests and reads each through its stage's
 contract: the tokenizer report, the shard drop counts, the pretraining and fine-tuning loss
-curves, the comparison table and chart. A stage that has not run is listed as missing.
+curves, the comparison table (with intervals) and verdict, its chart, and each approach's worst
+answers with the sources it was given (the per-question files, found by `stats.record_file`). A
+stage that has not run is listed as missing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.eval.report_chart import bars_chart, curves_chart
+from domainlm.eval.stats import add_statistics, record_file
+from domainlm.eval.table import html_table
 from domainlm.manifest import MANIFEST
 from domainlm.progress import summary
 
@@ -40,6 +44,74 @@ def _curves(records: list[dict[str, Any]], kind: str, key: str) -> list[tuple[fl
 def _table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
+
+
+FAILURES = 5
+SOURCE_CHARS = 300
+
+
+def _compare_records(d: Path) -> tuple[dict[str, Any] | None, dict[str, list[dict[str, Any]]]]:
+    """compare.json's report and each approach's per-question records (those whose file exists)."""
+    if not (d / "compare.json").is_file():
+        return None, {}
+    rep = json.loads((d / "compare.json").read_text(encoding="utf-8"))
+    records = {}
+    for name in rep.get("approaches", {}):
+        f = d / "approaches" / record_file(name)
+        if f.is_file():
+            with open(f, encoding="utf-8") as fh:
+                records[name] = [json.loads(line) for line in fh if line.strip()]
+    return rep, records
+
+
+def _compare_section(d: Path, rep: dict[str, Any] | None, records: dict[str, list[dict[str, Any]]]) -> str:
+    """The table with intervals and the verdict (computed here for a compare.json written before them)."""
+    if rep is None:
+        table = (d / "compare.md").read_text(encoding="utf-8") if (d / "compare.md").is_file() else ""
+        return f"<pre>{html.escape(table)}</pre>"
+    if "verdict" not in rep and records and set(records) == set(rep.get("approaches", {})):
+        add_statistics(rep, records)
+    return html_table(rep)
+
+
+def _trim(text: Any, n: int = SOURCE_CHARS) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def worst(records: list[dict[str, Any]], n: int = FAILURES) -> list[dict[str, Any]]:
+    """The n worst failures: answers that are not an exact match, lowest F1 first, then lowest exact match."""
+    failed = [r for r in records if (r.get("exact_match") or 0.0) < 1.0]
+    return sorted(failed, key=lambda r: (r.get("f1") or 0.0, r.get("exact_match") or 0.0))[:n]
+
+
+def _failures_section(records: dict[str, list[dict[str, Any]]]) -> str:
+    """Per approach, its worst answers: question, gold, the model's answer, and the sources it was given."""
+    e = html.escape
+    if not records:
+        return ""
+    parts = [f"<h3>Worst {FAILURES} answers per approach</h3>"]
+    for name, recs in records.items():
+        bad = worst(recs)
+        rows = []
+        for r in bad:
+            if "sources" in r:
+                src = "".join(f"<li><b>[{e(str(s.get('n', '')))}] {e(str(s.get('doc_id')))}</b>"
+                              + (f" ({e(str(s['source']))})" if s.get("source") else "")
+                              + (f": {e(_trim(s['text']))}" if s.get("text") is not None else "") + "</li>"
+                              for s in r["sources"])
+                src = f"<ol class='sources'>{src}</ol>" if src else "no source fitted the prompt"
+            else:
+                src = "none (this approach does not retrieve)"
+            rows.append(f"<tr><td>{e(_trim(r.get('question'), 500))}</td><td>{e(_trim(r.get('gold'), 500))}</td>"
+                        f"<td>{e(_trim(r.get('answer'), 500))}</td><td class=num>{(r.get('f1') or 0.0):.2f}</td>"
+                        f"<td>{src}</td></tr>")
+        body = "<p>every answer an exact match</p>"
+        if rows:
+            body = ("<table class='failures'><tr><th>question</th><th>gold answer</th><th>model's answer</th>"
+                    "<th>F1</th><th>sources given</th></tr>" + "".join(rows) + "</table>")
+        parts.append(f"<details><summary>{e(name)}: {len(bad)} of {len(recs)} shown</summary>{body}</details>")
+    return "".join(parts)
 
 
 def render(run: Path, out: Path) -> dict[str, Any]:
@@ -99,11 +171,13 @@ def render(run: Path, out: Path) -> dict[str, Any]:
                         + img(f"{d.name}_loss.png"))
         shown.setdefault("finetune", []).append(d.name)
     for d in found.get(stages.COMPARE, []):
-        table = (d / "compare.md").read_text(encoding="utf-8") if (d / "compare.md").is_file() else ""
+        chart = ""
         if (d / "compare.png").is_file():
             shutil.copy(d / "compare.png", files / f"{d.name}_compare.png")
-        sections.append(f"<h2>Which approach ({html.escape(d.name)})</h2><pre>{html.escape(table)}</pre>"
-                        + img(f"{d.name}_compare.png"))
+            chart = img(f"{d.name}_compare.png")
+        rep, records = _compare_records(d)
+        sections.append(f"<h2>Which approach ({html.escape(d.name)})</h2>" + _compare_section(d, rep, records) + chart
+                        + _failures_section(records))
         shown["compare"] = d.name
     missing = [s for s in ("tokenizer", "shards", "pretrain", "finetune", "compare") if s not in shown]
     if missing:
@@ -111,7 +185,9 @@ def render(run: Path, out: Path) -> dict[str, Any]:
     page = ("<!doctype html><meta charset='utf-8'><title>domainlm run " + html.escape(str(run)) + "</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;margin:1em 0}"
-            "pre{overflow-x:auto;font-size:12px}</style>"
+            "pre{overflow-x:auto;font-size:12px}td.num{text-align:right}th.group{background:#f3f3f3}"
+            "tr.best td{font-weight:bold}table.compare{font-size:13px}table.failures{font-size:12px}"
+            "table.failures td{vertical-align:top}ol.sources{margin:0;padding-left:1.2em}</style>"
             f"<h1>domainlm run {html.escape(str(run))}</h1>" + "".join(sections))
     out.write_text(page, encoding="utf-8")
     return {"sections": shown, "missing": missing, "charts": sorted(p.name for p in files.iterdir())}
