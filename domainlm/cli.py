@@ -84,6 +84,11 @@ COMMANDS: list[Command] = [
         inputs="domainlm.pretrain.convert.command:inputs_from_hf",
     ),
     Command(
+        stages.CONVERT_FROM_GGUF, "Llama-family GGUF (llama.cpp) -> Hugging Face dir, dequantized, verified by logits",
+        run="domainlm.pretrain.convert.command:from_gguf", config="domainlm.pretrain.convert.config:FromGGUFConfig",
+        inputs="domainlm.pretrain.convert.command:inputs_from_gguf",
+    ),
+    Command(
         "finetune sft", "instruction-tune an HF Llama model: LoRA / DoRA / QLoRA (peft) or full, answer-only loss",
         run="domainlm.finetune.command:sft", config="domainlm.finetune.config:SFTConfig",
         inputs="domainlm.finetune.inputs:inputs",
@@ -144,7 +149,7 @@ GROUP_HELP = {
     "tokenizer": "train and evaluate a domain tokenizer",
     "data": "turn a corpus into training shards",
     "launch": "launch a stage on many processes, GPUs or nodes (torchrun, Slurm)",
-    "convert": "convert checkpoints between megatron-core and Hugging Face (Llama)",
+    "convert": "convert checkpoints between megatron-core and Hugging Face (Llama); GGUF -> Hugging Face",
     "finetune": "instruction-tune a model (peft adapters or full) and merge adapters",
     "index": "build and query the retrieval index of a corpus (BM25 + dense, hybrid)",
     "eval": "evaluate a model: QA accuracy, perplexity, retrieval quality; SFT+RAG data",

@@ -15,6 +15,8 @@ DATA_SHARD = "data shard"
 PRETRAIN = "pretrain"
 CONVERT_TO_HF = "convert to-hf"
 CONVERT_FROM_HF = "convert from-hf"
+CONVERT_FROM_GGUF = "convert from-gguf"
+"""An HF dir dequantized from a Llama-family GGUF (an existing model as a base)."""
 FINETUNE_SFT = "finetune sft"
 FINETUNE_MERGE = "finetune merge"
 INDEX_BUILD = "index build"
@@ -31,5 +33,5 @@ TOKENIZER_DIRS = (TOKENIZER_TRAIN, TOKENIZER_IMPORT)
 """Stages whose output is a tokenizer dir."""
 CHECKPOINT_DIRS = (PRETRAIN, CONVERT_FROM_HF)
 """Stages whose output is a megatron checkpoint dir."""
-HF_DIRS = (CONVERT_TO_HF, FINETUNE_MERGE)
+HF_DIRS = (CONVERT_TO_HF, CONVERT_FROM_GGUF, FINETUNE_MERGE)
 """Stages whose output is an HF dir."""

