@@ -17,7 +17,7 @@ from domainlm.data.beam.manifest import (STAGE, RemoteOutput, bytes_per_token, c
 from domainlm.data.beam.read import list_inputs, make_plan
 from domainlm.data.config import ShardConfig
 from domainlm.data.shards import SPLITS, token_dtype
-from domainlm.tokenizer.tokdir import load_tokenizer_dir
+from domainlm.tokenizer.tokdir import describe_input, load_tokenizer_dir
 
 
 def inputs(cfg: ShardConfig) -> list[dict]:
@@ -31,7 +31,7 @@ def inputs(cfg: ShardConfig) -> list[dict]:
             out.append({"path": path, "bytes": size, "checksum": FileSystems.checksum(path)})
         else:
             out.extend(describe_inputs([Path(path)]))
-    return out + describe_inputs([Path(cfg.tokenizer)])
+    return out + [describe_input(cfg.tokenizer)]
 
 
 def shard(cfg: ShardConfig) -> dict:
@@ -53,7 +53,7 @@ def shard(cfg: ShardConfig) -> dict:
         for split in SPLITS:
             if not remote:
                 (out.tmp / split).mkdir(parents=True, exist_ok=True)
-        result = run(cfg, plan, tok.model_file.read_bytes(), dtype, bytes_per_token(tok), root)
+        result = run(cfg, plan, tok.encoder(), dtype, bytes_per_token(tok), root)
         fields = manifest_fields(result, tok, dtype, len(plan.files))
         check_something_kept(fields, plan, f"{root}/{DEAD_LETTER}")
         manifest = make_manifest(STAGE, cfg, described, **fields)

@@ -17,14 +17,16 @@ Stock `webdataset.WebDataset(urls).decode()` yields {"__key__", "npy", "json"}.
 
 manifest.json (stage "data shard") holds, besides the common fields (fingerprint, config, inputs,
 versions):
-    "tokenizer": {"sha256", "vocab_size", "eos_id", "bos_id", "pad_id", "path"},
+    "tokenizer": {"kind", "sha256", "vocab_size", "eos_id", "bos_id", "pad_id", "unk_id", "path"}
+                 (`TokenizerDir.entry()`: kind "sentencepiece" or "hf", sha256 the identity),
     "token_dtype": "uint16" | "uint32",
     "splits": {"train": {"documents", "tokens", "shards": [{"name": "train/shard-000000.tar",
                 "sha256", "bytes", "documents", "tokens"}, ...]}, "valid": {...}},
     "dropped": {reason: count, ...}      every input record not in a shard, by reason
     "counts": {"records", "kept", ...}   records read = kept + sum(dropped)
-The loader trusts "splits" for the shard list and token counts, and "tokenizer" to refuse a
-model whose vocab differs.
+The loader trusts "splits" for the shard list and token counts, "tokenizer" to refuse a model
+of another tokenizer, and its eos_id as the separator it puts after each document (the shards
+hold the documents' ids without bos/eos).
 
 Reading. `open_shards_dir(path)` checks a shards dir against its manifest and lists each split's
 shards; `open_shard` maps one shard (mmap) and walks the 512-byte tar headers, noting where each

@@ -17,8 +17,7 @@ import torch
 from domainlm.corpus import read_documents
 from domainlm.data.shards import open_shards_dir
 from domainlm.errors import UserError
-from domainlm.manifest import sha256_file
-from domainlm.tokenizer.tokdir import TokenizerId, check_same
+from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
 
 
 def token_stream(model_dir: Path, tok, *, shards: str | None, split: str, inputs: list[str],
@@ -28,8 +27,7 @@ def token_stream(model_dir: Path, tok, *, shards: str | None, split: str, inputs
     parts, n, docs = [], 0, 0
     if shards:
         sd = open_shards_dir(shards)
-        spm = model_dir / "tokenizer.model"
-        mine = TokenizerId(sha256_file(spm) if spm.is_file() else None, len(tok))
+        mine = load_tokenizer_dir(model_dir).identity
         check_same(sd.tokenizer_id, mine, what=f"shards dir {shards!r}", mine_label=f"model {str(model_dir)!r}",
                    fix="score shards made with the model's tokenizer, or give --input text files")
         source = {"shards": shards, "split": split}

@@ -74,7 +74,7 @@ def qa_scores(model, encoder: ChatEncoder, qa: list, *, new_tokens: int, batch_s
 def forgetting_windows(specs: list[str], hf_tok, model_dir: Path, seq_len: int, max_tokens: int) -> dict[str, Any]:
     """Windows of seq_len + 1 token ids of general text: a shards dir's valid split (made with the
     model's tokenizer, checked) or text files read by domainlm.corpus and tokenized here."""
-    from domainlm.manifest import MANIFEST, sha256_file
+    from domainlm.manifest import MANIFEST
 
     ids: list[int] = []
     eos = hf_tok.eos_token_id
@@ -83,11 +83,10 @@ def forgetting_windows(specs: list[str], hf_tok, model_dir: Path, seq_len: int, 
         p = Path(spec)
         if p.is_dir() and (p / MANIFEST).is_file():
             from domainlm.data.shards import open_shards_dir
-            from domainlm.tokenizer.tokdir import TokenizerId, check_same
+            from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
 
             shards = open_shards_dir(p)
-            spm = model_dir / "tokenizer.model"
-            mine = TokenizerId(sha256_file(spm) if spm.is_file() else None, len(hf_tok))
+            mine = load_tokenizer_dir(model_dir).identity
             check_same(shards.tokenizer_id, mine, what=f"forgetting_data {spec!r}",
                        mine_label=f"model {str(model_dir)!r}",
                        fix="give text files (JSONL, .txt) instead, which are tokenized with the model's tokenizer")

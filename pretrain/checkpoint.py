@@ -149,7 +149,7 @@ class CheckpointDir:
 
     def check_tokenizer(self, mine: TokenizerId, label: str, mine_label: str, fix: str) -> None:
         saved = self.tokenizer_id
-        if saved.sha256 is None:            # a model whose tokenizer is not SentencePiece: nothing recorded
+        if saved.sha256 is None:            # a converted model whose tokenizer shards cannot use: nothing recorded
             return
         check_same(saved, mine, what=f"{label} {str(self.root)!r}", mine_label=mine_label, fix=fix)
 
@@ -210,7 +210,7 @@ def inspect(cfg, tokenizer: TokenizerId) -> int | None:
     return step
 
 
-def prepare(root: Path, cfg, tokenizer_dir: Path, manifest: dict[str, Any]) -> None:
+def prepare(root: Path, cfg, tokenizer, manifest: dict[str, Any]) -> None:
     """Rank 0, at start: config, tokenizer copy and manifest (a fresh or overwritten dir)."""
     root.mkdir(parents=True, exist_ok=True)
     if cfg.checkpoint.overwrite:
@@ -222,7 +222,7 @@ def prepare(root: Path, cfg, tokenizer_dir: Path, manifest: dict[str, Any]) -> N
     tok = root / "tokenizer"
     if tok.exists():
         shutil.rmtree(tok)
-    shutil.copytree(tokenizer_dir, tok)
+    tokenizer.copy_to(tok)                 # a `tokdir.TokenizerDir`
     old = read_run_manifest(root) if (root / MANIFEST).is_file() else {}
     # `domainlm run` skips a stage whose manifest fingerprint matches: set only once the run is
     # done (see save), so an interrupted run is resumed, not skipped.

@@ -352,12 +352,13 @@ def inputs(cfg: PretrainConfig) -> list[dict]:
     from pathlib import Path
 
     from domainlm.manifest import describe_inputs
+    from domainlm.tokenizer.tokdir import describe_input
 
     paths = [Path(cfg.tokenizer)] + [Path(s) for s in cfg.data.shards]
     for field_name, p in zip(["tokenizer"] + ["data.shards"] * len(cfg.data.shards), paths):
         if not p.is_dir():
             raise UserError(f"{field_name}: {str(p)!r} is not a directory")
-    return describe_inputs(paths)
+    return [describe_input(paths[0])] + describe_inputs(paths[1:])
 
 
 # -- named model sizes ---------------------------------------------------------------------------

@@ -59,11 +59,12 @@ def check(cfg) -> InitFrom | None:
     hint = f"--config {root / 'config.yaml'} sets them" if (root / "config.yaml").is_file() else "set them"
     src.check_architecture(cfg.model.architecture(), label, hint)
     tok = src.manifest.get("tokenizer", {})
-    if tok.get("sentencepiece") is False:
-        raise UserError(f"{label}: {cfg.init_from!r} has no SentencePiece tokenizer "
-                        f"({tok.get('why_not_sentencepiece')}); "
-                        "domainlm's shards and pretraining tokenize with SentencePiece, so this model can be "
-                        "converted back to HF but not pretrained further here")
+    if tok.get("pretrainable", tok.get("sentencepiece")) is False:
+        why = tok.get("why_not_pretrainable") or tok.get("why_not_sentencepiece")
+        fix = ("convert it again with this version of `domainlm convert from-hf`, which imports tokenizer.json too"
+               if "pretrainable" not in tok else "it can be converted back to HF but not pretrained further here")
+        raise UserError(f"{label}: {cfg.init_from!r} has no tokenizer the shards and pretraining can use ({why}); "
+                        f"{fix}")
     mine = load_tokenizer_dir(cfg.tokenizer)
     check_same(src.tokenizer_id, mine.identity, what=f"{label} {cfg.init_from!r}",
                mine_label=f"tokenizer {cfg.tokenizer!r}",

@@ -78,7 +78,7 @@ class Trainer:
             raise UserError("the shards' valid split holds less than one micro batch of windows; lower "
                             "train.micro_batch_size / train.seq_len or set eval.every=0")
         if self.rank == 0:
-            checkpoint.prepare(self.root, self.cfg, self.tok.path, self._manifest())
+            checkpoint.prepare(self.root, self.cfg, self.tok, self._manifest())
         dist.barrier()
         if resume_step is not None:
             self._resume(resume_step)
@@ -214,8 +214,7 @@ class Trainer:
         cfg = self.cfg
         return make_manifest(
             checkpoint.STAGE, cfg, inputs(cfg), model=cfg.model.architecture(),
-            tokenizer={"sha256": self.tok.sha256, "vocab_size": self.tok.vocab_size,
-                       "eos_id": self.tok.eos_id, "bos_id": self.tok.bos_id, "pad_id": self.tok.pad_id},
+            tokenizer={k: v for k, v in self.tok.entry().items() if k != "path"},
             padded_vocab_size=self.vocab, parameters=self.params, seq_len=cfg.train.seq_len)
 
     def _install_signal_handlers(self) -> None:

@@ -394,13 +394,14 @@ def test_init_from_checks_architecture_and_tokenizer(tokenizer_dir, shards, tmp_
     base = ["pretrain", "--data.shards", shards, "--checkpoint.dir", tmp_path / "run", *TRAIN]
     code, _, err = run_cli([*base, "--config", back / "config.yaml", "--model.ffn-hidden-size", 128], capsys)
     assert code == 2 and "holds a model of another architecture (model.ffn_hidden_size: 160 there, 128 here)" in err
-    # A model whose tokenizer has no SentencePiece model converts, but cannot be pretrained here.
+    # A model with only tokenizer.json converts with an HF tokenizer (tests/test_cpt_hf_tokenizer.py
+    # pretrains one); shards made with SentencePiece are another tokenizer's, refused before any compute.
     hf_only = stock_model(tmp_path / "hf_only", tokenizer_dir, spm=False)
     code, stdout, err = convert(capsys, "from-hf", "--model", hf_only, "--output", tmp_path / "back2", "--no-verify")
     assert code == 0, err
-    assert "HF files only (no tokenizer.model)" in stdout
+    assert "HF tokenizer.json (tokenizers library): shards and pretraining can use it" in stdout
     code, _, err = run_cli([*base, "--config", tmp_path / "back2" / "config.yaml"], capsys)
-    assert code == 2 and "has no SentencePiece tokenizer (no tokenizer.model)" in err, err
+    assert code == 2 and "built with another tokenizer" in err and "reshard" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 

@@ -42,8 +42,7 @@ def manifest_fields(result: dict, tok, dtype: str, n_files: int) -> dict:
         "near_duplicate_pairs": int(stats.get("near_duplicate_pairs", 0)),
         "renamed_duplicate_keys": sum(s["renamed_keys"] for s in result["shards"]),
     }
-    tokenizer = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                 "bos_id": tok.bos_id, "pad_id": tok.pad_id, "path": str(tok.path)}
+    tokenizer = tok.entry()
     return {"tokenizer": tokenizer, "token_dtype": dtype, "splits": splits, "dropped": dropped, "counts": counts}
 
 

@@ -32,6 +32,7 @@ from domainlm.data.beam import worker as beam_worker
 from domainlm.data.beam.read import Plan
 from domainlm.data.beam.write import DEAD_LETTER, SUMMARY  # noqa: F401 (re-exported)
 from domainlm.data.config import BeamArgs, ShardConfig
+from domainlm.tokenizer.tokdir import DocumentEncoder
 
 DIRECT = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
 
@@ -101,7 +102,7 @@ def make_runner(b: BeamArgs, options):
     return fn_runner.FnApiRunner(default_environment=env, provision_info=provision)
 
 
-def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes_per_token: float, root: str,
+def build(p, cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, bytes_per_token: float, root: str,
           progress_dir: str | None, spill_dir: str | None = None) -> None:
     """Add the pipeline's transforms to `p`; outputs go under `root`.
 
@@ -137,7 +138,7 @@ def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes
            # the blocks spread over the workers one by one (without it the DirectRunner hands
            # each worker the blocks one Read worker made, as they arrived in one buffer)
            | "Spread" >> beam.Reshuffle()
-           | "Tokenize" >> beam.ParDo(Tokenize(cfg, plan, model_proto, dtype, progress_dir, spill),
+           | "Tokenize" >> beam.ParDo(Tokenize(cfg, plan, encoder, dtype, progress_dir, spill),
                                       AsMultiMap(dedup.exact), AsMultiMap(candidates), AsList(read.units),
                                       AsList(read.sizes), AsList(dedup.dropped))
            .with_outputs("stats", main="pieces"))
@@ -152,7 +153,8 @@ def build(p, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes
                              AsList(read.units)))
 
 
-def run(cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes_per_token: float, root: str) -> dict:
+def run(cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, bytes_per_token: float,
+        root: str) -> dict:
     """Run the pipeline to the end; return the summary it wrote (read back and removed)."""
     import json
 
@@ -175,7 +177,7 @@ def run(cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, bytes_per_
         os.makedirs(spill_dir, exist_ok=True)
     with _Progress(plan, local) as prog:
         p = beam.Pipeline(runner=runner, options=options)
-        build(p, cfg, plan, model_proto, dtype, bytes_per_token, root, prog.directory, spill_dir)
+        build(p, cfg, plan, encoder, dtype, bytes_per_token, root, prog.directory, spill_dir)
         p.run().wait_until_finish()
     if spill_dir:
         shutil.rmtree(spill_dir)

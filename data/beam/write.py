@@ -2,7 +2,9 @@
 
 Tokenize: each document block looks up, in side inputs keyed by its chunk, the refs dropped as
 exact duplicates and the near-duplicate candidates to verify; the survivors are encoded in one
-SentencePiece batch call per block (the model is loaded once per worker, in setup), and each
+batch call per block (`tokdir.DocumentEncoder`: SentencePiece, or an HF tokenizer.json through the
+`tokenizers` library; no bos/eos, the loader puts the eos between documents; the tokenizer's bytes
+travel with the DoFn and it is loaded once per worker, in setup), and each
 document gets its key, its .json member and its shard: hash(key) mod the split's number of
 shards, which is the split's estimated bytes (summed by the read stage, less the exact
 duplicates) over --shard-bytes. Estimated, from the tokenizer's bytes per token, rather than
@@ -32,6 +34,7 @@ from domainlm.data.beam.read import Plan
 from domainlm.data.beam.spill import Spill
 from domainlm.data.config import ShardConfig
 from domainlm.data.shards import SHARD_PATTERN, SPLITS, ShardWriter, sample_keys
+from domainlm.tokenizer.tokdir import DocumentEncoder
 
 U64 = np.uint64
 _SALT_SHARD = 0x5348415244  # "SHARD"
@@ -57,17 +60,15 @@ class Tokenize(beam.DoFn):
     'stats' on the side. Side inputs keyed by chunk: exact drops, near-duplicate candidates
     (a, b, signature of a); and the chunks' line counts, the estimated sizes."""
 
-    def __init__(self, cfg: ShardConfig, plan: Plan, model_proto: bytes, dtype: str, progress_dir: str | None,
+    def __init__(self, cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, progress_dir: str | None,
                  spill: Spill):
-        self.cfg, self.plan, self.model_proto, self.dtype = cfg, plan, model_proto, np.dtype(dtype)
+        self.cfg, self.plan, self.encoder, self.dtype = cfg, plan, encoder, np.dtype(dtype)
         self.progress_dir, self.spill = progress_dir, spill
         d = cfg.dedup
         self.bands = optimal_bands(d.threshold, d.num_perm)
 
     def setup(self):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        self.encoder([])                  # loads the tokenizer once per worker, before the first block
         d = self.cfg.dedup
         self.minhash = MinHasher(d.num_perm, d.shingle_words, self.cfg.seed, d.threshold, self.bands)
         self.report = Reporter(self.progress_dir, "tokenize")
@@ -92,7 +93,7 @@ class Tokenize(beam.DoFn):
         if not keep.any():
             return
         idx = np.flatnonzero(keep)
-        encoded = self.sp.encode([block["texts"][i] for i in idx], num_threads=1)
+        encoded = self.encoder([block["texts"][i] for i in idx])
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(lengths.sum()))
         keys, keyhash, metas = self._describe(chunk, refs[idx], [block["ids"][i] for i in idx], lengths)

@@ -1,4 +1,5 @@
-"""`domainlm convert to-hf` and `domainlm convert from-hf`: Megatron <-> Hugging Face Llama.
+"""`domainlm convert to-hf` and `domainlm convert from-hf`: Megatron <-> Hugging Face Llama
+(and the entry point of `domainlm convert from-gguf`, whose work is in convert/gguf.py).
 
 to-hf:   checkpoint dir (any TP/PP layout) -> one CPU process at TP=1 -> LlamaForCausalLM files
          -> both models on the same prompts (logits within the dtype's tolerance) -> commit.
@@ -22,7 +23,7 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file, sha256_json, write_json
 from domainlm.progress import log, summary
-from domainlm.pretrain.convert.config import ConvertFromHFConfig, ConvertToHFConfig, parse_size
+from domainlm.pretrain.convert.config import ConvertFromHFConfig, ConvertToHFConfig, FromGGUFConfig, parse_size
 
 TO_HF = stages.CONVERT_TO_HF
 FROM_HF = stages.CONVERT_FROM_HF
@@ -215,14 +216,32 @@ def _write_run_config(path: Path, cfg: ConvertFromHFConfig, m, tok: dict) -> Non
             "parallel": {"tensor": cfg.tp, "pipeline": cfg.pp}}
     note = ("# Make shards with this model's tokenizer first:\n"
             f"#   domainlm data shard --tokenizer {out / 'tokenizer'} --input CORPUS --output SHARDS\n"
-            if tok["sentencepiece"] else
-            f"# NOTE: this tokenizer has no SentencePiece model ({tok.get('why_not_sentencepiece')}); domainlm's\n"
-            "# shards and pretraining tokenize with SentencePiece, so pretraining refuses this checkpoint.\n")
+            if _pretrainable(tok) else
+            f"# NOTE: shards and pretraining cannot use this tokenizer ({_why_not(tok)}),\n"
+            "# so pretraining refuses this checkpoint; it still converts back to HF.\n")
     path.write_text(
         f"# domainlm pretrain --config {out / 'config.yaml'} --data.shards SHARDS --checkpoint.dir NEW_DIR\n"
         f"# Continue pretraining {cfg.model} (converted by `domainlm convert from-hf`): weights from\n"
         "# init_from; optimizer, schedule and step start afresh. Set train/optim/schedule as for any run.\n"
         + note + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _pretrainable(tok: dict) -> bool:
+    """Whether shards and pretraining can use the imported tokenizer (entries written before HF
+    tokenizers were supported only say "sentencepiece")."""
+    return bool(tok.get("pretrainable", tok.get("sentencepiece")))
+
+
+def _why_not(tok: dict) -> str:
+    return str(tok.get("why_not_pretrainable") or tok.get("why_not_sentencepiece") or "unknown")
+
+
+def _describe_tokenizer(tok: dict) -> str:
+    if not _pretrainable(tok):
+        return f"HF files only ({_why_not(tok)}): converts back to HF; pretraining cannot continue from it"
+    if tok.get("kind") == "hf":
+        return "HF tokenizer.json (tokenizers library): shards and pretraining can use it"
+    return "SentencePiece: shards and pretraining can use it"
 
 
 def _summary_from_hf(cfg, m, tok, padded, source, dtype, report, seconds) -> None:
@@ -235,12 +254,26 @@ def _summary_from_hf(cfg, m, tok, padded, source, dtype, report, seconds) -> Non
                       f"tied {m.tie_embeddings}"),
             ("vocab", f"tokenizer {tok['vocab_size']}, HF rows {source['hf_vocab_rows']}, megatron rows {padded}"
                       + (f" ({source['rows_dropped']} unused HF rows dropped)" if source["rows_dropped"] else "")),
-            ("tokenizer", "SentencePiece: shards and pretraining can use it" if tok["sentencepiece"] else
-                          f"HF files only ({tok.get('why_not_sentencepiece')}): converts back to HF; "
-                          "pretraining cannot continue from it"),
+            ("tokenizer", _describe_tokenizer(tok)),
             ("checkpoint", f"{out / 'iter_0000000'} ({str(dtype).removeprefix('torch.')}), "
                            f"for TP={cfg.tp} PP={cfg.pp}"),
             ("verification", describe(report) if report else "skipped (--no-verify)"),
             ("continue", f"domainlm pretrain --config {out / 'config.yaml'} --data.shards SHARDS --checkpoint.dir DIR"),
             ("time", f"{seconds:.1f}s")]
     summary("domainlm convert from-hf", rows)
+
+
+# -- from-gguf ------------------------------------------------------------------------------------
+
+
+def inputs_from_gguf(cfg: FromGGUFConfig) -> list[dict]:
+    from domainlm.pretrain.convert.gguf import describe_inputs
+
+    return describe_inputs(cfg)
+
+
+def from_gguf(cfg: FromGGUFConfig) -> dict:
+    """Entry point of `domainlm convert from-gguf` (the work: convert/gguf.py)."""
+    from domainlm.pretrain.convert.gguf import convert
+
+    return convert(cfg)

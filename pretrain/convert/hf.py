@@ -78,13 +78,16 @@ def import_tokenizer(model_dir: Path, dst: Path) -> dict[str, Any]:
     """Copy the HF model's tokenizer into `dst` for pretraining; returns the manifest's tokenizer
     entry.
 
-    `domainlm data shard` and `domainlm pretrain` tokenize with SentencePiece. When the model has
-    a SentencePiece tokenizer.model that covers the whole HF vocabulary, `dst` also gets a
-    tokenizer-dir manifest (the fields `load_tokenizer_dir` reads), so shards can be made with it
-    and pretraining continued. Otherwise (e.g. Llama 3's tiktoken-style BPE) the dir holds only
-    the HF files: the checkpoint still converts back to HF, and pretraining refuses it clearly.
+    `dst` gets a tokenizer-dir manifest (stage "tokenizer import", the fields `load_tokenizer_dir`
+    reads) when the shard pipeline and pretraining can use the tokenizer: a SentencePiece
+    tokenizer.model that covers the whole HF vocabulary (Llama 1/2, Mistral, TinyLlama), else an
+    HF tokenizer.json (Llama 3, SmolLM2: byte-level BPE, encoded with the `tokenizers` library),
+    checked against transformers' tokenizer (vocab size, special ids, the encoding of fixed
+    texts). Otherwise the dir holds only the HF files, the entry says why (`why_not_pretrainable`):
+    the checkpoint still converts back to HF, and pretraining refuses it saying why.
     """
-    from domainlm.pretrain.convert.verify import tokenizer_parity
+    from domainlm.pretrain.convert.verify import encoder_parity, tokenizer_parity
+    from domainlm.tokenizer.tokdir import HF, SENTENCEPIECE, load_tokenizer_dir
 
     names = copy_tokenizer(model_dir, dst)
     if not names:
@@ -92,38 +95,86 @@ def import_tokenizer(model_dir: Path, dst: Path) -> dict[str, Any]:
                         "a converted checkpoint needs the model's tokenizer")
     hf = load_tokenizer(dst, f"model {str(model_dir)!r}")
     entry: dict[str, Any] = {"vocab_size": len(hf), "bos_id": _or(hf.bos_token_id), "eos_id": _or(hf.eos_token_id),
-                             "pad_id": _or(hf.pad_token_id), "sha256": None, "sentencepiece": False,
-                             "files": names, "source": str(model_dir)}
-    spm_file = dst / "tokenizer.model"
-    if not spm_file.is_file():
-        entry["why_not_sentencepiece"] = "no tokenizer.model"
+                             "pad_id": _or(hf.pad_token_id), "sha256": None, "kind": None, "sentencepiece": False,
+                             "pretrainable": False, "files": names, "source": str(model_dir)}
+    if (dst / "tokenizer.json").is_file():
+        try:
+            tok = load_tokenizer_dir(dst)
+        except UserError as e:
+            entry["why_not_pretrainable"] = str(e)
+            return entry
+    elif (dst / "tokenizer.model").is_file():
+        tok = _sentencepiece_only(dst, len(hf), entry)
+        if tok is None:
+            return entry
+    else:
+        entry["why_not_pretrainable"] = "neither tokenizer.model nor tokenizer.json"
         return entry
-    import sentencepiece as spm
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(spm_file))
-    except Exception as e:  # noqa: BLE001
-        entry["why_not_sentencepiece"] = f"tokenizer.model does not load in SentencePiece ({e})"
+    why = _differs_from_transformers(tok, hf)
+    if why:
+        entry["why_not_pretrainable"] = why
         return entry
-    if sp.get_piece_size() != len(hf):
-        entry["why_not_sentencepiece"] = (f"tokenizer.model has {sp.get_piece_size()} pieces, the HF tokenizer "
-                                          f"{len(hf)} tokens")
-        return entry
-    digest = sha256_file(spm_file)
-    entry.update(sha256=digest, sentencepiece=True, vocab_size=sp.get_piece_size(), bos_id=sp.bos_id(),
-                 eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(), hf_parity=tokenizer_parity(sp, hf))
+    if tok.kind == SENTENCEPIECE:
+        entry["hf_parity"] = tokenizer_parity(tok.processor(), hf)
+    else:
+        entry["hf_parity"] = parity = encoder_parity(tok.encode, hf)
+        if parity["id_mismatches"]:
+            entry["why_not_pretrainable"] = (
+                f"tokenizer.json encodes {parity['id_mismatches']} of {parity['documents']} test texts differently "
+                f"in the tokenizers library than in transformers (first: {parity['first_mismatch']!r})")
+            return entry
+    entry.update(tok.entry(), sentencepiece=tok.kind == SENTENCEPIECE, pretrainable=True)
+    entry.pop("path")
+    files = {n: sha256_file(dst / n) for n in names}
     # The tokenizer-dir contract (ARCHITECTURE.md) as `load_tokenizer_dir` reads it; the manifest says
     # this dir was imported, not trained.
     write_json(dst / "manifest.json", {
         "stage": stages.TOKENIZER_IMPORT,
         "imported_by": "domainlm convert from-hf",
-        "fingerprint": sha256_json({"imported": digest, "files": {n: sha256_file(dst / n) for n in names}}),
+        "fingerprint": sha256_json({"imported": tok.sha256, "files": files}),
         "config": {},
         "inputs": [{"path": str(model_dir), "files": names}],
-        "tokenizer": {"model_type": "imported", "vocab_size": sp.get_piece_size(), "sha256": digest,
-                      "unk_id": sp.unk_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id()},
+        "tokenizer": {"model_type": "imported", **{k: v for k, v in tok.entry().items() if k != "path"},
+                      **({"files": {"tokenizer.json": files["tokenizer.json"]}} if tok.kind == HF else {})},
     })
     return entry
+
+
+def _sentencepiece_only(dst: Path, n_hf: int, entry: dict[str, Any]):
+    """A model with tokenizer.model and no tokenizer.json: its SentencePiece tokenizer when it
+    loads and covers transformers' vocabulary (entry["why_not_pretrainable"] says why not)."""
+    import sentencepiece as spm
+
+    from domainlm.tokenizer.tokdir import SENTENCEPIECE, TokenizerDir
+
+    f = dst / "tokenizer.model"
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(f))
+    except Exception as e:  # noqa: BLE001
+        entry["why_not_pretrainable"] = (f"tokenizer.model does not load in SentencePiece ({e}) and there is no "
+                                         "tokenizer.json")
+        return None
+    if sp.get_piece_size() != n_hf:
+        entry["why_not_pretrainable"] = (f"tokenizer.model has {sp.get_piece_size()} pieces, the HF tokenizer {n_hf} "
+                                         "tokens, and there is no tokenizer.json")
+        return None
+    return TokenizerDir(path=dst, kind=SENTENCEPIECE, model_file=f, sha256=sha256_file(f),
+                        vocab_size=sp.get_piece_size(), bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(),
+                        unk_id=sp.unk_id(), manifest={})
+
+
+def _differs_from_transformers(tok, hf) -> str | None:
+    """Why the shards' tokenizer would not be the one transformers loads from the same files, or None."""
+    if tok.vocab_size != len(hf):
+        return (f"the {tok.kind} tokenizer has {tok.vocab_size} tokens, transformers' tokenizer of the same files "
+                f"{len(hf)}")
+    if tok.kind == "hf":                     # SentencePiece's own ids are what its HF export was checked against
+        for key in ("bos", "eos", "pad"):
+            theirs = _or(getattr(hf, f"{key}_token_id"))
+            if getattr(tok, f"{key}_id") != theirs:
+                return (f"its {key} id is {getattr(tok, f'{key}_id')} in tokenizer_config.json / "
+                        f"special_tokens_map.json, {theirs} in transformers")
+    return None
 
 
 def _or(i: int | None) -> int:

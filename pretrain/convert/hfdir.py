@@ -20,11 +20,8 @@ import torch
 
 from domainlm.errors import UserError
 from domainlm.manifest import MANIFEST, write_json
+from domainlm.tokenizer.tokdir import TOKENIZER_FILES  # noqa: F401 (the one list; re-exported)
 
-# Tokenizer files an HF model dir may hold (AutoTokenizer reads them; llama.cpp's converter reads
-# tokenizer.model or tokenizer.json).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
 CHAT_END = "<|im_end|>"
@@ -226,7 +223,9 @@ class HFDir:
         t = self.chat_template
         if not t:
             raise UserError(f"model {str(self.path)!r} has no chat template (chat_template.jinja or "
-                            f"tokenizer_config.json's chat_template); {what} needs one: give --chat-template FILE")
+                            f"tokenizer_config.json's chat_template); {what} needs one: give --chat-template "
+                            f"FILE.jinja, or put the template in {str(self.path / 'chat_template.jinja')!r} "
+                            "(from a GGUF: `domainlm convert from-gguf ... --chat-template FILE.jinja`)")
         return t
 
 

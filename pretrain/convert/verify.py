@@ -60,10 +60,29 @@ def describe(report: dict[str, Any]) -> str:
             f"{report['new_tokens']} tokens identical on {same}/{len(report['prompts'])} prompts")
 
 
+PARITY_TEXTS_EXTRA = ["Hello world! Numbers 12345, symbols <>{}[] and ünïcödé.\nA second line.",
+                      "  leading spaces,\ttabs and\n\n\nblank lines; 3.14159 == pi?  <|im_end|> inside text"]
+
+
+def _parity_texts() -> list[str]:
+    from domainlm.pretrain.convert.config import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS + PARITY_TEXTS_EXTRA
+
+
 def tokenizer_parity(sp, hf_tok) -> dict[str, Any]:
     """SentencePiece vs the HF tokenizer on fixed texts (an imported tokenizer should agree)."""
-    from domainlm.pretrain.convert.config import DEFAULT_PROMPTS
     from domainlm.tokenizer.hf_export import parity
 
-    texts = DEFAULT_PROMPTS + ["Hello world! Numbers 12345, symbols <>{}[] and ünïcödé.\nA second line."]
-    return parity(sp, hf_tok, texts)
+    return parity(sp, hf_tok, _parity_texts()[:-1])
+
+
+def encoder_parity(encode, hf_tok) -> dict[str, Any]:
+    """The shards' encoding (`tokdir.DocumentEncoder`: the `tokenizers` library on tokenizer.json)
+    vs transformers' tokenizer (what fine-tuning, serving and evaluation run) on fixed texts,
+    without special tokens added."""
+    texts = _parity_texts()
+    ours = encode(texts)
+    theirs = [hf_tok.encode(t, add_special_tokens=False) for t in texts]
+    bad = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    return {"documents": len(texts), "id_mismatches": len(bad), "first_mismatch": bad[0][:60] if bad else None}
