@@ -89,6 +89,11 @@ COMMANDS: list[Command] = [
         inputs="domainlm.pretrain.convert.command:inputs_from_gguf",
     ),
     Command(
+        stages.CONVERT_BASE, "the base model as an HF dir: a packaged base, a GGUF file or an HF dir",
+        run="domainlm.pretrain.convert.base:prepare", config="domainlm.pretrain.convert.config:BaseConfig",
+        inputs="domainlm.pretrain.convert.base:inputs",
+    ),
+    Command(
         "finetune sft", "instruction-tune an HF Llama model: LoRA / DoRA / QLoRA (peft) or full, answer-only loss",
         run="domainlm.finetune.command:sft", config="domainlm.finetune.config:SFTConfig",
         inputs="domainlm.finetune.inputs:inputs",

@@ -54,6 +54,9 @@ class PipelineConfig:
     """Where the stages write; available to values as ${workdir}."""
     vars: dict[str, str] = field(default_factory=dict)
     """More ${name} substitutions for stage values."""
+    files: list[str] = field(default_factory=list)
+    """The vars that name the user's input files or dirs (a corpus, QA files): each must exist
+    (FILE:SPLIT and globs allowed) before any stage runs, so a mistyped path stops the run at once."""
     stages: dict[str, StageSpec] = field(default_factory=dict)
     """Stages by name, in the order they run."""
 
@@ -103,6 +106,9 @@ def load_pipeline(path: str, extra: list[str] | None = None, variables: list[str
             pipe.workdir = value
         else:
             pipe.vars[name] = value
+    for name in pipe.files:
+        if name not in pipe.vars:
+            raise UserError(f"{path}: files: {name!r} is not one of its vars ({', '.join(pipe.vars)})")
     env = {"workdir": pipe.workdir, **pipe.vars}
     for item in extra or []:
         key, eq, value = item.partition("=")
@@ -192,6 +198,17 @@ def run_command(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _check_file_var(name: str, value: str, path: str) -> None:
+    import glob
+
+    from domainlm.qa import split_spec
+
+    target = split_spec(value)[0] if not Path(value).exists() else value
+    if not Path(target).exists() and not glob.glob(target):
+        raise UserError(f"--var {name}={value}: no such file or directory; give the path of your {name} "
+                        f"(the defaults in {path} are placeholders), e.g. --var {name}=data/law/{Path(value).name}")
+
+
 def run_pipeline(path: str, *, set_values: list[str] = (), var_values: list[str] = (), only: list[str] | None = None,
                  force: list[str] | None = None, dry_run: bool = False, skip_commands: tuple[str, ...] = ()) -> None:
     """`domainlm run PATH`; stages whose command is in `skip_commands` are left out (`compare`
@@ -199,6 +216,9 @@ def run_pipeline(path: str, *, set_values: list[str] = (), var_values: list[str]
     from domainlm.cli import resolve
 
     pipe, stages = load_pipeline(path, list(set_values), list(var_values))
+    if not dry_run:
+        for name in pipe.files:
+            _check_file_var(name, pipe.vars[name], path)
     stages = [s for s in stages if s[1].name not in skip_commands]
     names = [n for n, _, _ in stages]
     for n in (only or []) + (force or []):

@@ -17,6 +17,8 @@ CONVERT_TO_HF = "convert to-hf"
 CONVERT_FROM_HF = "convert from-hf"
 CONVERT_FROM_GGUF = "convert from-gguf"
 """An HF dir dequantized from a Llama-family GGUF (an existing model as a base)."""
+CONVERT_BASE = "convert base"
+"""The base model of a pipeline as an HF dir: a packaged base, a GGUF file or an HF dir."""
 FINETUNE_SFT = "finetune sft"
 FINETUNE_MERGE = "finetune merge"
 INDEX_BUILD = "index build"
@@ -33,5 +35,5 @@ TOKENIZER_DIRS = (TOKENIZER_TRAIN, TOKENIZER_IMPORT)
 """Stages whose output is a tokenizer dir."""
 CHECKPOINT_DIRS = (PRETRAIN, CONVERT_FROM_HF)
 """Stages whose output is a megatron checkpoint dir."""
-HF_DIRS = (CONVERT_TO_HF, CONVERT_FROM_GGUF, FINETUNE_MERGE)
+HF_DIRS = (CONVERT_TO_HF, CONVERT_FROM_GGUF, CONVERT_BASE, FINETUNE_MERGE)
 """Stages whose output is an HF dir."""

@@ -36,7 +36,7 @@ def _inputs(*paths: str | None) -> list[dict]:
 
 
 def qa(cfg) -> int:
-    from domainlm.eval.generate import Generator, cpu_threads
+    from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.prompts import load_library
     from domainlm.eval.qa import Approach, answer_and_score, summarize
 
@@ -50,7 +50,8 @@ def qa(cfg) -> int:
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.index)
-    gen = Generator(cfg.model, cfg.adapter, device=device_of(cfg.gen.device))
+    device = device_of(cfg.gen.device)
+    gen = Generator(cfg.model, cfg.adapter, device=device, dtype=torch_dtype(cfg.gen.dtype, device))
     approach = Approach(mode=cfg.mode, template=cfg.prompt.template, shots=cfg.prompt.shots, top_k=cfg.rag.top_k,
                         retrieval_mode=cfg.rag.mode)
     with StageOutput(cfg.output, stages.EVAL_QA, overwrite=cfg.overwrite) as out, cpu_threads(cfg.gen.threads):

@@ -1,19 +1,24 @@
 """`domainlm compare`: every approach the config can build answers the same held-out questions.
 
-    zero-shot   the base model, the prompt template picked on the dev split
-    few-shot    the same with k worked examples from the train data (k picked on the dev split)
-    rag         the base model with the index's sources in the prompt
-    sft         the SFT adapter (trained on the QA train split), the question as it was trained
-    sft+rag     the SFT+RAG adapter (trained on prompts with retrieved sources) with retrieval
-    scratch / continued   extra HF models named by the config, zero-shot
+Two families of models, each with the same approaches:
+    (no prefix)  an existing base model (a GGUF or HF dir the user brings, e.g. SmolLM2-135M)
+    scratch/     the model pretrained from scratch on the domain
+
+    zero-shot    the base model, the prompt template picked on the dev split
+    few-shot     the same with k worked examples from the train data (k picked on the dev split)
+    rag          the base model with the index's sources in the prompt
+    sft          the SFT adapter (trained on the QA train split), the question as it was trained
+    sft+rag      the SFT+RAG adapter (trained on prompts with retrieved sources) with retrieval
+    cpt+sft+rag  the base continued on the domain shards, then its SFT+RAG adapter, with retrieval
 
 Per approach: exact match, token F1, contains (and for RAG: gold retrieved, citation correct,
-faithfulness), consistency (agreement across three phrasings of the prompt, and across sampling
-seeds), latency p50/p95 answering one question at a time, cost in CPU- or GPU-seconds per 1,000
-questions, and for the trained approaches the training cost. Plus decontamination: 13-gram
+faithfulness), each with a 95% bootstrap interval and a paired bootstrap against the best
+(`eval/stats.py`), consistency (agreement across three phrasings of the prompt, and across
+sampling seeds), latency p50/p95 answering one question at a time, cost in CPU- or GPU-seconds per
+1,000 questions, and for the trained approaches the training cost. Plus decontamination: 13-gram
 overlap of the test items with each approach's training sources (and, for RAG, with the index,
-which holds the gold documents by design), and a hard check that no test question is in the SFT
-data.
+which holds the gold documents by design), a hard check that no test question is in the SFT
+data, and a verdict in words.
 """
 
 from __future__ import annotations
@@ -28,38 +33,58 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.eval import metrics
 from domainlm.eval.command import device_of, library_path
-from domainlm.eval.config import CompareConfig
+from domainlm.eval.config import CompareConfig, Inputs
 from domainlm.eval.prompts import PromptLibrary, load_library
 from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
-from domainlm.eval.stats import add_statistics
+from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import markdown_table
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
 from domainlm.qa import QA, read_qa, sample, split_spec
 
 NEEDS = {"zero-shot": ("model",), "few-shot": ("model",), "rag": ("model", "index"), "sft": ("model", "sft"),
-         "sft+rag": ("model", "sft_rag", "index"), "scratch": ("scratch",), "continued": ("continued",)}
-BUILT_BY = {"model": "convert to-hf (stage `convert`)", "index": "index build (stage `index`)",
+         "sft+rag": ("model", "sft_rag", "index"), "cpt+sft+rag": ("cpt_model", "cpt_sft_rag", "index")}
+BUILT_BY = {"model": "convert from-gguf or convert to-hf (stage `base` or `convert`)", "index": "index build (stage `index`)",
             "sft": "finetune sft (stage `finetune`)", "sft_rag": "finetune sft on eval rag-data (stage `finetune_rag`)",
-            "scratch": "pretrain + convert to-hf of a from-scratch run", "continued": "convert from-hf + pretrain + convert to-hf"}
+            "cpt_model": "convert from-hf + pretrain --init-from + convert to-hf (stages `cpt_*`)",
+            "cpt_sft_rag": "finetune sft of the CPT model on eval rag-data (stage `cpt_finetune_rag`)"}
 PHRASINGS = 3
 
 
+def family_of(name: str) -> tuple[str, str]:
+    """'scratch/sft+rag' -> ('scratch', 'sft+rag'); 'rag' -> ('', 'rag')."""
+    fam, _, approach = name.rpartition("/")
+    return fam, approach
+
+
+def family_inputs(cfg: CompareConfig, fam: str) -> Inputs:
+    """The inputs of a family; the scratch family shares the base's index when it names none."""
+    if not fam:
+        return cfg.inputs
+    from dataclasses import replace
+
+    return replace(cfg.scratch, index=cfg.scratch.index or cfg.inputs.index)
+
+
 def inputs(cfg: CompareConfig) -> list[dict]:
-    i = cfg.inputs
-    paths = [i.model, i.index, i.sft, i.sft_rag, i.scratch, i.continued] + [*cfg.qa.train, *cfg.qa.test]
-    return describe_inputs([Path(split_spec(p)[0]) for p in paths if p])
+    paths = []
+    for i in (cfg.inputs, cfg.scratch):
+        paths += [i.model, i.index, i.sft, i.sft_rag, i.cpt_model, i.cpt_sft_rag]
+    paths += [*cfg.qa.train, *cfg.qa.test]
+    return describe_inputs(sorted({Path(split_spec(p)[0]) for p in paths if p}))
 
 
 def check_inputs(cfg: CompareConfig) -> None:
     for a in cfg.approaches:
-        for need in NEEDS[a]:
-            path = getattr(cfg.inputs, need)
+        fam, approach = family_of(a)
+        section = f"{fam or 'inputs'}"
+        for need in NEEDS[approach]:
+            path = getattr(family_inputs(cfg, fam), need)
             if not path:
-                raise UserError(f"approach {a!r} needs inputs.{need}, built by {BUILT_BY[need]}; set it, or drop "
+                raise UserError(f"approach {a!r} needs {section}.{need}, built by {BUILT_BY[need]}; set it, or drop "
                                 f"{a!r} from approaches")
             if not Path(path).is_dir():
-                raise UserError(f"approach {a!r}: inputs.{need} {path!r} does not exist yet; it is built by "
+                raise UserError(f"approach {a!r}: {section}.{need} {path!r} does not exist yet; it is built by "
                                 f"{BUILT_BY[need]}")
     if not cfg.qa.test or not cfg.qa.train:
         raise UserError("qa.train and qa.test: give the QA train and test files (e.g. qa.jsonl:train, qa.jsonl:test)")
@@ -133,7 +158,7 @@ def training_cost(adapter_dir: str | None) -> dict[str, Any] | None:
 
 def run(cfg: CompareConfig) -> int:
     from domainlm.eval.decontam import build_index, contaminated, summary as decontam_summary
-    from domainlm.eval.generate import Generator, cpu_threads
+    from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.report_chart import compare_chart
 
     if cfg.pipeline:
@@ -152,40 +177,51 @@ def run(cfg: CompareConfig) -> int:
     library = load_library(library_path(cfg.prompt.library))
     device = device_of(cfg.gen.device)
     retriever = None
-    if any(a in ("rag", "sft+rag") for a in cfg.approaches):
+    if any(family_of(a)[1] in ("rag", "sft+rag", "cpt+sft+rag") for a in cfg.approaches):
         from domainlm.serve.retrieve import open_retriever
 
-        retriever = open_retriever(cfg.inputs.index, device=device)
+        retriever = open_retriever(cfg.inputs.index or cfg.scratch.index, device=device)
+    families = list(dict.fromkeys(family_of(a)[0] for a in cfg.approaches))
+    dtype = torch_dtype(cfg.gen.dtype, device)
     with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):
         (out.tmp / "approaches").mkdir()
-        base = Generator(cfg.inputs.model, device=device) if cfg.inputs.model else None
-        choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else {"template": cfg.prompt.template,
-                                                                                     "shots": cfg.prompt.shots}
-        log.info("prompt picked on %d dev questions: template %r, %d shots", len(dev), choice["template"], choice["shots"])
-        decontam = _decontamination(test, cfg, build_index, contaminated, decontam_summary)
         results: dict[str, dict[str, Any]] = {}
         records: dict[str, list[dict[str, Any]]] = {}
-        for name in cfg.approaches:
-            log.info("approach %s: %d questions", name, len(test))
-            gen, approach = _approach(name, cfg, choice, base, device)
-            recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever, seed=cfg.qa.seed,
-                                          max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
-            records[name] = recs
-            with open(out.tmp / "approaches" / f"{name.replace('+', '_')}.jsonl", "w", encoding="utf-8") as f:
-                for r in recs:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
-                          max_new_tokens=cfg.gen.max_new_tokens)
-            cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
-                               retriever=retriever)
-            unit = "gpu_s" if device == "cuda" else "cpu_s"
-            per_1k = (cost["wall_s"] if device == "cuda" else cost["cpu_s"]) * 1000 / max(1, len(test))
-            results[name] = {**summarize(recs), "template": approach.template, "shots": approach.shots,
-                             "latency": lat, "consistency": cons, "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
-                             "training": training_cost({"sft": cfg.inputs.sft, "sft+rag": cfg.inputs.sft_rag}.get(name)),
-                             "decontamination": decontam.get(name)}
-        report = {"questions": len(test), "device": device, "prompt_choice": choice, "approaches": results,
+        choices: dict[str, dict[str, Any]] = {}
+        decontam: dict[str, Any] = {}
+        for fam in families:
+            fin = family_inputs(cfg, fam)
+            names = [a for a in cfg.approaches if family_of(a)[0] == fam]
+            base = Generator(fin.model, device=device, dtype=dtype) if fin.model else None
+            choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else \
+                {"template": cfg.prompt.template, "shots": cfg.prompt.shots}
+            choices[fam or "base"] = choice
+            log.info("%sprompt picked on %d dev questions: template %r, %d shots", f"{fam}: " if fam else "", len(dev),
+                     choice["template"], choice["shots"])
+            decontam.update(_decontamination(test, fin, names, build_index, contaminated, decontam_summary))
+            for name in names:
+                log.info("approach %s: %d questions", name, len(test))
+                gen, approach = _approach(family_of(name)[1], fin, choice, base, device, cfg.rag, dtype)
+                recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever,
+                                              seed=cfg.qa.seed, max_new_tokens=cfg.gen.max_new_tokens,
+                                              batch_size=cfg.gen.batch_size)
+                records[name] = recs
+                with open(out.tmp / "approaches" / record_file(name), "w", encoding="utf-8") as f:
+                    for r in recs:
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
+                              max_new_tokens=cfg.gen.max_new_tokens)
+                cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
+                                   retriever=retriever) if cfg.consistency_questions else {}
+                unit = "gpu_s" if device == "cuda" else "cpu_s"
+                per_1k = (cost["wall_s"] if device == "cuda" else cost["cpu_s"]) * 1000 / max(1, len(test))
+                results[name] = {**summarize(recs), "template": approach.template, "shots": approach.shots,
+                                 "latency": lat, "consistency": cons,
+                                 "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
+                                 "training": _training(family_of(name)[1], fin), "decontamination": decontam.get(name)}
+        report = {"questions": len(test), "device": device, "dtype": str(dtype).removeprefix("torch."), "prompt_choice": choices.get("base") or choices[families[0]],
+                  "prompt_choices": choices, "approaches": results,
                   "decontamination_sources": decontam.get("_sources")}
         add_statistics(report, records, seed=cfg.qa.seed)
         write_json(out.tmp / "compare.json", report)
@@ -195,34 +231,40 @@ def run(cfg: CompareConfig) -> int:
         out.commit(make_manifest(stages.COMPARE, cfg, inputs(cfg), summary={
             k: {"exact_match": v["exact_match"], "f1": v["f1"]} for k, v in results.items()}))
     print(table)
-    best = max(results, key=lambda k: (results[k]["exact_match"], results[k]["f1"]))
-    summary("compare", [("questions", len(test)), ("best by exact match", f"{best} ({results[best]['exact_match']:.3f})"),
+    best = report["best"]
+    summary("compare", [("questions", len(test)), ("best by F1", f"{best} ({results[best]['f1']:.3f})"),
+                        ("verdict", report["verdict"]),
                         ("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
     return 0
 
 
-def _approach(name: str, cfg: CompareConfig, choice: dict, base, device: str):
+def _approach(approach: str, fin: Inputs, choice: dict, base, device: str, rag_args, dtype):
     from domainlm.eval.generate import Generator
 
-    i = cfg.inputs
-    if name == "zero-shot":
+    rag = dict(top_k=rag_args.top_k, retrieval_mode=rag_args.mode)
+    if approach == "zero-shot":
         return base, Approach("zero-shot", choice["template"])
-    if name == "few-shot":
+    if approach == "few-shot":
         return base, Approach("few-shot", choice["template"], shots=choice["shots"])
-    if name == "rag":
-        return base, Approach("rag", choice["template"], top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode)
-    if name == "sft":
-        return Generator(i.model, i.sft, device=device), Approach("zero-shot", "plain")
-    if name == "sft+rag":
-        return (Generator(i.model, i.sft_rag, device=device),
-                Approach("rag", "plain", top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode))
-    return Generator(getattr(i, name), device=device), Approach("zero-shot", choice["template"])
+    if approach == "rag":
+        return base, Approach("rag", choice["template"], **rag)
+    if approach == "sft":
+        return Generator(fin.model, fin.sft, device=device, dtype=dtype), Approach("zero-shot", "plain")
+    if approach == "sft+rag":
+        return Generator(fin.model, fin.sft_rag, device=device, dtype=dtype), Approach("rag", "plain", **rag)
+    if approach == "cpt+sft+rag":
+        return Generator(fin.cpt_model, fin.cpt_sft_rag, device=device, dtype=dtype), Approach("rag", "plain", **rag)
+    raise AssertionError(approach)
+
+
+def _training(approach: str, fin: Inputs) -> dict[str, Any] | None:
+    return training_cost({"sft": fin.sft, "sft+rag": fin.sft_rag, "cpt+sft+rag": fin.cpt_sft_rag}.get(approach))
 
 
 def _test_questions_in_training(test: list[QA], train: list[QA], cfg: CompareConfig) -> list[str]:
     """Test questions (normalised) that occur in the QA train data or the SFT data files."""
     seen = {metrics.normalize(qa.question) for qa in train}
-    for path in cfg.inputs.sft_data:
+    for path in [*cfg.inputs.sft_data, *cfg.scratch.sft_data]:
         for qa in read_qa(path) if _is_qa_file(path) else []:
             seen.add(metrics.normalize(qa.question))
     return [qa.question for qa in test if metrics.normalize(qa.question) in seen]
@@ -241,25 +283,29 @@ def _is_qa_file(path: str) -> bool:
     return isinstance(rec, dict) and "question" in rec
 
 
-def _decontamination(test: list[QA], cfg: CompareConfig, build_index, contaminated, summarize_flags) -> dict[str, Any]:
-    """13-gram overlap of the test items with each approach's sources."""
+def _decontamination(test: list[QA], fin: Inputs, names: list[str], build_index, contaminated,
+                     summarize_flags) -> dict[str, Any]:
+    """13-gram overlap of the test items with each of one family's approaches' sources: the domain
+    shards its model was pretrained on (all of the scratch family; only cpt+sft+rag of an existing
+    base, whose own pretraining data is not ours to check), the SFT data, the index."""
     sources: dict[str, Any] = {}
-    i = cfg.inputs
     t0 = time.perf_counter()
-    if i.shards:
-        sources["pretraining shards"] = build_index("pretraining shards", _shard_texts(i.shards, i.model))
-    sft_texts = list(_file_texts(i.sft_data))
+    scratch = any(family_of(n)[0] for n in names)
+    shard_model = fin.model if scratch else fin.cpt_model
+    if fin.shards and shard_model and Path(shard_model).is_dir():
+        sources["pretraining shards"] = build_index("pretraining shards", _shard_texts(fin.shards, shard_model))
+    sft_texts = list(_file_texts(fin.sft_data))
     if sft_texts:
         sources["SFT data"] = build_index("SFT data", sft_texts)
-    if i.index and Path(i.index).is_dir():
+    if fin.index and Path(fin.index).is_dir():
         from domainlm.serve.index_dir import open_index_dir
 
-        sources["index"] = build_index("index", (c.text for c in open_index_dir(i.index).iter_chunks()))
+        sources["index"] = build_index("index", (c.text for c in open_index_dir(fin.index).iter_chunks()))
     flags = {name: summarize_flags(contaminated(test, idx)) for name, idx in sources.items()}
-    per = {"zero-shot": ["pretraining shards"], "few-shot": ["pretraining shards"],
-           "rag": ["pretraining shards", "index"], "sft": ["pretraining shards", "SFT data"],
-           "sft+rag": ["pretraining shards", "SFT data", "index"]}
-    out: dict[str, Any] = {a: {s: flags[s] for s in per.get(a, []) if s in flags} for a in cfg.approaches}
+    shards = ["pretraining shards"] if scratch else []
+    per = {"zero-shot": shards, "few-shot": shards, "rag": shards + ["index"], "sft": shards + ["SFT data"],
+           "sft+rag": shards + ["SFT data", "index"], "cpt+sft+rag": ["pretraining shards", "SFT data", "index"]}
+    out: dict[str, Any] = {n: {s: flags[s] for s in per[family_of(n)[1]] if s in flags} for n in names}
     out["_sources"] = {"n": 13, "seconds": round(time.perf_counter() - t0, 1),
                        "note": "the index holds the gold documents by design: RAG is meant to find the answer there",
                        **{k: {"documents": v.documents} for k, v in sources.items()}}
@@ -267,17 +313,16 @@ def _decontamination(test: list[QA], cfg: CompareConfig, build_index, contaminat
 
 
 def _shard_texts(shards: str, model_dir: str):
-    """The pretraining documents as text (shards hold SentencePiece ids; decoded with the model's tokenizer)."""
-    import sentencepiece as spm
-
+    """The pretraining documents as text, decoded with the tokenizer of the model trained on them."""
     from domainlm.data.shards import open_shards_dir
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
 
     sd = open_shards_dir(shards)
-    sp = spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model"))
+    tok = open_hf_dir(model_dir).tokenizer()
     for split in ("train", "valid"):
         if sd.manifest["splits"].get(split, {}).get("shards"):
             for _, ids, _ in sd.documents(split):
-                yield sp.decode(ids.tolist())
+                yield tok.decode(ids.tolist())
 
 
 def _file_texts(paths: list[str]):

@@ -16,10 +16,13 @@ from domainlm.config import INPUT, OUTPUT, RUNTIME
 from domainlm.errors import UserError
 
 MODES = ("zero-shot", "few-shot", "rag")
-APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "scratch", "continued")
-"""Every approach `compare` knows: the base model prompted (zero/few-shot), the base model with
-retrieval, the SFT adapter, the SFT+RAG adapter with retrieval, and extra HF models (a model
-trained from scratch, one continued from an open model) answered zero-shot."""
+APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "cpt+sft+rag")
+"""Every approach `compare` knows, for one model family: the base model prompted (zero/few-shot),
+the base model with retrieval, the SFT adapter, the SFT+RAG adapter with retrieval, and the
+SFT+RAG adapter of the base after continued pretraining on the domain (CPT)."""
+FAMILIES = ("scratch",)
+"""Approach names without a prefix use `inputs` (an existing base model); `scratch/<approach>`
+uses `scratch` (the model trained from scratch on the domain)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,6 +39,10 @@ class GenArgs:
     """Nucleus sampling mass when temperature > 0."""
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
     """'auto': CUDA when present, else CPU."""
+    dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata=RUNTIME)
+    """Weights and activations while generating: bf16 halves the time of a forward on a GPU or a
+    CPU with native bf16 (AVX512-BF16, AMX; elsewhere it stays fp32); greedy answers may differ
+    from fp32's in a few tokens."""
     threads: int = field(default=1, metadata=RUNTIME)
     """CPU threads for torch while generating; 0 leaves torch's default (every core). 1 by default:
     a small model's ops are too short to split across threads, and on a busy 2-core machine a
@@ -209,22 +216,25 @@ class QASets:
 
 @dataclass(kw_only=True, slots=True)
 class Inputs:
-    """What the approaches are built from (outputs of the pipeline's stages)."""
+    """What one family's approaches are built from (outputs of the pipeline's stages)."""
 
     model: str = field(default="", metadata=INPUT)
-    """The base HF dir (the pretrained model as converted)."""
+    """The base HF dir: an existing model (convert from-gguf, or your HF dir) or one pretrained
+    from scratch and converted (convert to-hf)."""
     index: str = field(default="", metadata=INPUT)
-    """Index dir for the RAG approaches."""
+    """Index dir for the RAG approaches (the `scratch` family uses `inputs.index` when empty)."""
     sft: str = field(default="", metadata=INPUT)
     """SFT adapter dir (finetune sft on the QA train data)."""
     sft_rag: str = field(default="", metadata=INPUT)
     """SFT+RAG adapter dir (finetune sft on `eval rag-data` output)."""
-    scratch: str = field(default="", metadata=INPUT)
-    """Optional: an HF dir of a model trained from scratch on the domain (answered zero-shot)."""
-    continued: str = field(default="", metadata=INPUT)
-    """Optional: an HF dir of an open model continued on the domain (answered zero-shot)."""
+    cpt_model: str = field(default="", metadata=INPUT)
+    """The base after continued pretraining on the domain shards, as an HF dir (convert from-hf ->
+    pretrain --init-from -> convert to-hf); approach cpt+sft+rag."""
+    cpt_sft_rag: str = field(default="", metadata=INPUT)
+    """The SFT+RAG adapter trained on `cpt_model`."""
     shards: str = field(default="", metadata=INPUT)
-    """The pretraining shards dir (decontamination)."""
+    """The domain shards this family's model was pretrained on (decontamination): the scratch
+    model's, or the CPT shards (only cpt+sft+rag saw those)."""
     sft_data: list[str] = field(default_factory=list, metadata=INPUT)
     """The SFT training files (decontamination; the split-by-symbol check)."""
 
@@ -246,11 +256,14 @@ class CompareConfig:
     """A pipeline config (domainlm run) whose stages build the inputs; its `compare` stage, if
     any, is left out."""
     inputs: Inputs = field(default_factory=Inputs)
-    """The built inputs."""
+    """The existing base model's family: the approaches named without a prefix."""
+    scratch: Inputs = field(default_factory=Inputs)
+    """The from-scratch family: the approaches named `scratch/<approach>`."""
     qa: QASets = field(default_factory=QASets)
     """Train and test QA."""
     approaches: list[str] = field(default_factory=lambda: ["zero-shot", "few-shot", "rag", "sft", "sft+rag"])
-    """Approaches to run (zero-shot, few-shot, rag, sft, sft+rag, scratch, continued)."""
+    """Approaches to run: zero-shot, few-shot, rag, sft, sft+rag, cpt+sft+rag for the existing base
+    (`inputs`), the same prefixed `scratch/` for the model trained from scratch (`scratch`)."""
     prompt: PromptArgs = field(default_factory=PromptArgs)
     """The prompt library (template and shots are picked on the dev split)."""
     rag: RagArgs = field(default_factory=RagArgs)
@@ -260,16 +273,18 @@ class CompareConfig:
     consistency_seeds: int = 3
     """Sampled answers per question (temperature 0.7) for agreement across seeds, on `consistency_questions`."""
     consistency_questions: int = 32
-    """Questions the consistency checks run on (the first N of the test set)."""
+    """Questions the consistency checks run on (the first N of the test set); 0 skips them."""
     latency_questions: int = 16
     """Questions answered one at a time to measure latency p50/p95."""
     overwrite: bool = field(default=False, metadata=RUNTIME)
     """Replace an output directory that holds something else."""
 
     def validate(self) -> None:
-        bad = [a for a in self.approaches if a not in APPROACHES]
+        bad = [a for a in self.approaches
+               if a.rpartition("/")[2] not in APPROACHES or a.rpartition("/")[0] not in ("", *FAMILIES)]
         if bad:
-            raise UserError(f"approaches: unknown {', '.join(map(repr, bad))}; known: {', '.join(APPROACHES)}")
+            raise UserError(f"approaches: unknown {', '.join(map(repr, bad))}; known: {', '.join(APPROACHES)}, "
+                            f"each also as scratch/<approach>")
         if not self.approaches:
             raise UserError("approaches: give at least one")
 

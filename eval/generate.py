@@ -29,6 +29,15 @@ class Generation:
     """Wall time of the batch this answer was decoded in."""
 
 
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """gen.dtype as a torch dtype: bf16 only where it is fast (a GPU, or a CPU with native bf16)."""
+    from domainlm.devices import cpu_has_bf16
+
+    if name == "bf16" and (device != "cpu" or cpu_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 class cpu_threads:
     """`with cpu_threads(n):` torch's intra-op threads set to n (0: unchanged) and restored after,
     so a pipeline's later stages keep theirs."""

@@ -23,6 +23,13 @@ def contains(prediction: str, answer: str) -> float:
     return float(bool(gold) and gold in normalize(prediction))
 
 
+def answer_in(answer: str, texts: list[str]) -> bool:
+    """The normalised answer is a substring of one of the normalised texts (the sources the model
+    was given): whether retrieval put the answer in front of the model at all."""
+    gold = normalize(answer)
+    return bool(gold) and any(gold in normalize(t) for t in texts)
+
+
 def strip_citations(text: str) -> str:
     """The answer without its [n] source markers (scored without them)."""
     return " ".join(_CITATION.sub(" ", text).split())

@@ -88,6 +88,8 @@ def score(qa: QA, answer: str, hits: list[Any], rag: bool = False) -> dict[str, 
         out["cited"] = bool(valid)
         out["citation_correct"] = (float(bool(valid) and docs[valid[0] - 1] == qa.doc_id) if qa.doc_id else None)
         out["faithfulness"] = metrics.faithfulness(answer, "\n".join(h.text for h in hits))
+        # the gold answer (SQuAD-normalised) is in the text the model was given: retrieval's ceiling
+        out["answer_in_sources"] = float(metrics.answer_in(qa.answer, [h.text for h in hits]))
     return out
 
 
@@ -119,6 +121,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in records if r.get(key) is not None]
         if vals:
             out[key] = metrics.mean(vals)
+    present = [r for r in records if r.get("answer_in_sources") == 1.0]
+    absent = [r for r in records if r.get("answer_in_sources") == 0.0]
+    if present or absent:
+        out["answer_in_sources"] = {
+            name: {"share": len(part) / len(records), "questions": len(part),
+                   "f1": metrics.mean(r["f1"] for r in part) if part else None,
+                   "exact_match": metrics.mean(r["exact_match"] for r in part) if part else None}
+            for name, part in (("present", present), ("absent", absent))}
     out["tokens_in"] = metrics.mean(r["tokens_in"] for r in records)
     out["tokens_out"] = metrics.mean(r["tokens_out"] for r in records)
     return out

@@ -12,9 +12,10 @@ from typing import Any
 
 from domainlm.eval.stats import SCRATCH, family, is_tie
 
-COLUMNS = ["approach", "exact match", "F1", "F1 vs best", "contains", "citation ok", "faithful", "agree (phrasings)",
+COLUMNS = ["approach", "exact match", "F1", "F1 vs best", "contains", "answer in sources (F1 in / out)",
+           "citation ok", "faithful", "agree (phrasings)",
            "agree (seeds)", "p50 / p95 s", "cost /1k q", "training", "test items in training data (13-gram)"]
-RIGHT = {"exact match", "F1", "F1 vs best", "contains", "citation ok", "faithful", "agree (phrasings)", "agree (seeds)",
+RIGHT = {"exact match", "F1", "F1 vs best", "contains", "answer in sources (F1 in / out)", "citation ok", "faithful", "agree (phrasings)", "agree (seeds)",
          "p50 / p95 s", "cost /1k q"}
 FAMILY_TITLES = {"base": "existing base model", SCRATCH: "trained from scratch"}
 
@@ -42,6 +43,15 @@ def _vs_best(name: str, report: dict[str, Any]) -> str:
     return f"tie ({text})" if is_tie(d) else text
 
 
+def _in_sources(r: dict[str, Any]) -> str:
+    """Share of questions whose answer was in the sources, and F1 when it was / was not."""
+    s = r.get("answer_in_sources")
+    if not s:
+        return "-"
+    f1 = lambda part: f"{part['f1']:.2f}" if part.get("f1") is not None else "-"  # noqa: E731
+    return f"{s['present']['share']:.2f} ({f1(s['present'])} / {f1(s['absent'])})"
+
+
 def _cells(name: str, r: dict[str, Any], report: dict[str, Any]) -> list[str]:
     cost = r.get("cost") or {}
     unit = "gpu_s_per_1k_questions" if "gpu_s_per_1k_questions" in cost else "cpu_s_per_1k_questions"
@@ -55,7 +65,7 @@ def _cells(name: str, r: dict[str, Any], report: dict[str, Any]) -> list[str]:
     cons = r.get("consistency") or {}
     lat = r.get("latency") or {}
     return [name, _with_interval(r, "exact_match"), _with_interval(r, "f1"), _vs_best(name, report),
-            three("contains"), three("citation_correct"), three("faithfulness"),
+            three("contains"), _in_sources(r), three("citation_correct"), three("faithfulness"),
             f"{cons['phrasings']:.2f}" if "phrasings" in cons else "-",
             f"{cons['seeds']:.2f}" if "seeds" in cons else "-",
             f"{lat['p50_s']:.3f} / {lat['p95_s']:.3f}" if "p50_s" in lat else "-",

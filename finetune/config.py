@@ -60,7 +60,9 @@ class TrainArgs:
     seed: int = 1234
     """Seed of the adapter init, the data order and dropout."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """'auto': bf16 on GPU (adapters and optimizer state in fp32), fp32 on CPU."""
+    """'auto': bf16 on GPU (adapters and optimizer state in fp32), fp32 on CPU. 'bf16' on a CPU
+    with native bf16 (AVX512-BF16, AMX) runs the frozen base in bf16 under autocast, adapters and
+    optimizer in fp32 (about 1.4x faster LoRA steps); on other CPUs it falls back to fp32."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward (less memory, ~30% more compute)."""
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata=RUNTIME)

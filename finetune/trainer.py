@@ -36,6 +36,7 @@ from domainlm.errors import UserError
 from domainlm.finetune import checkpoint
 from domainlm.finetune.config import SFTConfig
 from domainlm.manifest import StageOutput, fingerprint
+from domainlm.devices import cpu_has_bf16
 from domainlm.progress import log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -65,8 +66,10 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = modeling.pick_device(t.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
-        if self.bf16 and self.device.type != "cuda":
-            raise UserError("train.precision=bf16 needs a GPU; use fp32 on CPU")
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning("train.precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is "
+                        "slower than fp32; training in fp32")
+            self.bf16 = False
         if cfg.method == "qlora":
             modeling.check_qlora_runs(self.device)
         if t.global_batch_size % (t.micro_batch_size * self.world):
@@ -175,7 +178,8 @@ class Trainer:
         self.warmup = min(max(1, round(0.03 * self.total_steps)) if warmup is None else warmup, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_for(cfg.schedule.style, self.warmup, self.total_steps, o.min_lr_ratio))
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.bf16 else contextlib.nullcontext
+        device_type = self.device.type
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else contextlib.nullcontext
 
     def _prepare_checks(self) -> None:
         """What the checks before and after training read: held-out QA, forgetting text."""

@@ -75,8 +75,9 @@ class ModelArgs:
     """Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases."""
 
     size: str | None = None
-    """Named size: configs/model/NAME.yaml (tiny, 125M, 350M, 1B, 3B, 7B) or a path to such a
-    file. Fields set below override the size's values; fields left empty take them."""
+    """Named size: configs/model/NAME.yaml (tiny, 125M, 350M, 1B, 3B, 7B), a path to such a
+    file, or `init_from` (the architecture of the init_from dir). Fields set below override the
+    size's values; fields left empty take them."""
     num_layers: int | None = None
     """Transformer layers."""
     hidden_size: int | None = None
@@ -266,7 +267,17 @@ class PretrainConfig:
     """Metrics."""
 
     def validate(self) -> None:
-        self.model = resolve_model(self.model)
+        if self.model.size == INIT_FROM:
+            if not self.init_from:
+                raise UserError("model.size: init_from takes the architecture of init_from; set init_from: DIR "
+                                "(a `domainlm convert from-hf` output)")
+            if not (Path(self.init_from) / "config.yaml").is_file():
+                return     # made by an earlier pipeline stage: checked when the run starts (trainer.main)
+            self.model = dataclasses.replace(
+                resolve_model(dataclasses.replace(self.model, size=str(Path(self.init_from) / "config.yaml"))),
+                size=INIT_FROM)
+        else:
+            self.model = resolve_model(self.model)
         if self.data.shards:
             self.data.validate()
         m, t = self.model, self.train
@@ -375,6 +386,11 @@ MODEL_DIR = Path(_configs.__file__).resolve().parent / "model"
 DEFAULTS = {"rotary_base": 10000.0, "norm_eps": 1e-5, "tie_embeddings": False, "init_std": 0.02,
             "make_vocab_size_divisible_by": 128}
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
+
+
+INIT_FROM = "init_from"
+"""`model.size: init_from`: the architecture of the `init_from` dir (its config.yaml, written by
+`convert from-hf`), so a pipeline can continue pretraining a base it converts in an earlier stage."""
 
 
 def size_file(name: str) -> Path:

@@ -43,6 +43,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def main(cfg: PretrainConfig) -> int:
     """Entry point of `domainlm pretrain` (one rank)."""
+    if cfg.model.num_layers is None:        # model.size: init_from, whose dir an earlier stage made
+        cfg.validate()
+        if cfg.model.num_layers is None:
+            raise UserError(f"model.size: init_from: {cfg.init_from!r} has no config.yaml; give a "
+                            "`domainlm convert from-hf` output")
     trainer = Trainer(cfg)
     try:
         trainer.setup()

@@ -4,7 +4,7 @@ One function builds it for the server, the evaluation stage (RAG and SFT+RAG row
 fine-tuning on retrieved context, so a model is trained and asked with the same layout:
 
     Sources:
-    [1] json.dumps (corpus.jsonl:812)
+    [1] json.dumps
     json.dumps(obj, *, skipkeys=False, ...)
     Serialize ``obj`` to a JSON formatted ``str``. ...
 
@@ -30,7 +30,9 @@ MIN_SOURCE_TOKENS = 16
 
 
 def format_source(n: int, hit) -> str:
-    return f"[{n}] {hit.doc_id} ({hit.source})\n{hit.text.strip()}"
+    """`[n] DOC_ID` and the text. The file and line (`hit.source`) stay out of the prompt: they
+    tell the model nothing (~15 tokens a source) and reach the user with the response's sources."""
+    return f"[{n}] {hit.doc_id}\n{hit.text.strip()}"
 
 
 def rag_user_content(question: str, hits: Sequence) -> str:
@@ -67,7 +69,7 @@ def fit_hits(hits: Sequence, budget: int, count_tokens: Callable[[str], int],
 
     out, left = [], budget
     for i, h in enumerate(hits, 1):
-        overhead = count_tokens(f"[{i}] {h.doc_id} ({h.source})\n") + 2
+        overhead = count_tokens(f"[{i}] {h.doc_id}\n") + 2
         need = overhead + count_tokens(h.text.strip())
         if need <= left:
             out.append(h)

@@ -227,7 +227,7 @@ def test_markdown_table_shows_intervals_the_paired_difference_and_the_verdict():
     assert report["verdict"] in lines
     assert all(line.count("|") == lines[0].count("|") for line in lines if line.startswith("| "))
     page = html_table(report)
-    assert "<th colspan='13' class='group'>trained from scratch</th>" in page and html_table(report).count("<tr") == 8
+    assert "<th colspan='14' class='group'>trained from scratch</th>" in page and html_table(report).count("<tr") == 8
 
 
 def test_markdown_table_of_one_family_has_no_group_rows():

@@ -432,3 +432,58 @@ def test_packaged_smollm2_converts_and_answers(tmp_path, capsys):
     answer = v["prompts"][0]["sample"]
     print(f"SmolLM2 answer: {answer!r}; timing {m['timing']}")
     assert "compiler" in answer.lower(), answer
+
+
+# -- convert base: whatever the user brings as the base -------------------------------------------
+
+
+def test_convert_base_takes_a_gguf_or_an_hf_dir_and_refuses_the_rest(tiny, tmp_path, capsys):
+    """A GGUF file goes through from-gguf (stage `convert base`); an HF dir is checked and linked
+    with byte-identical weights and a pad that is not eos; a dir without a chat template, a file
+    that is not GGUF and a missing path are one line each, nothing written."""
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    model, tok = tiny
+    src = tmp_path / "m.gguf"
+    write_gguf(src, model, tok, "F32")
+    code, _, err = run_cli(["convert", "base", "--input", src, "--output", tmp_path / "b1", "--no-verify"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "b1" / "manifest.json").read_text())["stage"] == "convert base"
+    ref = logits(model, prompts(tok))
+    assert rel_err(logits(load(tmp_path / "b1")[0], prompts(tok)), ref) < 1e-4
+    # an HF dir: linked, the same weights, its pad made one that is not eos
+    hf_src = tmp_path / "hf_src"
+    model.save_pretrained(hf_src)
+    tok.save_pretrained(hf_src)
+    assert tok.pad_token == tok.eos_token
+    code, _, err = run_cli(["convert", "base", "--input", hf_src, "--output", tmp_path / "b2"], capsys)
+    assert code == 0, err
+    b2 = open_hf_dir(tmp_path / "b2")
+    assert b2.weights_sha256() == open_hf_dir(hf_src).weights_sha256()
+    t2 = b2.tokenizer()
+    assert t2.pad_token_id != t2.eos_token_id and t2.pad_token == "<|endoftext|>"
+    assert t2.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    # refusals
+    (hf_src / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((hf_src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (hf_src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("hello")
+    for given, words in [(hf_src, ("has no chat template", "--chat-template FILE.jinja")),
+                         (not_gguf, ("neither an HF model dir nor a GGUF file",)),
+                         (tmp_path / "nowhere", ("no such file or directory", "smollm2-135m-instruct")),
+                         (tmp_path, ("without config.json",))]:
+        out = tmp_path / "never"
+        code, _, err = run_cli(["convert", "base", "--input", given, "--output", out], capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, err
+        assert all(w in err for w in words), err
+        assert not out.exists()
+    # ... and with --chat-template the same dir is a base
+    tpl = tmp_path / "chatml.jinja"
+    tpl.write_text(CHATML)
+    code, _, err = run_cli(["convert", "base", "--input", hf_src, "--output", tmp_path / "b3", "--chat-template", tpl],
+                           capsys)
+    assert code == 0, err
+    assert open_hf_dir(tmp_path / "b3").chat_template == CHATML

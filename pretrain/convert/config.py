@@ -198,3 +198,30 @@ def parse_size(text: str, key: str = "size") -> int:
     if not m or float(m.group(1)) <= 0:
         raise UserError(f"{key}: {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+@dataclass(kw_only=True, slots=True)
+class BaseConfig:
+    """The base model for fine-tuning, RAG and the comparison, from what you have: a packaged
+    base's name (smollm2-135m-instruct: SmolLM2-135M-Instruct, no model hub), a Llama-family GGUF
+    file (dequantized as `convert from-gguf` does), or an HF Llama-family dir (checked, then
+    hard-linked into OUTPUT: the weights stay byte-identical). Either way OUTPUT is an HF dir with
+    a chat template and a pad token that is not eos, and a manifest.
+    """
+
+    input: str = field(metadata=INPUT)
+    """A packaged base (smollm2-135m-instruct), a .gguf file, or an HF model dir."""
+    output: str = field(metadata=OUTPUT)
+    """Hugging Face model directory to write."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights dtype when dequantizing a GGUF (an HF dir keeps its own)."""
+    chat_template: str = field(default="", metadata=INPUT)
+    """Jinja chat template file, for a base that has none (or to replace its own)."""
+    verify: bool = True
+    """GGUF: check the written dir's logits against the loader's model (--no-verify skips it)."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        if not self.input.strip():
+            raise UserError("--input: give a packaged base (smollm2-135m-instruct), a .gguf file or an HF model dir")

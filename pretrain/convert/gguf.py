@@ -223,16 +223,21 @@ def read_header(path: Path) -> GGUFHeader:
 # -- the conversion ---------------------------------------------------------------------------------
 
 
+def chat_template_file(path: str) -> str:
+    """The text of a --chat-template file (one-line refusals for a missing or empty file)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"--chat-template {path!r}: no such file; give a Jinja chat template file")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"--chat-template {path!r} is empty")
+    return text
+
+
 def chat_template_of(cfg: FromGGUFConfig, header: GGUFHeader) -> tuple[str | None, str]:
     """The template to write and where it came from ('file PATH', 'gguf' or 'none')."""
     if cfg.chat_template:
-        p = Path(cfg.chat_template).expanduser()
-        if not p.is_file():
-            raise UserError(f"--chat-template {cfg.chat_template!r}: no such file; give a Jinja chat template file")
-        text = p.read_text(encoding="utf-8")
-        if not text.strip():
-            raise UserError(f"--chat-template {cfg.chat_template!r} is empty")
-        return text, f"file {cfg.chat_template}"
+        return chat_template_file(cfg.chat_template), f"file {cfg.chat_template}"
     if header.chat_template and header.chat_template.strip():
         return header.chat_template, "gguf (tokenizer.chat_template)"
     return None, "none"
@@ -246,8 +251,10 @@ def describe_inputs(cfg: FromGGUFConfig, src: GGUFSource | None = None) -> list[
     return out
 
 
-def convert(cfg: FromGGUFConfig) -> dict[str, Any]:
-    """Entry point of `domainlm convert from-gguf`; returns the manifest."""
+def convert(cfg: FromGGUFConfig, stage: str = STAGE, recorded=None) -> dict[str, Any]:
+    """Entry point of `domainlm convert from-gguf` (and of `convert base` for a GGUF, which names
+    its own stage and `recorded` config: the manifest records the command that ran); returns the
+    manifest."""
     import torch
 
     from domainlm.pretrain.convert import hfdir
@@ -261,7 +268,7 @@ def convert(cfg: FromGGUFConfig) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     inputs = describe_inputs(cfg, src)
     timing: dict[str, float] = {}
-    with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stage, overwrite=cfg.overwrite) as out:
         log.info("convert: reading %s (%s, %s, %d tensors: %s)", src.path, header.architecture, header.name or "?",
                  header.tensor_count, _types(header))
         t = time.perf_counter()
@@ -313,11 +320,11 @@ def convert(cfg: FromGGUFConfig) -> dict[str, Any]:
             model_card(Path(cfg.output).name, cfg.output, src, header, hf_cfg, params, tokenizer, report),
             encoding="utf-8")
         timing["total_s"] = time.perf_counter() - t0
-        manifest = make_manifest(STAGE, cfg, inputs, source=gguf_info, model=_arch(hf_cfg), parameters=params,
+        manifest = make_manifest(stage, recorded or cfg, inputs, source=gguf_info, model=_arch(hf_cfg), parameters=params,
                                  dtype=hf_cfg["torch_dtype"], hf_config=hf_cfg, files=files, tokenizer=tokenizer,
                                  verification=report, timing={k: round(v, 2) for k, v in timing.items()})
         out.commit(manifest)
-    _summary(cfg, src, header, hf_cfg, params, files, tokenizer, report, timing)
+    _summary(cfg, src, header, hf_cfg, params, files, tokenizer, report, timing, stage)
     return manifest
 
 
@@ -361,7 +368,7 @@ def choose_pad(tok) -> str:
     stops = set(stop_ids(tok))
     was = tok.pad_token
     if tok.pad_token_id is not None and tok.pad_token_id not in stops:
-        return f"{tok.pad_token} (id {tok.pad_token_id}), the GGUF's own"
+        return f"{tok.pad_token} (id {tok.pad_token_id}), its own"
     vocab = tok.get_vocab()
     for name in PAD_LIKE:
         if name in vocab and vocab[name] not in stops:
@@ -554,7 +561,7 @@ def model_card(name: str, path: str, src: GGUFSource, h: GGUFHeader, c: dict[str
     return "\n".join(lines)
 
 
-def _summary(cfg, src, h, c, params, files, tok, report, timing) -> None:
+def _summary(cfg, src, h, c, params, files, tok, report, timing, stage: str = STAGE) -> None:
     from domainlm.pretrain.convert.verify import describe
 
     a = _arch(c)
@@ -580,4 +587,4 @@ def _summary(cfg, src, h, c, params, files, tok, report, timing) -> None:
         log.warning("convert: %s has no chat template (no tokenizer.chat_template in the GGUF); converted anyway. "
                     "Give one: domainlm convert from-gguf --input %s --output %s --chat-template FILE.jinja "
                     "--overwrite (or write it to %s/chat_template.jinja)", src.path, cfg.input, cfg.output, cfg.output)
-    summary("domainlm convert from-gguf", rows)
+    summary(f"domainlm {stage}", rows)
