@@ -153,12 +153,12 @@ def trl_trainer(model_dir: str, convs: list, out: Path, w: dict, bf16: bool = Fa
         steps: list = []
 
         def on_step_begin(self, args, state, control, **kw):
-            if bf16:
+            if bf16 and torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.t0, self.tok0 = time.perf_counter(), counter["tokens"]
 
         def on_step_end(self, args, state, control, **kw):
-            if bf16:
+            if bf16 and torch.cuda.is_available():
                 torch.cuda.synchronize()
             if state.global_step > w["warmup"]:
                 self.steps.append((counter["tokens"] - self.tok0, time.perf_counter() - self.t0))
@@ -181,20 +181,21 @@ def cpu_throughput(args) -> list[str]:
     import torch
 
     w = {"seq": 256, "micro": 8, "accum": 2, "steps": args.steps, "warmup": 3, "dropout": 0.05}
+    bf16 = args.precision == "bf16"
     data = Path(args.work) / "qa_bench.jsonl"
     convs = conversations(Path(args.data), args.samples)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     ours, theirs, means = [], [], {"ours": [], "trl": []}
     for rep in range(args.repeats):
-        t = ours_trainer(args.model, data, Path(args.work) / "ours", w)
+        t = ours_trainer(args.model, data, Path(args.work) / "ours", w, {"train.precision": args.precision})
         try:
             steps = time_ours(t, w)
         finally:
             t.close()
         ours.append(rate(steps))
         means["ours"].append(sum(n for n, _ in steps) / sum(s for _, s in steps))
-        trainer, clock = trl_trainer(args.model, convs, Path(args.work), w)
+        trainer, clock = trl_trainer(args.model, convs, Path(args.work), w, bf16=bf16)
         steps = time_trl(trainer, clock)
         theirs.append(rate(steps))
         means["trl"].append(sum(n for n, _ in steps) / sum(s for _, s in steps))
@@ -203,7 +204,7 @@ def cpu_throughput(args) -> list[str]:
     mo, mt = statistics.median(ours), statistics.median(theirs)
     lines = [f"workload: {args.model}, {len(convs)} pydoc QA conversations, LoRA r=16 alpha=32 dropout 0.05 on "
              f"{' '.join(TARGETS)}, seq {w['seq']}, micro {w['micro']} x accum {w['accum']}, AdamW lr 2e-4, clip 1.0, "
-             f"warmup+cosine, fp32, {torch.get_num_threads()} torch threads; {w['steps']} steps timed after "
+             f"warmup+cosine, {args.precision} (bf16: autocast on the CPU, both sides), {torch.get_num_threads()} torch threads; {w['steps']} steps timed after "
              f"{w['warmup']}, {args.repeats} interleaved repeats; tokens/s of a repeat = its non-pad tokens / "
              "(steps x median step time)",
              f"{'implementation':44s} {'min':>9s} {'median':>9s}  runs (tokens/s; mean-based in brackets)",
@@ -581,6 +582,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="CPU: both sides in this precision (bf16: ours train.precision=bf16, TRL bf16=True)")
+    p.add_argument("--throughput-only", action="store_true", help="CPU: only ours against TRL (no LoRA share, no memory)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--gpu-shape", default="1B", help="--gpu: configs/model shape of the random model")
     p.add_argument("--gpu-seq", type=int, default=2048)
@@ -607,7 +611,7 @@ def main() -> None:
     if not Path(args.model).is_dir() or not Path(args.data).is_file():
         sys.exit(f"needs the demo model and QA file ({args.model}, {args.data}): run `domainlm run configs/demo.yaml` "
                  "first, or give --model and --data")
-    lines = cpu_throughput(args) + lora_share_1b() + memory(args)
+    lines = cpu_throughput(args) + ([] if args.throughput_only else lora_share_1b() + memory(args))
     print("\n".join(lines))
 
 

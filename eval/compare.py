@@ -326,8 +326,11 @@ def _shard_texts(shards: str, model_dir: str):
 
 
 def _file_texts(paths: list[str]):
+    """Every record of the SFT data files as text; FILE:SPLIT keeps the records of that split only
+    (a QA file holds its test split too, which is not training data)."""
     for spec in paths:
-        p = Path(split_spec(spec)[0])
+        path, split = split_spec(spec)
+        p = Path(path)
         files = [p] if p.is_file() else sorted(p.glob("*.jsonl"))
         for f in files:
             with open(f, encoding="utf-8") as fh:
@@ -335,6 +338,8 @@ def _file_texts(paths: list[str]):
                     try:
                         rec = json.loads(line)
                     except ValueError:
+                        continue
+                    if split and isinstance(rec, dict) and rec.get("split", split) != split:
                         continue
                     yield " ".join(_strings(rec))
 

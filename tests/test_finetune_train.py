@@ -382,7 +382,10 @@ def test_dp2_under_torchrun_equals_one_process_accumulating(method, model_dir, q
     wa, wb = load_file(str(one / weights)), load_file(str(dp2 / weights))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     if method == "lora":
-        assert abs(ma["checks"]["after"]["forgetting_ppl"] - mb["checks"]["after"]["forgetting_ppl"]) < 1e-3
+        # relative: a perplexity in the thousands (random tiny model) differs in its 7th digit between
+        # one and two CPU threads' float32 sums
+        pa, pb = ma["checks"]["after"]["forgetting_ppl"], mb["checks"]["after"]["forgetting_ppl"]
+        assert pa == pytest.approx(pb, rel=1e-6)
 
 
 def test_launch_finetune_runs_finetune_sft_on_every_rank(capsys):
