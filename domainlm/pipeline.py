@@ -216,9 +216,8 @@ def run_pipeline(path: str, *, set_values: list[str] = (), var_values: list[str]
     from domainlm.cli import resolve
 
     pipe, stages = load_pipeline(path, list(set_values), list(var_values))
-    if not dry_run:
-        for name in pipe.files:
-            _check_file_var(name, pipe.vars[name], path)
+    for name in pipe.files:
+        _check_file_var(name, pipe.vars[name], path)
     stages = [s for s in stages if s[1].name not in skip_commands]
     names = [n for n, _, _ in stages]
     for n in (only or []) + (force or []):

@@ -42,7 +42,7 @@ def qa(cfg) -> int:
 
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
-    library = load_library(library_path(cfg.prompt.library))
+    library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     library.template(cfg.prompt.template)
     pool = read_qa(cfg.prompt.few_shot_data) if cfg.mode == "few-shot" else []
     retriever = None

@@ -174,7 +174,7 @@ def run(cfg: CompareConfig) -> int:
         raise UserError(f"{len(leaked)} test question(s) are in the training data, e.g. {leaked[0]!r}; the QA split "
                         "must keep every test question out of SFT (split by document/symbol)")
     dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
-    library = load_library(library_path(cfg.prompt.library))
+    library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     device = device_of(cfg.gen.device)
     retriever = None
     if any(family_of(a)[1] in ("rag", "sft+rag", "cpt+sft+rag") for a in cfg.approaches):

@@ -65,6 +65,9 @@ class PromptArgs:
 
     library: str = ""
     """The prompt library YAML; empty: the packaged configs/prompts/qa.yaml."""
+    domain: str = ""
+    """What the domain is, in words, for the templates' {domain} (e.g. "the Python API
+    documentation"); empty: the library's own `domain:` (the packaged one names no domain)."""
     template: str = "direct"
     """The library's template used for every mode (compare picks one on the dev split)."""
     shots: int = 4

@@ -52,7 +52,7 @@ class PromptLibrary:
         return out
 
 
-def load_library(path: str | Path) -> PromptLibrary:
+def load_library(path: str | Path, domain: str = "") -> PromptLibrary:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt library {str(p)!r} not found; give a YAML file like configs/prompts/qa.yaml")
@@ -76,7 +76,8 @@ def load_library(path: str | Path) -> PromptLibrary:
             raise UserError(f"{p}: template {name!r}: the user message must contain {{question}}")
         templates[str(name)] = Template(name=str(name), user=t["user"], system=t.get("system"))
     shots = [int(k) for k in (raw.get("few_shot") or {}).get("shots", [])]
-    return PromptLibrary(path=str(p), version=int(raw.get("version", 1)), domain=str(raw.get("domain", "the domain")),
+    return PromptLibrary(path=str(p), version=int(raw.get("version", 1)),
+                         domain=domain or str(raw.get("domain", "the subject of these documents")),
                          templates=templates, shots=shots)
 
 

@@ -25,6 +25,9 @@ INIT_STAGES = (stages.CONVERT_FROM_HF, stages.PRETRAIN)
 class InitFrom:
     root: Path
     step: int
+    seq_len: int | None = None
+    """The context of the model the weights come from (an HF base's max_position_embeddings): a run
+    at a shorter train.seq_len keeps it, so its export does not cut the base's context."""
 
     def load(self, model, optimizer) -> None:
         """Collective: DIR's weights into `model` (any saved layout), then the optimizer's fp32
@@ -74,4 +77,4 @@ def check(cfg) -> InitFrom | None:
         raise UserError(f"{label}: {cfg.init_from!r} stores {src.manifest['padded_vocab_size']} embedding rows, this "
                         f"run pads the vocab to {rows} at parallel.tensor={cfg.parallel.tensor}; pick a TP size that "
                         f"divides {src.manifest['padded_vocab_size']}")
-    return InitFrom(root=root, step=step)
+    return InitFrom(root=root, step=step, seq_len=src.manifest.get("seq_len"))

@@ -220,7 +220,14 @@ class Trainer:
         return make_manifest(
             checkpoint.STAGE, cfg, inputs(cfg), model=cfg.model.architecture(),
             tokenizer={k: v for k, v in self.tok.entry().items() if k != "path"},
-            padded_vocab_size=self.vocab, parameters=self.params, seq_len=cfg.train.seq_len)
+            padded_vocab_size=self.vocab, parameters=self.params, seq_len=self.context())
+
+    def context(self) -> int:
+        """The context the checkpoint records (and `convert to-hf` exports): the training sequence
+        length, or the context of the model it was initialized from when that is longer (continued
+        pretraining at 512 tokens of a base that reads 8,192 keeps 8,192: RoPE has no learned rows)."""
+        base = self.init_from.seq_len if self.init_from is not None else None
+        return max(self.cfg.train.seq_len, int(base or 0))
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):

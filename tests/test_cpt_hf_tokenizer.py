@@ -156,6 +156,8 @@ def test_cpt_of_an_hf_base_with_its_own_bpe_tokenizer(base, tmp_path, capsys):
     assert (hf_out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
     hcfg = json.loads((hf_out / "config.json").read_text())
     assert hcfg["tie_word_embeddings"] and hcfg["vocab_size"] == 400 and hcfg["num_key_value_heads"] == 2
+    # trained at 32 tokens, the export keeps the base's 128-token context (RoPE has no learned rows)
+    assert hcfg["max_position_embeddings"] == 128
     assert load_tokenizer_dir(hf_out).identity == tok.identity
 
 

@@ -97,3 +97,26 @@ def test_a_stage_that_stops_before_it_finishes_stops_the_pipeline(tmp_path, caps
     code, out, err = run_cli(["run", cfg], capsys)
     assert code == 2 and "stage 'corpus' (corpus pydoc) stopped before it finished (no output yet)" in err, err
     assert not (tmp_path / "w/tok").exists()
+
+
+def test_a_var_that_names_no_file_stops_before_any_stage(tmp_path, capsys):
+    """The template's user files (`files:`) must exist: a mistyped --var is one line, exit 2, and
+    no stage has run (nothing written)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "one document about one thing"}) + "\n")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"# domainlm run p.yaml\nworkdir: {tmp_path / 'w'}\nvars: {{corpus: data/x.jsonl, qa: data/qa.jsonl}}\n"
+                   "files: [corpus, qa]\nstages:\n  tokenizer:\n    command: tokenizer train\n"
+                   "    set: {input: ['${corpus}'], output: '${workdir}/tok', vocab_size: 640}\n")
+    code, _, err = run_cli(["run", cfg, "--var", f"corpus={corpus}", "--var", f"qa={tmp_path / 'qa_tset.jsonl'}"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"--var qa={tmp_path / 'qa_tset.jsonl'}: no such file or directory" in err
+    assert not (tmp_path / "w").exists()
+    # FILE:SPLIT names the file before the colon
+    (tmp_path / "qa.jsonl").write_text("")
+    code, out, err = run_cli(["run", cfg, "--var", f"corpus={corpus}", "--var", f"qa={tmp_path / 'qa.jsonl'}:test",
+                              "--dry-run"], capsys)
+    assert code == 0, err
+    cfg.write_text(cfg.read_text().replace("files: [corpus, qa]", "files: [corpus, qaa]"))
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "files: 'qaa' is not one of its vars" in err

@@ -129,23 +129,30 @@ def model_card(name: str, path: str, info, hf_cfg: dict[str, Any], params: int, 
                       f"SentencePiece {tok.get('model_type')} with {tok['vocab_size']:,} tokens{bpt}, trained on "
                       + corpus + "; ChatML chat template."]
     lines += ["", "## Verification", ""]
-    if verification:
-        v = verification
-        lines += [f"Megatron and this export ran the same {len(v['prompts'])} prompts: largest absolute logit "
-                  f"difference {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}, {v['dtype']}); greedy "
-                  f"{v['new_tokens']}-token continuations identical: {v['greedy_identical']}.", "",
-                  "| prompt | greedy continuation (transformers) |", "| --- | --- |"]
-        for r in v["prompts"]:
-            lines.append(f"| `{_cell(r['prompt'])}` | `{_cell(r['sample'])}` |")
-    else:
-        lines.append("Not verified (converted with --no-verify).")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tok = AutoTokenizer.from_pretrained("{path}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{path}")',
-              'ids = tok("The json module", return_tensors="pt")',
-              "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))", "```", "",
-              "Provenance (configs, input checksums, library versions) is in `manifest.json`.", ""]
+    lines += verification_lines(verification, "Megatron and this export", "prompts", "continuation")
+    lines += use_lines(path, ['ids = tok("The json module", return_tensors="pt")',
+                              "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))"],
+                       "configs, input checksums, library versions")
     return "\n".join(lines)
+
+
+def verification_lines(v: dict | None, who: str, prompts: str, sample: str) -> list[str]:
+    """The card's verification paragraph and table (`verify.compare`'s report), or why there is none."""
+    if not v:
+        return ["Not verified (converted with --no-verify)."]
+    lines = [f"{who} ran the same {len(v['prompts'])} {prompts}: largest absolute logit difference "
+             f"{v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}, {v['dtype']}); greedy "
+             f"{v['new_tokens']}-token {sample}s identical: {v['greedy_identical']}.", "",
+             f"| prompt | greedy {sample} (transformers) |", "| --- | --- |"]
+    return lines + [f"| `{_cell(r['prompt'])}` | `{_cell(r['sample'])}` |" for r in v["prompts"]]
+
+
+def use_lines(path: str, body: list[str], provenance: str) -> list[str]:
+    """The card's usage snippet (transformers) and where the provenance is."""
+    return ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'tok = AutoTokenizer.from_pretrained("{path}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{path}")', *body, "```", "",
+            f"Provenance ({provenance}) is in `manifest.json`.", ""]
 
 
 def _cell(text: str) -> str:

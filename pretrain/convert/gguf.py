@@ -516,7 +516,7 @@ def compare_models(reference, written, tok, prompts: list[str], new_tokens: int,
 def model_card(name: str, path: str, src: GGUFSource, h: GGUFHeader, c: dict[str, Any], params: int,
                tok: dict[str, Any], verification: dict[str, Any] | None) -> str:
     """README.md: what the model is, where it came from, how it was checked, how to load it."""
-    from domainlm.pretrain.convert.card import _cell
+    from domainlm.pretrain.convert.card import use_lines, verification_lines
 
     a = _arch(c)
     origin = (f"the packaged base `{src.packaged}` ({src.base.model}, {src.base.license}; PyPI "
@@ -540,24 +540,14 @@ def model_card(name: str, path: str, src: GGUFSource, h: GGUFHeader, c: dict[str
               f"Rebuilt from the GGUF's `{tok['model']}` vocabulary ({tok['vocab_size']:,} tokens); bos "
               f"`{tok['bos']}`, eos `{tok['eos']}`, pad: {tok['pad_note']}. Chat template: {tok['chat_template']}.",
               "", "## Verification", ""]
-    if verification:
-        v = verification
-        lines += [f"The loader's in-memory model and this directory loaded back ran the same {len(v['prompts'])} "
-                  f"chat prompts: largest absolute logit difference {v['max_abs_diff']:.3g} (tolerance "
-                  f"{v['tolerance']:.3g}, {v['dtype']}); greedy {v['new_tokens']}-token answers identical: "
-                  f"{v['greedy_identical']}.", "", "| prompt | greedy answer (transformers) |", "| --- | --- |"]
-        for r in v["prompts"]:
-            lines.append(f"| `{_cell(r['prompt'])}` | `{_cell(r['sample'])}` |")
-    else:
-        lines.append("Not verified (converted with --no-verify).")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tok = AutoTokenizer.from_pretrained("{path}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{path}")',
-              'msgs = [{"role": "user", "content": "What is a compiler?"}]',
-              "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-              "out = model.generate(**ids, max_new_tokens=48)",
-              "print(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
-              "Provenance (the GGUF's sha256, its metadata, library versions) is in `manifest.json`.", ""]
+    lines += verification_lines(verification, "The loader's in-memory model and this directory loaded back",
+                                "chat prompts", "answer")
+    lines += use_lines(path, ['msgs = [{"role": "user", "content": "What is a compiler?"}]',
+                              "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors=\"pt\", "
+                              "return_dict=True)",
+                              "out = model.generate(**ids, max_new_tokens=48)",
+                              "print(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))"],
+                       "the GGUF's sha256, its metadata, library versions")
     return "\n".join(lines)
 
 
