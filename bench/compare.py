@@ -52,8 +52,10 @@ def main() -> None:
     prompts = [[{"role": "user", "content": qa.question}] for qa in items]
     tok, model, stops = gen.tok, gen.model, stop_ids(gen.tok)
 
+    tokens: dict[str, int] = {}
+
     def loop() -> list[str]:
-        out = []
+        out, n_tok = [], 0
         with torch.inference_mode():
             for p in prompts:
                 ids = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
@@ -61,11 +63,15 @@ def main() -> None:
                 g = model.generate(input_ids=torch.tensor([list(ids)]), max_new_tokens=ns.new_tokens, do_sample=False,
                                    eos_token_id=stops, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
                 n = next((i + 1 for i, t in enumerate(g) if t in stops), len(g))
+                n_tok += n
                 out.append(tok.decode([t for t in g[:n] if t not in stops], skip_special_tokens=True).strip())
+        tokens["loop of generate"] = n_tok
         return out
 
     def batched() -> list[str]:
-        return [g.text for g in gen.generate(prompts, max_new_tokens=ns.new_tokens, batch_size=ns.batch_size)]
+        gens = gen.generate(prompts, max_new_tokens=ns.new_tokens, batch_size=ns.batch_size)
+        tokens[f"harness, batch {ns.batch_size}"] = sum(g.tokens_out for g in gens)
+        return [g.text for g in gens]
 
     runs: dict[str, list[float]] = {"loop of generate": [], f"harness, batch {ns.batch_size}": []}
     answers: dict[str, list[str]] = {}
@@ -83,7 +89,8 @@ def main() -> None:
                  f"{ns.repeats} interleaved rounds")
     for name, ts in runs.items():
         lines.append(f"{name}: median {statistics.median(ts):.2f} s, min {min(ts):.2f} s, runs "
-                     + ", ".join(f"{t:.2f}" for t in ts) + f"; {len(items) / statistics.median(ts):.1f} questions/s")
+                     + ", ".join(f"{t:.2f}" for t in ts) + f"; {len(items) / statistics.median(ts):.1f} questions/s, "
+                     f"{tokens[name] / statistics.median(ts):.1f} generated tokens/s ({tokens[name]} tokens)")
     ratio = statistics.median(runs[a]) / statistics.median(runs[b])
     lines.append(f"speed-up (median loop / median harness): {ratio:.2f}x (goal >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
     lines.append(f"identical answers: {same} ({differ} of {len(items)} differ)")
