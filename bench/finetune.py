@@ -109,13 +109,24 @@ def time_ours(t, w: dict) -> list[tuple[int, float]]:
 
 def trl_args(w: dict, out: Path, bf16: bool) -> dict:
     """TRL's SFTConfig for the same work as ours (the fields that differ from its defaults)."""
+    import torch
+
     return dict(
         output_dir=str(out / "trl"), per_device_train_batch_size=w["micro"], gradient_accumulation_steps=w["accum"],
         max_length=w["seq"], assistant_only_loss=True, packing=False, learning_rate=2e-4, lr_scheduler_type="cosine",
         warmup_steps=2, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         max_steps=w["steps"] + w["warmup"], logging_steps=10_000, save_strategy="no", report_to="none",
-        dataloader_num_workers=0, use_cpu=not bf16, bf16=bf16, seed=1234, dataset_num_proc=None,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), bf16=bf16, seed=1234, dataset_num_proc=None,
         disable_tqdm=True, gradient_checkpointing=False)
+
+
+SMOLLM2_TRAINING_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def trl_trainer(model_dir: str, convs: list, out: Path, w: dict, bf16: bool = False):
@@ -126,6 +137,10 @@ def trl_trainer(model_dir: str, convs: list, out: Path, w: dict, bf16: bool = Fa
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if "{% generation %}" not in (tok.chat_template or "") and "SmolLM" in (tok.chat_template or ""):
+        # TRL's assistant_only_loss needs {% generation %} markers; SmolLM2's template has none (ours
+        # renders turn by turn instead). The same ChatML text with the markers, for TRL only.
+        tok.chat_template = SMOLLM2_TRAINING_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                  attn_implementation="sdpa")
     cfg = SFTConfig(**trl_args(w, out, bf16))
