@@ -190,6 +190,7 @@ def run(cfg: CompareConfig) -> int:
         records: dict[str, list[dict[str, Any]]] = {}
         choices: dict[str, dict[str, Any]] = {}
         decontam: dict[str, Any] = {}
+        sources: dict[str, Any] = {}
         for fam in families:
             fin = family_inputs(cfg, fam)
             names = [a for a in cfg.approaches if family_of(a)[0] == fam]
@@ -199,7 +200,9 @@ def run(cfg: CompareConfig) -> int:
             choices[fam or "base"] = choice
             log.info("%sprompt picked on %d dev questions: template %r, %d shots", f"{fam}: " if fam else "", len(dev),
                      choice["template"], choice["shots"])
-            decontam.update(_decontamination(test, fin, names, build_index, contaminated, decontam_summary))
+            found = _decontamination(test, fin, names, build_index, contaminated, decontam_summary)
+            sources[fam or "base"] = found.pop("_sources")
+            decontam.update(found)
             for name in names:
                 log.info("approach %s: %d questions", name, len(test))
                 gen, approach = _approach(family_of(name)[1], fin, choice, base, device, cfg.rag, dtype)
@@ -220,9 +223,9 @@ def run(cfg: CompareConfig) -> int:
                                  "latency": lat, "consistency": cons,
                                  "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
                                  "training": _training(family_of(name)[1], fin), "decontamination": decontam.get(name)}
-        report = {"questions": len(test), "device": device, "dtype": str(dtype).removeprefix("torch."), "prompt_choice": choices.get("base") or choices[families[0]],
-                  "prompt_choices": choices, "approaches": results,
-                  "decontamination_sources": decontam.get("_sources")}
+        report = {"questions": len(test), "device": device, "dtype": str(dtype).removeprefix("torch."),
+                  "prompt_choice": choices.get("base") or choices[families[0]], "prompt_choices": choices,
+                  "approaches": results, "decontamination_sources": sources}
         add_statistics(report, records, seed=cfg.qa.seed)
         write_json(out.tmp / "compare.json", report)
         table = markdown_table(report)
