@@ -78,7 +78,7 @@ def prepare(cfg: BaseConfig) -> dict[str, Any]:
 
 
 def _from_hf_dir(cfg: BaseConfig) -> dict[str, Any]:
-    from domainlm.pretrain.convert.gguf import _check_template, _save_tokenizer, chat_template_file, choose_pad
+    from domainlm.pretrain.convert.gguf import check_template, save_tokenizer, chat_template_file, choose_pad
     from domainlm.pretrain.convert.hfdir import open_hf_dir
 
     t0 = time.perf_counter()
@@ -94,15 +94,16 @@ def _from_hf_dir(cfg: BaseConfig) -> dict[str, Any]:
         linked = 0
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name != "manifest.json" and not f.name.startswith("."):
-                linked += _link_or_copy(f, out.tmp / f.name)
+                _link_or_copy(f, out.tmp / f.name)
+                linked += 1
         tok = src.tokenizer()
         pad_note = choose_pad(tok)
         if template is not None:
             tok.chat_template = template
-        _check_template(tok, cfg.chat_template or f"{cfg.input}")
+        check_template(tok, cfg.chat_template or f"{cfg.input}")
         for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             (out.tmp / name).unlink(missing_ok=True)           # rewritten by the tokenizer, not linked
-        _save_tokenizer(tok, out.tmp, src.max_positions)
+        save_tokenizer(tok, out.tmp, src.max_positions)
         written = open_hf_dir(out.tmp)
         manifest = make_manifest(STAGE, cfg, inputs_, source={"kind": "hf", "path": str(src.path)},
                                  model={"architecture": (src.config.get("architectures") or ["?"])[0],
@@ -119,9 +120,8 @@ def _from_hf_dir(cfg: BaseConfig) -> dict[str, Any]:
     return manifest
 
 
-def _link_or_copy(src: Path, dst: Path) -> int:
+def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-    return 1

@@ -276,7 +276,7 @@ def convert(cfg: FromGGUFConfig, stage: str = STAGE, recorded=None) -> dict[str,
         pad_note = choose_pad(tok)
         if template is not None:
             tok.chat_template = template
-            _check_template(tok, template_from)
+            check_template(tok, template_from)
         model = _load_model(src.path)
         timing["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -293,7 +293,7 @@ def convert(cfg: FromGGUFConfig, stage: str = STAGE, recorded=None) -> dict[str,
         files = hfdir.write_safetensors(weights, out.tmp, dtype, max_shard)
         del weights
         write_json(out.tmp / "config.json", hf_cfg)
-        _save_tokenizer(tok, out.tmp, hf_cfg["max_position_embeddings"])
+        save_tokenizer(tok, out.tmp, hf_cfg["max_position_embeddings"])
         write_json(out.tmp / "generation_config.json", hfdir.generation_config(tok))
         timing["write_s"] = time.perf_counter() - t
         report = None
@@ -379,7 +379,7 @@ def choose_pad(tok) -> str:
             "pad-like token; left as is (fine-tuning picks a pad id that is not eos itself)")
 
 
-def _check_template(tok, where: str) -> None:
+def check_template(tok, where: str) -> None:
     try:
         tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - jinja errors of the user's template
@@ -387,7 +387,7 @@ def _check_template(tok, where: str) -> None:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _save_tokenizer(tok, out: Path, context: int | None) -> None:
+def save_tokenizer(tok, out: Path, context: int | None) -> None:
     """tokenizer.json, tokenizer_config.json and chat_template.jinja, as the other HF dirs hold them."""
     import json
 
