@@ -291,8 +291,7 @@ def _fit(s: Served, render, hits: list, asked: int | None) -> list:
     room = min(lim.max_prompt_tokens or ctx, ctx - 1) - used - answer - 8
     if s.cfg.rag.max_source_tokens:
         room = min(room, s.cfg.rag.max_source_tokens)
-    count = lambda text: len(_encode(tok, text))  # noqa: E731
-    cut = lambda text, n: tok.decode(_encode(tok, text)[:n])  # noqa: E731
+    count, cut = rag.token_counter(tok)
     return rag.fit_hits(hits, room, count, cut)
 
 

@@ -1,10 +1,17 @@
-"""Cut documents into chunks of at most N tokens with overlap, at paragraph or line boundaries.
+"""Cut documents into chunks of at most N tokens: by the document's own structure (`structure`,
+the default) or in windows with overlap cut at paragraph or line boundaries (`window`).
+
+`structure` (serve/structure.py): a chunk is one or more whole units (paragraphs, list and
+definition items, each with the heading it opens) under one heading path, packed up to N
+tokens; a unit longer than N is cut as `window` cuts. Every chunk carries its heading path
+(`context`), and the text that is indexed (BM25 and the embedder) is `index_text(chunk)`: the
+document's id and the heading path on a first line, then the chunk's text.
 
 Tokens are the embedder's (its fast tokenizer's offsets map them back to characters), so a chunk
 is exactly what one dense vector covers. A chunk's text is a slice of the document's text as it
 is, never re-joined tokens, so what a user sees in `sources` is the corpus text.
 
-Where to cut, in order of preference, within the second half of the window: after a blank line
+`window`: where to cut, in order of preference, within the second half of the window: after a blank line
 (paragraph), after a newline, else at the token boundary where the window ends. The next chunk
 starts `overlap` tokens back, moved forward to the first line start in that span when there is
 one, so chunks rarely begin mid-line.
@@ -13,6 +20,7 @@ one, so chunks rarely begin mid-line.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,6 +41,9 @@ class Chunk:
     in a .txt document."""
     text: str
     tokens: int
+    context: str = ""
+    """The heading path of the chunk inside its document ('OPTIONS', 'Guide > Install'); empty
+    for window chunks and text before the first heading."""
 
 
 def _strength(gap: str) -> int:
@@ -73,8 +84,55 @@ def spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap:
         s = max(nxt, s + 1)
 
 
+METHODS = ("structure", "window")
+SEP = " > "
+"""Between the titles of a heading path."""
+
+
+def header(doc_id: str, context: str) -> str:
+    """The chunk's first line in the index and in the prompt: its document and heading path."""
+    return f"{doc_id}{SEP}{context}" if context else doc_id
+
+
+def index_text(chunk) -> str:
+    """What BM25 and the embedder index for a chunk: its header line, then its text."""
+    return f"{header(chunk.doc_id, chunk.context)}\n{chunk.text}"
+
+
+def structured(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap: int
+               ) -> Iterator[tuple[int, int, int, int, str]]:
+    """(first token, end token, start char, end char, heading path) of each chunk of a document
+    cut by its structure: whole units under one heading path, packed up to `chunk_tokens`."""
+    from domainlm.serve.structure import units
+
+    if not offsets:
+        return
+    first = [o[0] for o in offsets]
+    cur = None                                  # [a, b, start, end, path]
+    for u in units(text):
+        a, b = bisect_left(first, u.start), bisect_left(first, u.end)
+        if a >= b:
+            continue
+        path = SEP.join(u.path)
+        if cur is not None and (cur[4] != path or b - cur[0] > chunk_tokens):
+            yield tuple(cur)
+            cur = None
+        if b - a > chunk_tokens:                 # a unit too long for one chunk: windows inside it
+            sub = offsets[a:b]
+            for sa, se, _ in spans(text, sub, chunk_tokens, overlap):
+                start = u.start if sa == 0 else sub[sa][0]
+                yield a + sa, a + se, start, sub[se - 1][1], path
+            continue
+        if cur is None:
+            cur = [a, b, u.start, u.end, path]
+        else:
+            cur[1], cur[3] = b, u.end
+    if cur is not None:
+        yield tuple(cur)
+
+
 def chunk_documents(docs: Iterable[Document], tokenizer, chunk_tokens: int, overlap: int,
-                    batch: int = 256) -> Iterator[Chunk | Document]:
+                    batch: int = 256, method: str = "structure") -> Iterator[Chunk | Document]:
     """Chunks of every document, in order; a document with no tokens (empty or whitespace) is
     yielded itself so the caller can count it."""
     pending: list[Document] = []
@@ -86,11 +144,15 @@ def chunk_documents(docs: Iterable[Document], tokenizer, chunk_tokens: int, over
             offs = [tuple(o) for o in offs]
             found = False
             txt_file = ":" not in Path(doc.source).name      # a .txt document: its own file
-            for n, (a, b, start) in enumerate(spans(doc.text, offs, chunk_tokens, overlap)):
+            if method == "structure":
+                cuts = structured(doc.text, offs, chunk_tokens, overlap)
+            else:
+                cuts = ((a, b, start, offs[b - 1][1], "") for a, b, start in spans(doc.text, offs, chunk_tokens, overlap))
+            for n, (a, b, start, end, context) in enumerate(cuts):
                 found = True
                 source = f"{doc.source}:{doc.text.count(chr(10), 0, start) + 1}" if txt_file else doc.source
                 yield Chunk(id=f"{doc.key}#{n}", doc_id=doc.key, source=source,
-                            text=doc.text[start:offs[b - 1][1]], tokens=b - a)
+                            text=doc.text[start:end], tokens=b - a, context=context)
             if not found:
                 yield doc
         pending.clear()

@@ -44,9 +44,10 @@ class IndexBuildConfig:
     """Build a retrieval index of a corpus: BM25 (bm25s) and dense vectors (sentence-transformers + faiss).
 
     Reads the corpus with the reader every stage uses (JSONL, Parquet, .txt, saved `datasets`
-    dirs), cuts each document into chunks of at most --chunk-tokens embedder tokens with
-    --overlap tokens of overlap, cut at paragraph or line boundaries where possible; every chunk
-    keeps its document's id and source (file:line). Writes chunks.jsonl, vectors.faiss, bm25/ and
+    dirs), cuts each document into chunks of at most --chunk-tokens embedder tokens by its own
+    structure (headings, paragraphs, list and definition items; --chunking window: fixed windows
+    with --overlap); every chunk keeps its document's id, its heading path and its source
+    (file:line). Writes chunks.jsonl, vectors.faiss, bm25/ and
     manifest.json (corpus sha256, embedder name and sha256, counts, index types). An interrupted
     build resumes: embedded blocks are kept in a hidden .partial directory beside the output and
     reused by the next run with the same corpus and config.
@@ -60,13 +61,25 @@ class IndexBuildConfig:
     embedder: str = DEFAULT_EMBEDDER
     """Sentence-transformers model directory, or 'all-MiniLM-L6-v2' for the packaged default
     (no download)."""
-    chunk_tokens: int = 256
+    chunking: Literal["structure", "window"] = "structure"
+    """structure: chunks are whole paragraphs, list and definition items under one heading
+    (Markdown, reStructuredText, man-page sections), packed up to chunk_tokens, each carrying its
+    heading path; window: windows of chunk_tokens with overlap, cut at paragraph or line ends.
+    Either way every chunk is indexed (BM25 and embedder) with its document id and heading path
+    on a first line. On the long-document dev sets structure gave answer-in-sources 0.91 against
+    0.80 for windows (bench/retrieval.py)."""
+    chunk_tokens: int = 128
     """Most tokens per chunk, counted with the embedder's tokenizer; capped at the embedder's
-    window (its max_seq_length minus [CLS]/[SEP], 254 for all-MiniLM-L6-v2) so the vector covers
-    the whole chunk."""
+    window (its max_seq_length minus [CLS]/[SEP], 254 for all-MiniLM-L6-v2) less 32 tokens for
+    the header line, so the vector covers the whole chunk. 128: many short sources fit the
+    sources budget of a small model (bench/retrieval.py compares 64 to 256)."""
     overlap: int = 32
-    """Tokens a chunk repeats from the end of the one before it (at a line boundary where one
-    falls in that span)."""
+    """window chunking (and a unit longer than chunk_tokens): tokens a chunk repeats from the end
+    of the one before it (at a line boundary where one falls in that span)."""
+    header: bool = True
+    """Index every chunk with a first line naming its document id and heading path (BM25 and the
+    embedder see it; the prompt shows it). false: the chunk's text alone, as before (an ablation:
+    on the man-page dev set it halves answer-in-sources)."""
     text_field: str = "text"
     """JSON / Parquet / datasets field holding the document text."""
     id_field: str = "id"
@@ -95,8 +108,8 @@ class IndexBuildConfig:
 class RetrievalArgs:
     """How chunks are retrieved: BM25, dense or both fused by reciprocal rank."""
 
-    top_k: int = 4
-    """Chunks returned (at most one per document)."""
+    top_k: int = 8
+    """Most chunks returned (the sources budget, where one is set, may take fewer)."""
     mode: Mode = "hybrid"
     """hybrid (reciprocal rank fusion of BM25 and dense), bm25, or dense."""
     min_score: float = 0.2
@@ -109,6 +122,23 @@ class RetrievalArgs:
     0.902 (short candidate lists, one strong retriever)."""
     hnsw_ef_search: int = 128
     """HNSW indexes: candidate list size per query (recall against speed)."""
+    rerank: Literal["literal", "none"] = "literal"
+    """literal: the first `candidates` chunks reordered by the question's literal terms (quoted,
+    or with inner punctuation like --color or os.path.join) found as written in the chunk
+    (serve/rerank.py); none: the retriever's order."""
+    rerank_weight: float = 0.1
+    """literal rerank: score added per literal term found (twice that where it starts a line),
+    against 1 / (rrf_k + rank) for the rank (chosen on the long-document dev sets)."""
+    per_document: int = 0
+    """Most chunks of one document among those returned; 0: no limit (on long documents the
+    answer is often in the second or third chunk of the right document)."""
+    expand: int = 0
+    """Each hit carries the next `expand` chunks of its document too (one source, cut by the
+    sources budget from its end): for answers that run on past a chunk's end. 0: none (on the
+    dev sets expansion spent the budget on text that rarely held the answer; bench/retrieval.py)."""
+    chunking: str = ""
+    """The chunking the index must have been built with (structure or window); an index built
+    otherwise is refused. Empty: whatever it was built with."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -135,6 +165,11 @@ class IndexQueryConfig:
 
 
 def _check_retrieval(r: RetrievalArgs) -> None:
+    if r.chunking not in ("", "structure", "window"):
+        raise UserError(f"retrieval.chunking is {r.chunking!r}; use structure or window (or leave it empty)")
+    if r.per_document < 0 or r.rerank_weight < 0 or r.expand < 0:
+        raise UserError(f"retrieval: per_document ({r.per_document}) and rerank_weight ({r.rerank_weight}) "
+                        "must be >= 0")
     if r.top_k < 1 or r.candidates < r.top_k or r.rrf_k < 1 or r.hnsw_ef_search < 1:
         raise UserError(f"retrieval: need top_k >= 1, candidates >= top_k, rrf_k >= 1 (got top_k {r.top_k}, "
                         f"candidates {r.candidates}, rrf_k {r.rrf_k})")
@@ -151,9 +186,11 @@ class RagArgs:
     {"rag": {"enabled": false}})."""
     retrieval: RetrievalArgs = field(default_factory=RetrievalArgs)
     """Retrieval settings (top_k, mode, threshold)."""
-    max_source_tokens: int = 0
-    """Most prompt tokens the sources may take; 0 fits them into what the context leaves after
-    the conversation and max_tokens (sources that do not fit are cut, then dropped)."""
+    max_source_tokens: int = 600
+    """The sources budget: most prompt tokens the sources may take, header lines included (taken
+    best first while they fit, the last one cut); 0 fits them into what the context leaves after
+    the conversation and max_tokens. Keep it equal to what the adapter was trained with (eval
+    rag-data's rag.max_source_tokens, 600 by default); raise it for a model with a long context."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -16,6 +16,9 @@ from domainlm.progress import human_count, log, progress, summary
 from domainlm.serve.config import IndexBuildConfig
 from domainlm.serve.index_dir import BM25, CHUNKS, STAGE, VECTORS, write_chunks
 
+HEADER_TOKENS = 32
+"""Embedder tokens kept for a chunk's header line (document id and heading path)."""
+
 
 def inputs(cfg: IndexBuildConfig) -> list[dict]:
     """The corpus files with their sha256 (what `domainlm run` compares)."""
@@ -25,7 +28,7 @@ def inputs(cfg: IndexBuildConfig) -> list[dict]:
 def build(cfg: IndexBuildConfig) -> dict:
     """Entry point of `domainlm index build`."""
     from domainlm.serve import dense, sparse
-    from domainlm.serve.chunking import chunk_documents
+    from domainlm.serve.chunking import chunk_documents, index_text
     from domainlm.serve.embedder import Embedder, resolve_embedder
 
     t0 = time.perf_counter()
@@ -34,12 +37,12 @@ def build(cfg: IndexBuildConfig) -> dict:
     with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite) as out:
         log.info("index: loading embedder %s (%s)", ref.name, ref.path)
         emb = Embedder(ref, cfg.dense.device)
-        window = min(cfg.chunk_tokens, emb.window)
+        window = min(cfg.chunk_tokens, emb.window - HEADER_TOKENS)
         chunks, empty, dup_ids = [], 0, 0
         per_doc: dict[str, int] = {}        # chunks so far per document id
         with progress(desc="chunking", unit="doc") as bar:
             for item in chunk_documents(read_documents(cfg.input, cfg.text_field, cfg.id_field), emb.tokenizer,
-                                        window, min(cfg.overlap, window // 2 - 1)):
+                                        window, min(cfg.overlap, window // 2 - 1), method=cfg.chunking):
                 if isinstance(item, Document):
                     empty += 1
                     bar.update(1)
@@ -56,13 +59,13 @@ def build(cfg: IndexBuildConfig) -> dict:
             raise UserError(f"the corpus ({', '.join(cfg.input)}) has no text to index ({empty} empty documents); "
                             f"check --input and --text-field {cfg.text_field!r}")
         t_chunk = time.perf_counter() - t0
-        texts = [c.text for c in chunks]
+        texts = [index_text(c) if cfg.header else c.text for c in chunks]
         t1 = time.perf_counter()
         reused = 0
         partial = out.path.parent / f".{out.path.name}.partial"
         if cfg.dense.enabled:
             key = sha256_json({"embedder": ref.sha256, "block": cfg.block_chunks,
-                               "chunks": sha256_json([[c.id, c.text] for c in chunks])})
+                               "chunks": sha256_json([[c.id, t] for c, t in zip(chunks, texts)])})
             with progress(total=len(texts), desc="embedding", unit="chunk") as bar:
                 vecs, reused = dense.embed_resumable(lambda t: emb.encode(t, cfg.dense.batch_size), texts, partial,
                                                      key, cfg.block_chunks, bar.update)
@@ -86,7 +89,9 @@ def build(cfg: IndexBuildConfig) -> dict:
             STAGE, cfg, described,
             embedder={"name": ref.name, "path": str(ref.path.resolve()), "sha256": ref.sha256, "dim": emb.dim,
                       "window": emb.window, "max_seq_length": emb.max_seq_length},
-            chunking={"chunk_tokens": window, "overlap": min(cfg.overlap, window // 2 - 1), "unit": "embedder tokens"},
+            chunking={"method": cfg.chunking, "chunk_tokens": window, "overlap": min(cfg.overlap, window // 2 - 1),
+                      "unit": "embedder tokens", "header": cfg.header,
+                      "indexed": "document id and heading path, then the text" if cfg.header else "the text"},
             counts=counts, index={**dense_info, **bm25_info}, timing=timing)
         out.commit(manifest)
     import shutil
@@ -96,7 +101,8 @@ def build(cfg: IndexBuildConfig) -> dict:
     rows = [("output", cfg.output), ("embedder", f"{ref.name} (sha256 {ref.sha256[:12]}..., dim {emb.dim})"),
             ("documents", f"{human_count(counts['documents'])} ({empty} empty skipped"
                           + (f", {dup_ids} with a repeated id" if dup_ids else "") + ")"),
-            ("chunks", f"{human_count(len(chunks))} of <= {window} tokens, overlap {manifest['chunking']['overlap']}"
+            ("chunks", f"{human_count(len(chunks))} by {cfg.chunking}, <= {window} tokens"
+                       + (f", overlap {manifest['chunking']['overlap']}" if cfg.chunking == "window" else "")
                        + (" (capped at the embedder's window)" if window < cfg.chunk_tokens else "")),
             ("dense", f"{dense_info['dense']} ({dense_info['dim']}-d, cosine)" if cfg.dense.enabled
              else "none (--dense.enabled false: BM25 only)"),

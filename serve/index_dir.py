@@ -5,7 +5,8 @@
       manifest.json   stage 'index build'; config; inputs (corpus files with sha256); embedder
                       {name, path, sha256, dim, window}; counts {documents, chunks, tokens,
                       empty_documents, duplicate_ids}; index {dense, metric, bm25, ...}
-      chunks.jsonl    one chunk per line, in vector order: {"id", "doc_id", "source", "text", "tokens"}
+      chunks.jsonl    one chunk per line, in vector order: {"id", "doc_id", "source", "text", "tokens",
+                      "context"} (context: the heading path; absent from indexes before it)
       vectors.faiss   faiss index of unit-length vectors (inner product = cosine): IndexFlatIP, or
                       IndexHNSWFlat above `dense.hnsw_above` chunks; absent from a BM25-only index
                       (index.dense "none")
@@ -81,13 +82,30 @@ class IndexDir:
                 "or use the one it was built with")
         return ref
 
+    @property
+    def chunking(self) -> str:
+        """'structure' or 'window' (indexes from before structure chunking: 'window')."""
+        return str(self.manifest.get("chunking", {}).get("method", "window"))
+
+    @property
+    def header(self) -> bool:
+        """Whether chunks were indexed with their header line (document id and heading path)."""
+        return bool(self.manifest.get("chunking", {}).get("header", False))
+
+    def check_chunking(self, requested: str | None) -> None:
+        """Refuse this index when `requested` names another chunking than it was built with."""
+        if requested and requested != self.chunking:
+            raise UserError(f"index {str(self.path)!r} was built with {self.chunking} chunking, not {requested}: "
+                            f"rebuild it (domainlm index build --chunking {requested}) or ask for "
+                            f"--retrieval.chunking {self.chunking}")
+
     def iter_chunks(self) -> Iterator[Chunk]:
         with open(self.path / CHUNKS, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 try:
                     r = orjson.loads(raw)
                     yield Chunk(id=r["id"], doc_id=r["doc_id"], source=r["source"], text=r["text"],
-                                tokens=int(r["tokens"]))
+                                tokens=int(r["tokens"]), context=r.get("context") or "")
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     raise UserError(f"{self.path / CHUNKS}:{line_no}: not a chunk record; the index is damaged, "
                                     "rebuild it") from None
@@ -104,7 +122,7 @@ def write_chunks(path: Path, chunks: list[Chunk]) -> None:
     with open(path, "wb") as f:
         for c in chunks:
             f.write(orjson.dumps({"id": c.id, "doc_id": c.doc_id, "source": c.source, "text": c.text,
-                                  "tokens": c.tokens}) + b"\n")
+                                  "tokens": c.tokens, "context": c.context}) + b"\n")
 
 
 def open_index_dir(path: str | Path) -> IndexDir:

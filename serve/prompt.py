@@ -4,7 +4,7 @@ One function builds it for the server, the evaluation stage (RAG and SFT+RAG row
 fine-tuning on retrieved context, so a model is trained and asked with the same layout:
 
     Sources:
-    [1] json.dumps
+    [1] json > json.dumps
     json.dumps(obj, *, skipkeys=False, ...)
     Serialize ``obj`` to a JSON formatted ``str``. ...
 
@@ -23,16 +23,24 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from domainlm.serve.chunking import header
+
 INSTRUCTION = ("Answer the question using the sources above and cite them by number, like [1]. "
                "If they do not hold the answer, say so.")
 MIN_SOURCE_TOKENS = 16
 """A source cut shorter than this is dropped rather than kept as a fragment."""
 
 
+def source_header(n: int, hit) -> str:
+    """`[n] DOC_ID > HEADING > PATH`: the document and where in it the text is. The file and line
+    (`hit.source`) stay out of the prompt: they tell the model nothing (~15 tokens a source) and
+    reach the user with the response's sources."""
+    return f"[{n}] {header(hit.doc_id, getattr(hit, 'context', ''))}"
+
+
 def format_source(n: int, hit) -> str:
-    """`[n] DOC_ID` and the text. The file and line (`hit.source`) stay out of the prompt: they
-    tell the model nothing (~15 tokens a source) and reach the user with the response's sources."""
-    return f"[{n}] {hit.doc_id}\n{hit.text.strip()}"
+    """The source's header line and its text."""
+    return f"{source_header(n, hit)}\n{hit.text.strip()}"
 
 
 def rag_user_content(question: str, hits: Sequence) -> str:
@@ -60,6 +68,18 @@ def last_user_text(messages: list[dict]) -> str | None:
     return None
 
 
+def token_counter(tok) -> tuple[Callable[[str], int], Callable[[str, int], str]]:
+    """(count, cut) for `fit_hits` with a Hugging Face tokenizer: tokens of a text, and a text cut
+    to its first n tokens."""
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def cut(text: str, n: int) -> str:
+        return tok.decode(tok(text, add_special_tokens=False)["input_ids"][:n])
+
+    return count, cut
+
+
 def fit_hits(hits: Sequence, budget: int, count_tokens: Callable[[str], int],
              cut_tokens: Callable[[str, int], str]) -> list:
     """The hits, best first, that fit `budget` tokens of source text; the last one that does not
@@ -69,7 +89,7 @@ def fit_hits(hits: Sequence, budget: int, count_tokens: Callable[[str], int],
 
     out, left = [], budget
     for i, h in enumerate(hits, 1):
-        overhead = count_tokens(f"[{i}] {h.doc_id}\n") + 2
+        overhead = count_tokens(source_header(i, h) + "\n") + 2
         need = overhead + count_tokens(h.text.strip())
         if need <= left:
             out.append(h)

@@ -12,8 +12,11 @@ reciprocal-rank score in hybrid mode (higher is better in all three).
   are not used, in dense mode and in fusion.
 - hybrid: reciprocal rank fusion (Cormack et al., 2009): a chunk scores sum(1 / (rrf_k + rank))
   over the two ranked lists (ranks from 1), so neither retriever's score scale matters.
-- per-document deduplication: ranked chunks keep only the best chunk of each document, so
-  top_k hits are top_k different documents.
+- rerank (`literal`, the default): the first `candidates` chunks reordered by the question's
+  literal terms found as written (serve/rerank.py).
+- per_document: at most that many chunks of one document among the hits (0, the default: no
+  limit; the answer to a question about a long document is often in its second or third best
+  chunk, not in another document).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.serve.chunking import index_text
 from domainlm.serve.config import RetrievalArgs
 from domainlm.serve.index_dir import BM25, VECTORS, IndexDir, open_index_dir
+from domainlm.serve.rerank import rerank
 
 MODES = ("hybrid", "bm25", "dense")
 
@@ -38,10 +43,12 @@ class Hit:
     """file:line."""
     score: float
     text: str
+    context: str = ""
+    """The chunk's heading path in its document (structure chunking)."""
 
     def as_dict(self) -> dict:
         return {"id": self.id, "doc_id": self.doc_id, "source": self.source, "score": round(self.score, 6),
-                "text": self.text}
+                "context": self.context, "text": self.text}
 
 
 class Retriever:
@@ -55,8 +62,10 @@ class Retriever:
 
         self.index = index
         self.settings = settings or RetrievalArgs()
+        index.check_chunking(self.settings.chunking)
         self.embedder = embedder if embedder is not None else Embedder(index.embedder(), device)
         self.chunks = index.chunks()
+        self.header = index.header
         self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search) if index.has_vectors else None
         self.sparse = BM25Index(index.path / BM25, len(self.chunks))
         if self.dense is not None and (self.dense.dim != self.embedder.dim
@@ -87,24 +96,38 @@ class Retriever:
         sparse = self.sparse.search(questions, k) if mode != "dense" else None
         dense = self.dense.search(self.embedder.encode(questions), k, min_score) if mode != "bm25" else None
         out = []
-        for i in range(len(questions)):
+        for i, q in enumerate(questions):
             if mode == "bm25":
                 ranked = sparse[i]
             elif mode == "dense":
                 ranked = dense[i]
             else:
                 ranked = fuse([sparse[i], dense[i]], s.rrf_k)
-            out.append(self._hits(ranked, top_k))
+            if s.rerank == "literal":
+                ranked = rerank(q, ranked[:k], self._text, s.rerank_weight, s.rrf_k)
+            out.append(self._hits(ranked, top_k, s.per_document, s.expand))
         return out
 
-    def _hits(self, ranked: list[tuple[int, float]], top_k: int) -> list[Hit]:
-        hits, docs = [], set()
+    def _text(self, n: int) -> str:
+        """Chunk n's text as it was indexed."""
+        c = self.chunks[n]
+        return index_text(c) if self.header else c.text
+
+    def _hits(self, ranked: list[tuple[int, float]], top_k: int, per_document: int, expand: int = 0) -> list[Hit]:
+        hits, docs, used = [], {}, set()
         for n, score in ranked:
             c = self.chunks[n]
-            if c.doc_id in docs:
+            if n in used or (per_document and docs.get(c.doc_id, 0) >= per_document):
                 continue
-            docs.add(c.doc_id)
-            hits.append(Hit(id=c.id, doc_id=c.doc_id, source=c.source, score=score, text=c.text))
+            docs[c.doc_id] = docs.get(c.doc_id, 0) + 1
+            used.add(n)
+            text = c.text
+            for m in range(n + 1, min(n + 1 + expand, len(self.chunks))):     # the chunks that follow it
+                if self.chunks[m].doc_id != c.doc_id or m in used:
+                    break
+                used.add(m)
+                text += "\n\n" + self.chunks[m].text
+            hits.append(Hit(id=c.id, doc_id=c.doc_id, source=c.source, score=score, text=text, context=c.context))
             if len(hits) == top_k:
                 break
         return hits
@@ -113,7 +136,7 @@ class Retriever:
         """The same open index with other default settings (shares the loaded indexes)."""
         other = object.__new__(Retriever)
         other.index, other.embedder, other.chunks = self.index, self.embedder, self.chunks
-        other.dense, other.sparse = self.dense, self.sparse
+        other.dense, other.sparse, other.header = self.dense, self.sparse, self.header
         other.settings = replace(self.settings, **changes)
         return other
 
@@ -129,8 +152,8 @@ def fuse(lists: list[list[tuple[int, float]]], rrf_k: int) -> list[tuple[int, fl
 
 def metrics(retriever: Retriever, questions: list[str], gold: list[str], mode: str, depth: int = 10) -> dict:
     """recall@1, recall@4 and MRR@depth of the gold document ids over `questions` (documents,
-    not chunks: hits are one per document)."""
-    results = retriever.retrieve_many(questions, top_k=depth, mode=mode)
+    not chunks: the hits are taken one per document)."""
+    results = retriever.with_settings(per_document=1).retrieve_many(questions, top_k=depth, mode=mode)
     r1 = r4 = rr = 0.0
     for hits, want in zip(results, gold):
         ranks = [i for i, h in enumerate(hits, 1) if h.doc_id == want]

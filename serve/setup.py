@@ -76,6 +76,12 @@ def load(cfg: ServeConfig, c: Checked):
                  f" with adapters {', '.join(c.plan.adapters)}" if c.plan.adapters else "")
         s.loaded = load_models(c.plan, cfg.engine.device, cfg.engine.dtype)
         s.model_name, s.adapters = c.plan.name, set(c.plan.adapters)
+        if cfg.index and cfg.rag.max_source_tokens >= s.loaded.context:
+            from domainlm.errors import UserError
+
+            raise UserError(f"rag.max_source_tokens is {cfg.rag.max_source_tokens}, but the model's context is "
+                            f"{s.loaded.context}: the sources would leave no room for the question and the answer; "
+                            f"give at most about {s.loaded.context // 2}")
         engine = Engine(s.loaded.model, s.loaded.tokenizer, s.loaded.stop_ids, max_batch=cfg.engine.max_batch,
                         device=s.loaded.device, adapters=bool(c.plan.adapters))
         engine.warmup()
@@ -106,7 +112,8 @@ def describe(cfg: ServeConfig, s, url: str, auth: bool) -> list[tuple[str, str]]
         rows.append(("index", f"{cfg.index}  ({len(s.retriever.chunks):,} chunks, {s.retriever.index.dense_type}, "
                               f"embedder {s.retriever.embedder.ref.name})"))
         rows.append(("rag", f"{'on' if cfg.rag.enabled else 'off'} by default; {r.mode}, top {r.top_k}, "
-                            f"cosine >= {r.min_score}"))
+                            f"cosine >= {r.min_score}, rerank {r.rerank}, sources budget "
+                            f"{cfg.rag.max_source_tokens or 'the context'} tokens"))
     lim = cfg.limits
     rows.append(("limits", f"body {lim.max_body_bytes:,} B, {lim.max_concurrent} concurrent, max_tokens "
                            f"{lim.max_tokens}, n {lim.max_n}, {lim.request_timeout_s:g} s"))
