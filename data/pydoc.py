@@ -452,3 +452,37 @@ def build(cfg: PydocConfig) -> dict:
 def inputs(cfg: PydocConfig) -> list[dict]:
     """What the corpus depends on: the packages and their versions (for `domainlm run`)."""
     return [{"package": p, "version": package_root(p)[1]} for p in cfg.packages]
+
+
+def long_documents(docs: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The corpus regrouped into one long document per module, for the long-document retrieval
+    dev set (bench/retrieval.py, the tests): a reference page per module, as manuals are.
+
+    `docs` are corpus records {"id", "text"}; a symbol goes to the longest dotted prefix of its
+    id that is a module's id (text starting "Module "), else to its first component. Each page is
+    Markdown: `# <module>` and the module's text, then `## <symbol>` and its text for every
+    member, in corpus order. Returns (the pages as records {"id", "text", "source"}, symbol id ->
+    page id) so QA items' doc_ids can be mapped to the page."""
+    modules = {d["id"] for d in docs if d["text"].startswith("Module ")}
+
+    def page(symbol: str) -> str:
+        parts = symbol.split(".")
+        for n in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:n])
+            if prefix in modules:
+                return prefix
+        return parts[0]
+
+    groups: dict[str, list[dict]] = {}
+    mapping: dict[str, str] = {}
+    for d in docs:
+        mapping[d["id"]] = page(d["id"])
+        groups.setdefault(mapping[d["id"]], []).append(d)
+    pages = []
+    for pid, members in groups.items():
+        head = [d for d in members if d["id"] == pid]
+        rest = [d for d in members if d["id"] != pid]
+        parts = [f"# {pid}\n\n{d['text']}" for d in head] or [f"# {pid}"]
+        parts += [f"## {d['id']}\n\n{d['text']}" for d in rest]
+        pages.append({"id": pid, "text": "\n\n".join(parts), "source": f"module page {pid}"})
+    return pages, mapping

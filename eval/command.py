@@ -38,7 +38,7 @@ def _inputs(*paths: str | None) -> list[dict]:
 def qa(cfg) -> int:
     from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.prompts import load_library
-    from domainlm.eval.qa import Approach, answer_and_score, summarize
+    from domainlm.eval.qa import Approach, answer_and_score, check_budget, summarize
 
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
@@ -53,7 +53,9 @@ def qa(cfg) -> int:
     device = device_of(cfg.gen.device)
     gen = Generator(cfg.model, cfg.adapter, device=device, dtype=torch_dtype(cfg.gen.dtype, device))
     approach = Approach(mode=cfg.mode, template=cfg.prompt.template, shots=cfg.prompt.shots, top_k=cfg.rag.top_k,
-                        retrieval_mode=cfg.rag.mode)
+                        retrieval_mode=cfg.rag.mode, max_source_tokens=cfg.rag.max_source_tokens)
+    if cfg.mode == "rag":
+        check_budget(cfg.rag.max_source_tokens, gen.max_positions, "rag.max_source_tokens")
     with StageOutput(cfg.output, stages.EVAL_QA, overwrite=cfg.overwrite) as out, cpu_threads(cfg.gen.threads):
         log.info("answering %d questions (%s)", len(items), cfg.mode)
         records, cost = answer_and_score(gen, items, approach, library, pool=pool, retriever=retriever,
@@ -107,23 +109,52 @@ def ppl(cfg) -> int:
 
 
 def retrieval(cfg) -> int:
-    from domainlm.eval.retrieval import retrieval_metrics
+    from domainlm.eval.qa import check_budget
+    from domainlm.eval.retrieval import known_documents, retrieval_metrics
+    from domainlm.serve.prompt import token_counter
     from domainlm.serve.retrieve import open_retriever
 
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
-    result = retrieval_metrics(open_retriever(cfg.index), items, cfg.modes, cfg.top_k)
+    retriever = open_retriever(cfg.index, settings=cfg.retrieval)
+    items, unknown = known_documents(items, retriever)
+    if not items:
+        raise UserError(f"none of the QA items of {', '.join(cfg.data)} names a document of the index "
+                        f"{cfg.index!r} ({len(unknown)} name others, e.g. {unknown[0].doc_id!r} if unknown else ''); "
+                        "check that the index was built from the corpus these questions are about")
+    if cfg.model:
+        from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+        hf = open_hf_dir(cfg.model)
+        tok, counted = hf.tokenizer(), f"{cfg.model}'s tokenizer"
+        check_budget(cfg.max_source_tokens, hf.max_positions or 2048, "max_source_tokens")
+    else:
+        tok, counted = retriever.embedder.tokenizer, "the embedder's tokenizer"
+    count, cut = token_counter(tok)
+    result = retrieval_metrics(retriever, items, cfg.modes, cfg.top_k, count_tokens=count, cut_tokens=cut,
+                               budget=cfg.max_source_tokens, sources_top_k=cfg.sources_top_k)
+    result_all = {"modes": result, "questions": len(items), "doc_id_not_in_index": len(unknown),
+                  "chunking": retriever.index.chunking, "budget_counted_with": counted}
     if cfg.output:
-        write_json(cfg.output, result)
+        write_json(cfg.output, result_all)
     k = cfg.top_k
     rows = [(mode, f"recall@1 {r['recall@1']:.3f}  recall@{k} {r[f'recall@{k}']:.3f}  MRR {r[f'mrr@{k}']:.3f}  "
-                   f"{r['ms_per_query']:.1f} ms/query") for mode, r in result.items()]
+                   f"answer in sources {r['answer_in_sources']:.3f} ({r['sources_per_question']:.1f} sources)  "
+                   f"answer@1/2/4/8 {r['answer_in@1']:.2f}/{r['answer_in@2']:.2f}/{r['answer_in@4']:.2f}/"
+                   f"{r['answer_in@8']:.2f}  {r['ms_per_query']:.1f} ms/query") for mode, r in result.items()]
+    rows.append(("sources budget", f"{cfg.max_source_tokens} tokens ({counted}), at most {cfg.sources_top_k} "
+                                   f"chunks; {retriever.index.chunking} chunking"
+                 if cfg.max_source_tokens else f"none, {cfg.sources_top_k} chunks"))
+    if unknown:
+        rows.append(("left out", f"{len(unknown)} QA items whose doc_id is not in the index"))
     summary(f"eval retrieval: {len(items)} questions", rows)
     return 0
 
 
 def rag_data(cfg) -> int:
+    from domainlm.eval.qa import check_budget
     from domainlm.eval.rag_data import rag_samples, write_jsonl
+    from domainlm.eval.retrieval import known_documents
     from domainlm.pretrain.convert.hfdir import open_hf_dir
     from domainlm.serve.retrieve import open_retriever
 
@@ -134,14 +165,21 @@ def rag_data(cfg) -> int:
     items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
+    check_budget(cfg.rag.max_source_tokens, hf.max_positions or 2048, "rag.max_source_tokens")
+    retriever = open_retriever(cfg.index)
+    items, unknown = known_documents(items, retriever)
     with StageOutput(cfg.output, stages.EVAL_RAG_DATA, overwrite=cfg.overwrite) as out:
-        rows, counts = rag_samples(items, open_retriever(cfg.index), cfg.rag.top_k, cfg.rag.mode, hf.tokenizer(), room)
+        rows, counts = rag_samples(items, retriever, cfg.rag.top_k, cfg.rag.mode, hf.tokenizer(), room,
+                                   cfg.rag.max_source_tokens)
+        counts["doc_id_not_in_index"] = len(unknown)
         write_jsonl(out.tmp / "train.jsonl", rows)
         out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, inputs_rag_data(cfg), counts=counts,
                                  files={"train": "train.jsonl"}))
     summary("eval rag-data", [("samples", f"{counts['samples']:,}"),
                               ("gold source retrieved", f"{counts['gold_retrieved']:,} (cited as [n])"),
                               ("gold source missed", f"{counts['gold_missed']:,} (answered without it)"),
+                              ("answer in the sources", f"{counts['answer_in_sources']:,} of {counts['samples']:,}"
+                               f" (sources budget {cfg.rag.max_source_tokens or 'the context'} tokens)"),
                               ("written", str(Path(cfg.output) / "train.jsonl"))])
     return 0
 

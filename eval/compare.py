@@ -35,7 +35,7 @@ from domainlm.eval import metrics
 from domainlm.eval.command import device_of, library_path
 from domainlm.eval.config import CompareConfig, Inputs
 from domainlm.eval.prompts import PromptLibrary, load_library
-from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
+from domainlm.eval.qa import Approach, answer_and_score, build_prompts, check_budget, latency, summarize
 from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import markdown_table
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
@@ -55,6 +55,27 @@ def family_of(name: str) -> tuple[str, str]:
     """'scratch/sft+rag' -> ('scratch', 'sft+rag'); 'rag' -> ('', 'rag')."""
     fam, _, approach = name.rpartition("/")
     return fam, approach
+
+
+def _check_budget(cfg: CompareConfig, families: list[str]) -> None:
+    """The sources budget must fit the context of at least one family's model with RAG rows; a
+    family whose context is shorter gets what its context leaves (as its SFT+RAG data did)."""
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    contexts = {}
+    for fam in families:
+        rag_rows = [a for a in cfg.approaches if family_of(a)[0] == fam and family_of(a)[1] != "sft"
+                    and "rag" in family_of(a)[1]]
+        model = family_inputs(cfg, fam).model
+        if rag_rows and model:
+            contexts[fam or "inputs"] = open_hf_dir(model).max_positions or 2048
+    if contexts:
+        fam, ctx = max(contexts.items(), key=lambda kv: kv[1])
+        check_budget(cfg.rag.max_source_tokens, ctx, "rag.max_source_tokens")
+        for f, c in contexts.items():
+            if cfg.rag.max_source_tokens >= c:
+                log.info("compare: the %s family's context is %d tokens: its sources take what the context leaves "
+                         "(rag.max_source_tokens %d)", f, c, cfg.rag.max_source_tokens)
 
 
 def family_inputs(cfg: CompareConfig, fam: str) -> Inputs:
@@ -130,7 +151,8 @@ def consistency(gen, items: list[QA], approach: Approach, library: PromptLibrary
     templates = [approach.template] + [t for t in library.templates if t != approach.template][: PHRASINGS - 1]
     by_template = []
     for t in templates:
-        a = Approach(approach.mode, t, approach.shots, approach.top_k, approach.retrieval_mode)
+        a = Approach(approach.mode, t, approach.shots, approach.top_k, approach.retrieval_mode,
+                     approach.max_source_tokens)
         prompts, _ = build_prompts(items, a, library, pool=pool, retriever=retriever, seed=cfg.qa.seed, tok=gen.tok,
                                    room=gen.room(cfg.gen.max_new_tokens))
         by_template.append([g.text for g in gen.generate(prompts, max_new_tokens=cfg.gen.max_new_tokens,
@@ -182,6 +204,8 @@ def run(cfg: CompareConfig) -> int:
 
         retriever = open_retriever(cfg.inputs.index or cfg.scratch.index, device=device)
     families = list(dict.fromkeys(family_of(a)[0] for a in cfg.approaches))
+    if retriever is not None:
+        _check_budget(cfg, families)
     dtype = torch_dtype(cfg.gen.dtype, device)
     with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):
@@ -244,7 +268,7 @@ def run(cfg: CompareConfig) -> int:
 def _approach(approach: str, fin: Inputs, choice: dict, base, device: str, rag_args, dtype):
     from domainlm.eval.generate import Generator
 
-    rag = dict(top_k=rag_args.top_k, retrieval_mode=rag_args.mode)
+    rag = dict(top_k=rag_args.top_k, retrieval_mode=rag_args.mode, max_source_tokens=rag_args.max_source_tokens)
     if approach == "zero-shot":
         return base, Approach("zero-shot", choice["template"])
     if approach == "few-shot":

@@ -14,6 +14,7 @@ from typing import Literal
 
 from domainlm.config import INPUT, OUTPUT, RUNTIME
 from domainlm.errors import UserError
+from domainlm.serve.config import RetrievalArgs, _check_retrieval
 
 MODES = ("zero-shot", "few-shot", "rag")
 APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "cpt+sft+rag")
@@ -53,10 +54,15 @@ class GenArgs:
 class RagArgs:
     """Retrieval for the RAG modes (through the index's own retriever, as the server does)."""
 
-    top_k: int = 3
-    """Sources put in the prompt."""
+    top_k: int = 8
+    """Most sources put in the prompt (the sources budget usually takes fewer)."""
     mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
     """Retriever: BM25 and dense fused by reciprocal rank, or one of them."""
+    max_source_tokens: int = 600
+    """The sources budget: most prompt tokens (the model's tokenizer) the sources may take, their
+    header lines included; sources are taken best first while they fit, the last one cut. 0:
+    whatever the context leaves. 600 suits a 2k-context model answering in a few dozen tokens;
+    keep it equal at training (eval rag-data), in compare and in serve (rag.max_source_tokens)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,14 +158,25 @@ class EvalPplConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EvalRetrievalConfig:
-    """Retrieval quality: is the gold document among the top k? recall@1/@k and MRR per mode."""
+    """Retrieval quality per mode: is the gold document among the top k (recall@1/@k, MRR), and is
+    the answer in the sources a prompt would carry (answer_in_sources within the sources budget,
+    answer_in@k for the first k chunks)?"""
 
     index: str = field(metadata=INPUT)
     """Index dir (index build)."""
     data: list[str] = field(metadata=INPUT)
-    """QA JSON lines with doc_id (or source); FILE:SPLIT keeps one split."""
+    """QA JSON lines with doc_id (or source) and answer; FILE:SPLIT keeps one split."""
+    model: str = field(default="", metadata=INPUT)
+    """HF model dir whose tokenizer counts the sources budget (as compare and serve count it);
+    empty: the index's embedder tokenizer counts it (close for English text)."""
     top_k: int = 4
-    """Depth for recall@k and MRR."""
+    """Depth for recall@k and MRR (documents)."""
+    sources_top_k: int = 8
+    """Most chunks a prompt carries (as rag.top_k in compare and rag-data)."""
+    max_source_tokens: int = 600
+    """The sources budget (as rag.max_source_tokens in compare, rag-data and serve); 0: none."""
+    retrieval: RetrievalArgs = field(default_factory=RetrievalArgs)
+    """Retrieval settings (rerank, per_document, chunking check; top_k and mode are ignored)."""
     modes: list[str] = field(default_factory=lambda: ["bm25", "dense", "hybrid"])
     """Retrievers to compare side by side."""
     limit: int = 0
@@ -171,6 +188,9 @@ class EvalRetrievalConfig:
         bad = [m for m in self.modes if m not in ("bm25", "dense", "hybrid")]
         if bad:
             raise UserError(f"modes: unknown {', '.join(bad)}; use bm25, dense, hybrid")
+        if self.top_k < 1 or self.sources_top_k < 1 or self.max_source_tokens < 0:
+            raise UserError("top_k and sources_top_k must be >= 1, max_source_tokens >= 0")
+        _check_retrieval(self.retrieval)
 
 
 @dataclass(kw_only=True, slots=True)

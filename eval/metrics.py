@@ -24,10 +24,36 @@ def contains(prediction: str, answer: str) -> float:
 
 
 def answer_in(answer: str, texts: list[str]) -> bool:
-    """The normalised answer is a substring of one of the normalised texts (the sources the model
-    was given): whether retrieval put the answer in front of the model at all."""
+    """The normalised answer is a substring of one of the normalised `texts`: with
+    `source_texts(hits)`, of the sources the model was given (after fitting them into the sources
+    budget), i.e. whether retrieval put the answer in front of the model at all."""
     gold = normalize(answer)
     return bool(gold) and any(gold in normalize(t) for t in texts)
+
+
+def source_texts(hits) -> list[str]:
+    """The texts of `hits` (chunks with ids 'DOC#n') as the answer check reads them: consecutive
+    chunks of one document given in the same prompt are joined in document order, so an answer
+    split across two chunks counts when both were given."""
+    def number(h) -> int:
+        tail = h.id.rpartition("#")[2]
+        return int(tail) if tail.isdigit() else -1
+
+    by_doc: dict[str, list] = {}
+    for h in hits:
+        by_doc.setdefault(h.doc_id, []).append(h)
+    out: list[str] = []
+    for chunks in by_doc.values():
+        chunks.sort(key=number)
+        run = [chunks[0]]
+        for h in chunks[1:]:
+            if number(h) == number(run[-1]) + 1 and number(h) >= 0:
+                run.append(h)
+            else:
+                out.append("\n".join(x.text for x in run))
+                run = [h]
+        out.append("\n".join(x.text for x in run))
+    return out
 
 
 def strip_citations(text: str) -> str:

@@ -24,17 +24,30 @@ class Approach:
     """zero-shot | few-shot | rag"""
     template: str
     shots: int = 0
-    top_k: int = 3
+    top_k: int = 8
     retrieval_mode: str = "hybrid"
+    max_source_tokens: int = 0
+    """The sources budget (0: what the context leaves)."""
 
 
-def fit_sources(messages: list[dict[str, str]], hits: list[Any], tok, room: int) -> tuple[list[dict], list[Any]]:
+def check_budget(budget: int, context: int, what: str) -> None:
+    """A sources budget must leave room in the model's context for the question and the answer."""
+    from domainlm.errors import UserError
+
+    if budget >= context:
+        raise UserError(f"{what} is {budget} tokens, but the model's context is {context}: the sources would leave "
+                        f"no room for the question and the answer; give at most about {context // 2}")
+
+
+def fit_sources(messages: list[dict[str, str]], hits: list[Any], tok, room: int, budget: int = 0
+                ) -> tuple[list[dict], list[Any]]:
     """The RAG messages with the hits that fit: the prompt (chat template applied) stays within
-    `room` tokens, sources cut and then dropped from the last, as the server fits them
-    (`serve.prompt.fit_hits`): what a model is trained on, evaluated on and served is the same."""
+    `room` tokens and the sources within `budget` tokens (0: no budget), sources cut and then
+    dropped from the last, as the server fits them (`serve.prompt.fit_hits`): what a model is
+    trained on, evaluated on and served is the same."""
     from dataclasses import replace
 
-    from domainlm.serve.prompt import fit_hits, rag_messages
+    from domainlm.serve.prompt import fit_hits, rag_messages, token_counter
 
     if not hits:
         return messages, hits
@@ -44,9 +57,8 @@ def fit_sources(messages: list[dict[str, str]], hits: list[Any], tok, room: int)
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     frame = n_tokens(rag_messages(messages, [replace(hits[0], text="")]))
-    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
-    cut = lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])  # noqa: E731
-    kept = fit_hits(hits, room - frame, count, cut)
+    count, cut = token_counter(tok)
+    kept = fit_hits(hits, min(room - frame, budget) if budget else room - frame, count, cut)
     return rag_messages(messages, kept), kept
 
 
@@ -65,7 +77,7 @@ def build_prompts(items: list[QA], approach: Approach, library: PromptLibrary, *
             if approach.mode == "few-shot" else []
         messages = library.messages(approach.template, qa.question, shots)
         if approach.mode == "rag":
-            messages, hits[i] = fit_sources(messages, hits[i], tok, room)
+            messages, hits[i] = fit_sources(messages, hits[i], tok, room, approach.max_source_tokens)
         prompts.append(messages)
     return prompts, hits
 
@@ -89,7 +101,7 @@ def score(qa: QA, answer: str, hits: list[Any], rag: bool = False) -> dict[str, 
         out["citation_correct"] = (float(bool(valid) and docs[valid[0] - 1] == qa.doc_id) if qa.doc_id else None)
         out["faithfulness"] = metrics.faithfulness(answer, "\n".join(h.text for h in hits))
         # the gold answer (SQuAD-normalised) is in the text the model was given: retrieval's ceiling
-        out["answer_in_sources"] = float(metrics.answer_in(qa.answer, [h.text for h in hits]))
+        out["answer_in_sources"] = float(metrics.answer_in(qa.answer, metrics.source_texts(hits)))
     return out
 
 
@@ -108,8 +120,9 @@ def answer_and_score(gen: Generator, items: list[QA], approach: Approach, librar
                **score(qa, o.text, h, approach.mode == "rag"), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
                "prompt": prompt}
         if approach.mode == "rag":
-            rec["sources"] = [{"n": i + 1, "doc_id": x.doc_id, "source": x.source, "score": round(x.score, 5),
-                               "text": x.text} for i, x in enumerate(h)]
+            rec["sources"] = [{"n": i + 1, "id": x.id, "doc_id": x.doc_id, "context": getattr(x, "context", ""),
+                               "source": x.source, "score": round(x.score, 5), "text": x.text}
+                              for i, x in enumerate(h)]
         records.append(rec)
     return records, cost
 

@@ -1,10 +1,11 @@
 """SFT+RAG training data: QA train pairs as chats whose prompts carry retrieved sources.
 
 The prompt is the server's RAG prompt (`domainlm.serve.prompt.rag_messages`) over what the index
-retrieves for the question, fitted into the model's context as the server fits it: exactly what
-the model sees when served and evaluated. The answer cites the gold
-source as " [n]" when retrieval found it; when it did not (retrieval misses sometimes), the answer
-is the plain answer, so the model learns to answer from what it knows when the sources do not help.
+retrieves for the question, fitted into the sources budget and the model's context as the server
+fits them: exactly what the model sees when served and evaluated. The answer cites " [n]": the
+first source that holds the answer's words, else the first of the gold document; when retrieval
+missed the gold document, the answer is the plain answer, so the model learns to answer from what
+it knows when the sources do not help.
 """
 
 from __future__ import annotations
@@ -16,23 +17,29 @@ from typing import Any
 from domainlm.qa import QA
 
 
-def rag_samples(items: list[QA], retriever, top_k: int, mode: str, tok, room: int
+def rag_samples(items: list[QA], retriever, top_k: int, mode: str, tok, room: int, budget: int = 0
                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    from domainlm.eval.metrics import answer_in, source_texts
     from domainlm.eval.qa import fit_sources
 
     hits = retriever.retrieve_many([qa.question for qa in items], top_k, mode)
-    out, counts = [], {"samples": 0, "gold_retrieved": 0, "gold_missed": 0, "no_doc_id": 0}
+    out, counts = [], {"samples": 0, "gold_retrieved": 0, "gold_missed": 0, "no_doc_id": 0, "answer_in_sources": 0}
     for qa, h in zip(items, hits):
-        messages, h = fit_sources([{"role": "user", "content": qa.question}], h, tok, room)
+        messages, h = fit_sources([{"role": "user", "content": qa.question}], h, tok, room, budget)
         docs = [x.doc_id for x in h]
-        answer = qa.answer
+        holding = [i for i, x in enumerate(h, 1) if answer_in(qa.answer, [x.text])]
+        counts["answer_in_sources"] += answer_in(qa.answer, source_texts(h))
         if qa.doc_id is None:
             counts["no_doc_id"] += 1
         elif qa.doc_id in docs:
-            answer = f"{qa.answer} [{docs.index(qa.doc_id) + 1}]"
             counts["gold_retrieved"] += 1
         else:
             counts["gold_missed"] += 1
+        answer = qa.answer
+        if holding:
+            answer = f"{qa.answer} [{holding[0]}]"
+        elif qa.doc_id is not None and qa.doc_id in docs:
+            answer = f"{qa.answer} [{docs.index(qa.doc_id) + 1}]"
         messages.append({"role": "assistant", "content": answer})
         out.append({"messages": messages, "id": qa.id, "doc_id": qa.doc_id})
         counts["samples"] += 1

@@ -1,7 +1,13 @@
-"""Retrieval quality on QA items with a gold document: recall@1, recall@k and MRR@k per retriever.
+"""Retrieval quality on QA items with a gold document and answer, per retriever:
 
-Hits are one per document (the retriever deduplicates chunks per document), so recall@k is "the
-gold document is among the k documents the prompt would carry".
+- document level: recall@1, recall@k and MRR@k of the gold document (hits taken one per
+  document, so recall@k is "the gold document is among the k best documents");
+- answer level: answer_in_sources, the share of questions whose gold answer (SQuAD-normalised)
+  is in the text of the sources a prompt would carry, after fitting them into the sources budget
+  (`max_source_tokens` of the model's tokenizer, as compare, eval rag-data and serve fit them);
+  and answer_in@k, the same for the first k chunks before the budget (how deep the answer sits).
+
+A QA item whose doc_id is not in the index is counted and named, and left out.
 """
 
 from __future__ import annotations
@@ -10,22 +16,46 @@ import time
 from typing import Any
 
 from domainlm.errors import UserError
+from domainlm.progress import log
 from domainlm.qa import QA
 
+ANSWER_KS = (1, 2, 4, 8)
 
-def retrieval_metrics(retriever, items: list[QA], modes: list[str], top_k: int) -> dict[str, dict[str, Any]]:
+
+def known_documents(items: list[QA], retriever) -> tuple[list[QA], list[QA]]:
+    """(items whose doc_id is in the index or absent, items naming a doc_id the index lacks); the
+    second are logged with their ids."""
+    ids = {c.doc_id for c in retriever.chunks}
+    unknown = [qa for qa in items if qa.doc_id is not None and qa.doc_id not in ids]
+    if unknown:
+        names = ", ".join(f"{qa.id or qa.question[:40]!r} (doc_id {qa.doc_id!r})" for qa in unknown[:5])
+        log.warning("%d QA item(s) name a doc_id the index does not hold, left out: %s%s", len(unknown), names,
+                    f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    return [qa for qa in items if qa.doc_id is None or qa.doc_id in ids], unknown
+
+
+def retrieval_metrics(retriever, items: list[QA], modes: list[str], top_k: int, *, count_tokens=None,
+                      cut_tokens=None, budget: int = 0, sources_top_k: int = 8) -> dict[str, dict[str, Any]]:
+    """Per mode, the document-level and answer-level figures of the module's doc. Without
+    `count_tokens` (the model's tokenizer) no budget is applied."""
+    from domainlm.eval.metrics import answer_in, source_texts
+    from domainlm.serve.prompt import fit_hits
+
     gold = [qa.doc_id for qa in items]
     if any(g is None for g in gold):
         missing = next(qa for qa in items if qa.doc_id is None)
         raise UserError(f"QA item {missing.id!r} has no doc_id (or source); retrieval metrics need the gold document")
     out: dict[str, dict[str, Any]] = {}
     questions = [qa.question for qa in items]
+    per_doc = retriever.with_settings(per_document=1)
+    deep = max(sources_top_k, *ANSWER_KS)
     for mode in modes:
         t0 = time.perf_counter()
-        hits = retriever.retrieve_many(questions, top_k, mode)
+        hits = retriever.retrieve_many(questions, deep, mode)
         seconds = time.perf_counter() - t0
+        docs_hits = per_doc.retrieve_many(questions, top_k, mode)
         r1 = rk = rr = 0.0
-        for g, h in zip(gold, hits):
+        for g, h in zip(gold, docs_hits):
             docs = [x.doc_id for x in h]
             if g in docs:
                 rank = docs.index(g) + 1
@@ -33,6 +63,19 @@ def retrieval_metrics(retriever, items: list[QA], modes: list[str], top_k: int) 
                 rr += 1 / rank
                 r1 += rank == 1
         n = len(items)
-        out[mode] = {"recall@1": r1 / n, f"recall@{top_k}": rk / n, f"mrr@{top_k}": rr / n, "questions": n,
-                     "ms_per_query": 1000 * seconds / n}
+        at_k = {k: 0 for k in ANSWER_KS}
+        in_budget = given = tokens = 0
+        for qa, h in zip(items, hits):
+            for k in ANSWER_KS:
+                at_k[k] += answer_in(qa.answer, source_texts(h[:k]))
+            kept = h[:sources_top_k]
+            if count_tokens is not None and budget:
+                kept = fit_hits(kept, budget, count_tokens, cut_tokens)
+                tokens += sum(count_tokens(x.text) for x in kept)
+            given += len(kept)
+            in_budget += answer_in(qa.answer, source_texts(kept))
+        out[mode] = {"recall@1": r1 / n, f"recall@{top_k}": rk / n, f"mrr@{top_k}": rr / n,
+                     "answer_in_sources": in_budget / n, **{f"answer_in@{k}": v / n for k, v in at_k.items()},
+                     "sources_per_question": given / n, "source_tokens_per_question": tokens / n if tokens else None,
+                     "budget": budget or None, "questions": n, "ms_per_query": 1000 * seconds / n}
     return out
