@@ -316,7 +316,7 @@ def retrieval(n_chunks: int, sample: int, queries: int) -> None:
     emb = Embedder(resolve_embedder("all-MiniLM-L6-v2"), "cpu")
     print(f"  embedder load: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    real = [c for c in chunk_documents(read_documents([str(corpus / "corpus.jsonl")]), emb.tokenizer, 254, 32)
+    real = [c for c in chunk_documents(read_documents([str(corpus / "corpus.jsonl")]), emb.tokenizer, 254, 32, method="window")
             if isinstance(c, Chunk)]
     t_chunk = time.perf_counter() - t0
     print(f"  chunking: {len(real):,} real chunks in {t_chunk:.1f} s ({len(real) / t_chunk:,.0f} chunks/s)")

@@ -12,6 +12,7 @@ import pytest
 
 from domainlm.eval import metrics
 from domainlm.eval.stats import record_file
+from domainlm.serve.retrieve import Hit
 from tests.conftest import run_cli
 
 APPROACHES = ["zero-shot", "few-shot", "rag", "sft", "sft+rag"]
@@ -45,7 +46,7 @@ def compare_args(inp, out, *extra) -> list:
             "--inputs.sft", inp["adapter"], "--inputs.sft-rag", inp["adapter"], "--inputs.sft-data", inp["train"],
             "--qa.train", inp["train"], "--qa.test", inp["test"], "--qa.limit", 8, "--qa.dev", 4,
             "--gen.max-new-tokens", 6, "--consistency-questions", 2, "--consistency-seeds", 2,
-            "--latency-questions", 2, *extra]
+            "--latency-questions", 2, "--rag.max-source-tokens", 200, *extra]
 
 
 def test_compare_writes_a_table_that_recomputes_from_its_answers(compare_inputs, capsys):
@@ -68,6 +69,20 @@ def test_compare_writes_a_table_that_recomputes_from_its_answers(compare_inputs,
             # decontamination report says so rather than hiding it.
             assert "gold_retrieved" in r and "citation_correct" in r and "faithfulness" in r
             assert r["decontamination"]["index"]["items"] == 8
+            # answer_in_sources: the gold answer in the sources the prompt carried, recomputed from
+            # them; F1 split by present / absent over exactly those questions
+            for x in recs:
+                hits = [Hit(s["id"], s["doc_id"], s["source"], s["score"], s["text"]) for s in x["sources"]]
+                assert x["answer_in_sources"] == float(metrics.answer_in(x["gold"], metrics.source_texts(hits)))
+            split = r["answer_in_sources"]
+            for part, want in (("present", 1.0), ("absent", 0.0)):
+                mine = [x for x in recs if x["answer_in_sources"] == want]
+                if not mine:
+                    assert split[part]["questions"] == 0
+                    continue
+                assert split[part]["questions"] == len(mine) and split[part]["share"] == pytest.approx(len(mine) / 8)
+                assert split[part]["f1"] == pytest.approx(np.mean([metrics.token_f1(metrics.strip_citations(
+                    x["answer"]), x["gold"]) for x in mine]))
     # The trained approaches carry the adapter's own training cost, as its manifest records it.
     trained = json.loads((inp["adapter"] / "manifest.json").read_text())["training"]
     assert trained["steps"] == 3 and trained["tokens"] > 0 and trained["seconds"] > 0

@@ -38,7 +38,7 @@ def test_chunks_are_exact_slices_with_overlap_at_line_starts(embedder):
     # lines of ~15 tokens, paragraphs of 4 lines: a window of 120 holds 1-2 paragraphs
     paragraphs = ["\n".join(" ".join(f"w{p}x{line}x{i}" for i in range(4)) for line in range(4)) for p in range(12)]
     text = "\n\n".join(paragraphs)
-    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=120, overlap=24))
+    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=120, overlap=24, method="window"))
     assert len(chunks) > 3
     tok = embedder.tokenizer
     for n, c in enumerate(chunks):
@@ -64,7 +64,7 @@ def test_chunking_without_line_breaks_cuts_at_token_boundaries(embedder):
     from domainlm.serve.chunking import chunk_documents
 
     text = " ".join(f"tok{i}" for i in range(600))
-    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=64, overlap=8))
+    chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=64, overlap=8, method="window"))
     ids = embedder.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert all(c.tokens == 64 for c in chunks[:-1])
     # windows of 64 tokens advancing by 56: the token count covered is the whole document
@@ -79,7 +79,7 @@ def test_txt_documents_get_file_line_sources(embedder, tmp_path):
 
     f = tmp_path / "manual.txt"
     f.write_text("\n".join(f"line {i} " + "alpha beta gamma " * 6 for i in range(1, 61)), encoding="utf-8")
-    chunks = list(chunk_documents(read_documents([str(f)]), embedder.tokenizer, 100, 30))
+    chunks = list(chunk_documents(read_documents([str(f)]), embedder.tokenizer, 100, 30, method="window"))
     assert len(chunks) > 2
     for c in chunks:
         line = int(c.source.rsplit(":", 1)[1])
@@ -108,7 +108,8 @@ def test_index_build_manifest_and_query(pydoc_index, pydoc_corpus, capsys):
     code, out, _ = run_cli(["index", "query", "--index", index, q.question, "--json"], capsys)
     assert code == 0
     hits = json.loads(out)["hits"]
-    assert len(hits) == 4 and len({h["doc_id"] for h in hits}) == 4
+    assert len(hits) == 8 and len({h["doc_id"] for h in hits}) >= 2       # top_k 8, no per-document limit
+    assert all(h["context"] == next(c.context for c in chunks if c.id == h["id"]) for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     code, out, _ = run_cli(["index", "query", "--index", index, q.question, "--retrieval.mode", "bm25",
                             "--retrieval.top-k", "2"], capsys)
@@ -139,7 +140,9 @@ def test_bm25_scores_match_the_lucene_formula(pydoc_index):
 
     index, qas = pydoc_index
     idx = open_index_dir(index)
-    texts = [c.text for c in idx.chunks()]
+    from domainlm.serve.chunking import index_text
+
+    texts = [index_text(c) for c in idx.chunks()]     # what was indexed: the header line, then the text
     bm = BM25Index(index / "bm25", len(texts))
     tok = bm.tokenizer
     vocab_inv = {v: k for k, v in tok.get_vocab_dict().items()}
@@ -177,8 +180,11 @@ def test_fusion_and_per_document_dedup():
     assert dict(fused) == pytest.approx(want)
     r = object.__new__(Retriever)
     r.chunks = [Chunk(f"d{i // 2}#{i % 2}", f"d{i // 2}", "c:1", f"t{i}", 1) for i in range(6)]
-    hits = r._hits([(1, 0.9), (0, 0.8), (3, 0.7), (5, 0.6), (4, 0.5)], top_k=3)
+    ranked = [(1, 0.9), (0, 0.8), (3, 0.7), (5, 0.6), (4, 0.5)]
+    hits = r._hits(ranked, top_k=3, per_document=1)
     assert [(h.id, h.doc_id) for h in hits] == [("d0#1", "d0"), ("d1#1", "d1"), ("d2#1", "d2")]
+    hits = r._hits(ranked, top_k=3, per_document=0)                   # no limit: the ranked order
+    assert [h.id for h in hits] == ["d0#1", "d0#0", "d1#1"]
 
 
 def test_hnsw_above_the_size_limit_agrees_with_exact(pydoc_index, tmp_path):
@@ -275,7 +281,7 @@ def test_index_with_another_embedder(other_embedder, pydoc_corpus, tmp_path, cap
                             "--embedder", other_embedder, "--chunk-tokens", "500"], capsys)
     assert code == 0 and "capped at the embedder's window" in out
     m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert m["embedder"]["name"] == "small" and m["embedder"]["dim"] == 32 and m["chunking"]["chunk_tokens"] == 126
+    assert m["embedder"]["name"] == "small" and m["embedder"]["dim"] == 32 and m["chunking"]["chunk_tokens"] == 126 - 32  # less the header line
     code, out, _ = run_cli(["index", "query", "--index", tmp_path / "idx", "--retrieval.mode", "dense",
                             "--retrieval.min-score", "-1", "anything"], capsys)
     assert code == 0 and "[4]" in out
