@@ -26,6 +26,9 @@ from functools import lru_cache
 QUOTED = re.compile(r"`([^`\n]+)`|\"([^\"\n]+)\"|(?<!\w)'([^'\n]+)'(?!\w)")
 CODEY = re.compile(r"(?<![\w-])(?:-{1,2}\w[\w.-]*|\w+(?:[._:/-]\w+)+)")
 MAX_TERMS = 8
+NEAR = 24
+"""A term within this many characters of a line's start (after its indent) "starts" the line: the
+tag of a definition item often lists several names first (`-u, --unique`, `-o FILE, --output=FILE`)."""
 
 
 def literals(question: str) -> list[str]:
@@ -46,26 +49,33 @@ def literals(question: str) -> list[str]:
 def _patterns(term: str) -> tuple[re.Pattern, re.Pattern]:
     t = re.escape(term)
     return (re.compile(rf"(?<![\w-]){t}(?![\w-])"),
-            re.compile(rf"(?:^|\n)[ \t]*(?:#+[ \t]+)?{t}(?![\w-])"))
+            re.compile(rf"(?:^|\n)[ \t]*(?:#+[ \t]+)?[^\n]{{0,{NEAR}}}?(?<![\w-]){t}(?![\w-])"))
 
 
 def literal_score(terms: list[str], text: str) -> int:
     """Terms of `terms` found in `text` as written, plus those that start a line of it."""
     s = 0
     for term in terms:
+        if term not in text:               # most chunks: no regex at all
+            continue
         anywhere, line_start = _patterns(term)
         if anywhere.search(text):
             s += 1 + bool(line_start.search(text))
     return s
 
 
-def rerank(question: str, ranked: list[tuple[int, float]], text_of, weight: float, rrf_k: int
-           ) -> list[tuple[int, float]]:
+def rerank(question: str, ranked: list[tuple[int, float]], text_of, weight: float, rrf_k: int,
+           more: list[int] = ()) -> list[tuple[int, float]]:
     """`ranked` (chunk number, score), best first, reordered by the score above; `text_of(n)` is
-    the indexed text of chunk n. Unchanged when the question names no literal term."""
+    the indexed text of chunk n; `more` are chunks outside the ranked list to consider too (the
+    other chunks of the best documents: in a long page the chunk that defines the term may rank
+    below the candidates on words alone), ranked after the list. Unchanged when the question
+    names no literal term."""
     terms = literals(question)
     if not terms or weight <= 0:
         return ranked
+    seen = {n for n, _ in ranked}
+    ranked = list(ranked) + [(n, 0.0) for n in more if n not in seen]
     scored = [(n, 1.0 / (rrf_k + rank) + weight * literal_score(terms, text_of(n)), rank)
               for rank, (n, _) in enumerate(ranked, 1)]
     scored.sort(key=lambda t: (-t[1], t[2]))

@@ -31,6 +31,8 @@ from domainlm.serve.index_dir import BM25, VECTORS, IndexDir, open_index_dir
 from domainlm.serve.rerank import rerank
 
 MODES = ("hybrid", "bm25", "dense")
+RERANK_DOCUMENTS = 2
+"""The literal rerank also reads every chunk of the best this many documents."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Retriever:
         self.embedder = embedder if embedder is not None else Embedder(index.embedder(), device)
         self.chunks = index.chunks()
         self.header = index.header
+        self._spans: dict[str, tuple[int, int]] | None = None
         self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search) if index.has_vectors else None
         self.sparse = BM25Index(index.path / BM25, len(self.chunks))
         if self.dense is not None and (self.dense.dim != self.embedder.dim
@@ -104,9 +107,27 @@ class Retriever:
             else:
                 ranked = fuse([sparse[i], dense[i]], s.rrf_k)
             if s.rerank == "literal":
-                ranked = rerank(q, ranked[:k], self._text, s.rerank_weight, s.rrf_k)
+                ranked = rerank(q, ranked[:k], self._text, s.rerank_weight, s.rrf_k,
+                                self._document_chunks(ranked[:k], RERANK_DOCUMENTS))
             out.append(self._hits(ranked, top_k, s.per_document, s.expand))
         return out
+
+    def _document_chunks(self, ranked: list[tuple[int, float]], documents: int) -> list[int]:
+        """Every chunk of the first `documents` documents of `ranked`, in document order."""
+        if self._spans is None:
+            spans: dict[str, tuple[int, int]] = {}
+            for i, c in enumerate(self.chunks):
+                a, _ = spans.get(c.doc_id, (i, i))
+                spans[c.doc_id] = (a, i + 1)
+            self._spans = spans
+        docs: list[str] = []
+        for n, _ in ranked:
+            d = self.chunks[n].doc_id
+            if d not in docs:
+                docs.append(d)
+                if len(docs) == documents:
+                    break
+        return [i for d in docs for i in range(*self._spans[d])]
 
     def _text(self, n: int) -> str:
         """Chunk n's text as it was indexed."""
@@ -137,6 +158,7 @@ class Retriever:
         other = object.__new__(Retriever)
         other.index, other.embedder, other.chunks = self.index, self.embedder, self.chunks
         other.dense, other.sparse, other.header = self.dense, self.sparse, self.header
+        other._spans = self._spans
         other.settings = replace(self.settings, **changes)
         return other
 

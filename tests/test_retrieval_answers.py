@@ -206,11 +206,15 @@ def test_literal_terms_move_the_defining_chunk_up():
     assert literals('What does "max_tokens" mean for os.path.join and -c?') == ["max_tokens", "os.path.join", "-c"]
     assert literals("What is a compiler?") == []
     assert literal_score(["-c"], "       -c     Count the entries") == 2           # defined at a line start
-    assert literal_score(["-c"], "see -c, above") == 1
+    assert literal_score(["--unique"], "       -u, --unique\n   output only the first") == 2   # after -u,
+    assert literal_score(["-c"], "the entries are counted when you pass -c, as above") == 1
     assert literal_score(["-c"], "the --color option and -cx") == 0                # not inside other terms
     texts = {0: "tar > OPTIONS\n  --overwrite  replace files", 1: "tar > OPTIONS\n  --no-output\n     Print nothing."}
     ranked = rerank("In `tar`, what does the `--no-output` option do?", [(0, 9.0), (1, 8.0)], texts.get, 0.1, 5)
     assert [n for n, _ in ranked] == [1, 0]
+    texts[2] = "tar > OPTIONS\n  --no-output  (a chunk the ranking missed)"
+    ranked = rerank("In `tar`, what does the `--no-output` option do?", [(0, 9.0)], texts.get, 0.1, 5, more=[0, 2])
+    assert [n for n, _ in ranked] == [2, 0]                                          # read from the best documents
     assert rerank("What is a compiler?", [(0, 9.0), (1, 8.0)], texts.get, 0.1, 5) == [(0, 9.0), (1, 8.0)]
 
 
