@@ -176,8 +176,9 @@ def rag_data(cfg) -> int:
         out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, inputs_rag_data(cfg), counts=counts,
                                  files={"train": "train.jsonl"}))
     summary("eval rag-data", [("samples", f"{counts['samples']:,}"),
-                              ("gold source retrieved", f"{counts['gold_retrieved']:,} (cited as [n])"),
-                              ("gold source missed", f"{counts['gold_missed']:,} (answered without it)"),
+                              ("gold document retrieved", f"{counts['gold_retrieved']:,} (the answer cites the source "
+                                                          "that holds it as [n], else the document's first)"),
+                              ("gold document missed", f"{counts['gold_missed']:,} (answered without a citation)"),
                               ("answer in the sources", f"{counts['answer_in_sources']:,} of {counts['samples']:,}"
                                f" (sources budget {cfg.rag.max_source_tokens or 'the context'} tokens)"),
                               ("written", str(Path(cfg.output) / "train.jsonl"))])

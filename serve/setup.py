@@ -33,6 +33,10 @@ def check(cfg: ServeConfig) -> Checked:
         from domainlm.serve.models import plan
 
         out.plan = plan(cfg.model, cfg.model_name, cfg.adapter, cfg.skip_missing_adapters)
+        if cfg.index and out.plan.hf.max_positions:
+            from domainlm.eval.qa import check_budget
+
+            check_budget(cfg.rag.max_source_tokens, out.plan.hf.max_positions, "rag.max_source_tokens")
     if cfg.backend:
         from domainlm.serve.backend import Backend
 
@@ -76,12 +80,6 @@ def load(cfg: ServeConfig, c: Checked):
                  f" with adapters {', '.join(c.plan.adapters)}" if c.plan.adapters else "")
         s.loaded = load_models(c.plan, cfg.engine.device, cfg.engine.dtype)
         s.model_name, s.adapters = c.plan.name, set(c.plan.adapters)
-        if cfg.index and cfg.rag.max_source_tokens >= s.loaded.context:
-            from domainlm.errors import UserError
-
-            raise UserError(f"rag.max_source_tokens is {cfg.rag.max_source_tokens}, but the model's context is "
-                            f"{s.loaded.context}: the sources would leave no room for the question and the answer; "
-                            f"give at most about {s.loaded.context // 2}")
         engine = Engine(s.loaded.model, s.loaded.tokenizer, s.loaded.stop_ids, max_batch=cfg.engine.max_batch,
                         device=s.loaded.device, adapters=bool(c.plan.adapters))
         engine.warmup()

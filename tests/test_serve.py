@@ -551,3 +551,6 @@ def test_bad_input_one_line_each(stack, tmp_path, tokenizer_dir, capsys, monkeyp
     line = _one_line(capsys, ["--model", stack.model, "--index", stack.index, "--embedder",
                               str(stack.model), "--port", "0"])
     assert "sentence-transformers" in line or "was built with embedder" in line
+    line = _one_line(capsys, ["--model", stack.model, "--index", stack.index, "--rag.max-source-tokens",
+                              str(CONTEXT), "--port", "0"])
+    assert f"rag.max_source_tokens is {CONTEXT} tokens, but the model's context is {CONTEXT}" in line
