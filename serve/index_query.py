@@ -50,5 +50,5 @@ def query(cfg: IndexQueryConfig) -> int:
             print("   no chunk found" + (f" (no dense hit reached cosine {r.min_score})" if r.mode == "dense" else ""))
         for i, h in enumerate(hits, 1):
             excerpt = textwrap.shorten(" ".join(h.text.split()), 160, placeholder=" ...")
-            print(f"[{i}] {h.score:.4f}  {h.doc_id}  ({h.source})\n    {excerpt}")
+            print(f"[{i}] {h.score:.4f}  {h.doc_id}{' > ' + h.context if h.context else ''}  ({h.source})\n    {excerpt}")
     return 0
