@@ -285,7 +285,35 @@ def _approach(approach: str, fin: Inputs, choice: dict, base, device: str, rag_a
 
 
 def _training(approach: str, fin: Inputs) -> dict[str, Any] | None:
-    return training_cost({"sft": fin.sft, "sft+rag": fin.sft_rag, "cpt+sft+rag": fin.cpt_sft_rag}.get(approach))
+    cost = training_cost({"sft": fin.sft, "sft+rag": fin.sft_rag, "cpt+sft+rag": fin.cpt_sft_rag}.get(approach))
+    if approach == "cpt+sft+rag" and cost is not None:
+        cpt = pretraining_cost(fin.cpt_model)
+        if cpt is None:          # the CPT run's time is unknown: the row's training time is too
+            return {**cost, "train_seconds": None, "adapter_seconds": cost["train_seconds"]}
+        cost = {**cost, "adapter_seconds": cost["train_seconds"], "cpt_seconds": cpt["seconds"],
+                "train_seconds": cost["train_seconds"] + cpt["seconds"],
+                "tokens": (cost.get("tokens") or 0) + cpt["tokens"]}
+    return cost
+
+
+def pretraining_cost(hf_dir: str) -> dict[str, float] | None:
+    """Seconds and tokens of the pretraining run an HF dir was converted from (`convert to-hf`
+    records its checkpoint): the seconds summed from its logged throughput (tokens between log
+    lines / tokens per second), so checkpoint saves and evaluation are left out."""
+    from domainlm.pretrain.checkpoint import open_checkpoint_dir
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    try:
+        src = ((open_hf_dir(hf_dir).manifest or {}).get("source") or {}).get("checkpoint")
+        rows = [r for r in open_checkpoint_dir(src).metrics() if r.get("kind") == "train"] if src else []
+    except (UserError, OSError, ValueError):
+        return None
+    seconds, last = 0.0, 0
+    for r in rows:
+        if r.get("tokens_per_s") and r.get("tokens") is not None:
+            seconds += (r["tokens"] - last) / r["tokens_per_s"]
+            last = r["tokens"]
+    return {"seconds": seconds, "tokens": last} if last else None
 
 
 def _test_questions_in_training(test: list[QA], train: list[QA], cfg: CompareConfig) -> list[str]:

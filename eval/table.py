@@ -59,7 +59,11 @@ def _cells(name: str, r: dict[str, Any], report: dict[str, Any]) -> list[str]:
     train_s = "-"
     if train:
         tok = f", {train['tokens']:,} tok" if train.get("tokens") is not None else ""
-        train_s = f"{train['train_seconds']:.0f} s{tok}" + (" (resumed)" if train.get("resumed_at") else "")
+        secs = f"{train['train_seconds']:.0f} s" if train.get("train_seconds") is not None else "? s"
+        if train.get("adapter_seconds") is not None:          # cpt+...: the CPT run and the adapter
+            cpt = f"{train['cpt_seconds']:.0f} s" if train.get("cpt_seconds") is not None else "unknown"
+            secs += f" (CPT {cpt} + adapter {train['adapter_seconds']:.0f} s)"
+        train_s = f"{secs}{tok}" + (" (resumed)" if train.get("resumed_at") else "")
     contam = "; ".join(f"{src}: {v['any']}/{v['items']}" for src, v in (r.get("decontamination") or {}).items()) or "-"
     three = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731
     cons = r.get("consistency") or {}

@@ -160,6 +160,17 @@ def test_cpt_of_an_hf_base_with_its_own_bpe_tokenizer(base, tmp_path, capsys):
     assert hcfg["max_position_embeddings"] == 128
     assert load_tokenizer_dir(hf_out).identity == tok.identity
 
+    # compare's cost of a cpt+... row counts the CPT run: its seconds summed from the logged throughput
+    from domainlm.eval.compare import pretraining_cost
+    from domainlm.pretrain.checkpoint import open_checkpoint_dir
+
+    logged = [r for r in open_checkpoint_dir(run).metrics() if r.get("kind") == "train"]
+    cost = pretraining_cost(str(hf_out))
+    assert cost is not None and cost["tokens"] == logged[-1]["tokens"]
+    want = sum((b["tokens"] - a) / b["tokens_per_s"] for a, b in zip([0] + [r["tokens"] for r in logged], logged))
+    assert cost["seconds"] == pytest.approx(want) and cost["seconds"] > 0
+    assert pretraining_cost(str(model_dir)) is None                    # an HF dir no pretraining made
+
 
 def test_refusals_are_one_line(base, tmp_path, capsys):
     from domainlm.tokenizer.tokdir import load_tokenizer_dir
