@@ -38,7 +38,8 @@ def _inputs(*paths: str | None) -> list[dict]:
 def qa(cfg) -> int:
     from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.prompts import load_library
-    from domainlm.eval.qa import Approach, answer_and_score, check_budget, summarize
+    from domainlm.eval.qa import Approach, answer_and_score, summarize
+    from domainlm.serve.prompt import check_budget
 
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
@@ -109,9 +110,8 @@ def ppl(cfg) -> int:
 
 
 def retrieval(cfg) -> int:
-    from domainlm.eval.qa import check_budget
     from domainlm.eval.retrieval import known_documents, retrieval_metrics
-    from domainlm.serve.prompt import token_counter
+    from domainlm.serve.prompt import check_budget, token_counter
     from domainlm.serve.retrieve import open_retriever
 
     items = read_qa(cfg.data)
@@ -152,8 +152,8 @@ def retrieval(cfg) -> int:
 
 
 def rag_data(cfg) -> int:
-    from domainlm.eval.qa import check_budget
     from domainlm.eval.rag_data import rag_samples, write_jsonl
+    from domainlm.serve.prompt import check_budget
     from domainlm.eval.retrieval import known_documents
     from domainlm.pretrain.convert.hfdir import open_hf_dir
     from domainlm.serve.retrieve import open_retriever

@@ -35,7 +35,7 @@ from domainlm.eval import metrics
 from domainlm.eval.command import device_of, library_path
 from domainlm.eval.config import CompareConfig, Inputs
 from domainlm.eval.prompts import PromptLibrary, load_library
-from domainlm.eval.qa import Approach, answer_and_score, build_prompts, check_budget, latency, summarize
+from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
 from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import markdown_table
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
@@ -61,6 +61,7 @@ def _check_budget(cfg: CompareConfig, families: list[str]) -> None:
     """The sources budget must fit the context of at least one family's model with RAG rows; a
     family whose context is shorter gets what its context leaves (as its SFT+RAG data did)."""
     from domainlm.pretrain.convert.hfdir import open_hf_dir
+    from domainlm.serve.prompt import check_budget
 
     contexts = {}
     for fam in families:

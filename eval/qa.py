@@ -30,15 +30,6 @@ class Approach:
     """The sources budget (0: what the context leaves)."""
 
 
-def check_budget(budget: int, context: int, what: str) -> None:
-    """A sources budget must leave room in the model's context for the question and the answer."""
-    from domainlm.errors import UserError
-
-    if budget >= context:
-        raise UserError(f"{what} is {budget} tokens, but the model's context is {context}: the sources would leave "
-                        f"no room for the question and the answer; give at most about {context // 2}")
-
-
 def fit_sources(messages: list[dict[str, str]], hits: list[Any], tok, room: int, budget: int = 0
                 ) -> tuple[list[dict], list[Any]]:
     """The RAG messages with the hits that fit: the prompt (chat template applied) stays within

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from domainlm.errors import UserError
 from domainlm.serve.chunking import header
 
 INSTRUCTION = ("Answer the question using the sources above and cite them by number, like [1]. "
@@ -66,6 +67,13 @@ def last_user_text(messages: list[dict]) -> str | None:
         if m.get("role") == "user":
             return m.get("content") or None
     return None
+
+
+def check_budget(budget: int, context: int, what: str) -> None:
+    """A sources budget must leave room in the model's context for the question and the answer."""
+    if budget >= context:
+        raise UserError(f"{what} is {budget} tokens, but the model's context is {context}: the sources would leave "
+                        f"no room for the question and the answer; give at most about {context // 2}")
 
 
 def token_counter(tok) -> tuple[Callable[[str], int], Callable[[str, int], str]]:

@@ -34,7 +34,7 @@ def check(cfg: ServeConfig) -> Checked:
 
         out.plan = plan(cfg.model, cfg.model_name, cfg.adapter, cfg.skip_missing_adapters)
         if cfg.index and out.plan.hf.max_positions:
-            from domainlm.eval.qa import check_budget
+            from domainlm.serve.prompt import check_budget
 
             check_budget(cfg.rag.max_source_tokens, out.plan.hf.max_positions, "rag.max_source_tokens")
     if cfg.backend:

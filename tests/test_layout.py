@@ -49,6 +49,7 @@ PUBLIC = {
         "domainlm.serve.index_dir",         # the index dir contract
         "domainlm.serve.retrieve",          # retrieval and RAG prompts, reused by evaluation
         "domainlm.serve.prompt",
+        "domainlm.serve.config",            # the retrieval settings (RetrievalArgs), shared by eval's configs
     },
     "eval": set(),
     "launch": {"domainlm.launch.command"},
