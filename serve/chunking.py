@@ -84,7 +84,6 @@ def spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap:
         s = max(nxt, s + 1)
 
 
-METHODS = ("structure", "window")
 SEP = " > "
 """Between the titles of a heading path."""
 

@@ -65,17 +65,17 @@ def literal_score(terms: list[str], text: str) -> int:
 
 
 def rerank(question: str, ranked: list[tuple[int, float]], text_of, weight: float, rrf_k: int,
-           more: list[int] = ()) -> list[tuple[int, float]]:
+           more=()) -> list[tuple[int, float]]:
     """`ranked` (chunk number, score), best first, reordered by the score above; `text_of(n)` is
     the indexed text of chunk n; `more` are chunks outside the ranked list to consider too (the
     other chunks of the best documents: in a long page the chunk that defines the term may rank
-    below the candidates on words alone), ranked after the list. Unchanged when the question
-    names no literal term."""
+    below the candidates on words alone), ranked after the list; a callable giving them is only
+    called when the question names a literal term. Unchanged when it names none."""
     terms = literals(question)
     if not terms or weight <= 0:
         return ranked
     seen = {n for n, _ in ranked}
-    ranked = list(ranked) + [(n, 0.0) for n in more if n not in seen]
+    ranked = list(ranked) + [(n, 0.0) for n in (more() if callable(more) else more) if n not in seen]
     scored = [(n, 1.0 / (rrf_k + rank) + weight * literal_score(terms, text_of(n)), rank)
               for rank, (n, _) in enumerate(ranked, 1)]
     scored.sort(key=lambda t: (-t[1], t[2]))

@@ -68,7 +68,10 @@ class Retriever:
         self.embedder = embedder if embedder is not None else Embedder(index.embedder(), device)
         self.chunks = index.chunks()
         self.header = index.header
-        self._spans: dict[str, tuple[int, int]] | None = None
+        # doc_id -> (first chunk, end chunk): a document's chunks are contiguous, in its order
+        self.spans: dict[str, tuple[int, int]] = {}
+        for i, c in enumerate(self.chunks):
+            self.spans[c.doc_id] = (self.spans.get(c.doc_id, (i, i))[0], i + 1)
         self.dense = DenseIndex(index.path / VECTORS, self.settings.hnsw_ef_search) if index.has_vectors else None
         self.sparse = BM25Index(index.path / BM25, len(self.chunks))
         if self.dense is not None and (self.dense.dim != self.embedder.dim
@@ -107,19 +110,14 @@ class Retriever:
             else:
                 ranked = fuse([sparse[i], dense[i]], s.rrf_k)
             if s.rerank == "literal":
-                ranked = rerank(q, ranked[:k], self._text, s.rerank_weight, s.rrf_k,
-                                self._document_chunks(ranked[:k], RERANK_DOCUMENTS))
+                top = ranked[:k]
+                ranked = rerank(q, top, self._text, s.rerank_weight, s.rrf_k,
+                                lambda: self._document_chunks(top, RERANK_DOCUMENTS))
             out.append(self._hits(ranked, top_k, s.per_document, s.expand))
         return out
 
     def _document_chunks(self, ranked: list[tuple[int, float]], documents: int) -> list[int]:
         """Every chunk of the first `documents` documents of `ranked`, in document order."""
-        if self._spans is None:
-            spans: dict[str, tuple[int, int]] = {}
-            for i, c in enumerate(self.chunks):
-                a, _ = spans.get(c.doc_id, (i, i))
-                spans[c.doc_id] = (a, i + 1)
-            self._spans = spans
         docs: list[str] = []
         for n, _ in ranked:
             d = self.chunks[n].doc_id
@@ -127,7 +125,7 @@ class Retriever:
                 docs.append(d)
                 if len(docs) == documents:
                     break
-        return [i for d in docs for i in range(*self._spans[d])]
+        return [i for d in docs for i in range(*self.spans[d])]
 
     def _text(self, n: int) -> str:
         """Chunk n's text as it was indexed."""
@@ -158,7 +156,7 @@ class Retriever:
         other = object.__new__(Retriever)
         other.index, other.embedder, other.chunks = self.index, self.embedder, self.chunks
         other.dense, other.sparse, other.header = self.dense, self.sparse, self.header
-        other._spans = self._spans
+        other.spans = self.spans
         other.settings = replace(self.settings, **changes)
         return other
 
