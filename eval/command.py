@@ -189,5 +189,9 @@ def inputs_qa(cfg) -> list[dict]:
     return _inputs(cfg.model, cfg.adapter, cfg.index, *cfg.data)
 
 
+def inputs_pairs(cfg) -> list[dict]:
+    return _inputs(cfg.model, cfg.adapter, cfg.index, *cfg.data)
+
+
 def inputs_rag_data(cfg) -> list[dict]:
     return _inputs(cfg.index, cfg.model, *cfg.data)

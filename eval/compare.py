@@ -9,6 +9,8 @@ Two families of models, each with the same approaches:
     rag          the base model with the index's sources in the prompt
     sft          the SFT adapter (trained on the QA train split), the question as it was trained
     sft+rag      the SFT+RAG adapter (trained on prompts with retrieved sources) with retrieval
+    sft+dpo      the SFT adapter after DPO on pairs from its own wrong answers (eval pairs, finetune dpo)
+    sft+rag+dpo  the SFT+RAG adapter after DPO on its own wrong answers to RAG prompts, with retrieval
     cpt+sft+rag  the base continued on the domain shards, then its SFT+RAG adapter, with retrieval
 
 Per approach: exact match, token F1, contains (and for RAG: gold retrieved, citation correct,
@@ -43,11 +45,14 @@ from domainlm.progress import log, summary
 from domainlm.qa import QA, read_qa, sample, split_spec
 
 NEEDS = {"zero-shot": ("model",), "few-shot": ("model",), "rag": ("model", "index"), "sft": ("model", "sft"),
-         "sft+rag": ("model", "sft_rag", "index"), "cpt+sft+rag": ("cpt_model", "cpt_sft_rag", "index")}
+         "sft+rag": ("model", "sft_rag", "index"), "cpt+sft+rag": ("cpt_model", "cpt_sft_rag", "index"),
+         "sft+dpo": ("model", "sft_dpo"), "sft+rag+dpo": ("model", "sft_rag_dpo", "index")}
 BUILT_BY = {"model": "convert from-gguf or convert to-hf (stage `base` or `convert`)", "index": "index build (stage `index`)",
             "sft": "finetune sft (stage `finetune`)", "sft_rag": "finetune sft on eval rag-data (stage `finetune_rag`)",
             "cpt_model": "convert from-hf + pretrain --init-from + convert to-hf (stages `cpt_*`)",
-            "cpt_sft_rag": "finetune sft of the CPT model on eval rag-data (stage `cpt_finetune_rag`)"}
+            "cpt_sft_rag": "finetune sft of the CPT model on eval rag-data (stage `cpt_finetune_rag`)",
+            "sft_dpo": "eval pairs + finetune dpo of the SFT adapter (stages `base_pairs`, `base_dpo`)",
+            "sft_rag_dpo": "eval pairs --index + finetune dpo of the SFT+RAG adapter"}
 PHRASINGS = 3
 
 
@@ -91,7 +96,7 @@ def family_inputs(cfg: CompareConfig, fam: str) -> Inputs:
 def inputs(cfg: CompareConfig) -> list[dict]:
     paths = []
     for i in (cfg.inputs, cfg.scratch):
-        paths += [i.model, i.index, i.sft, i.sft_rag, i.cpt_model, i.cpt_sft_rag]
+        paths += [i.model, i.index, i.sft, i.sft_rag, i.cpt_model, i.cpt_sft_rag, i.sft_dpo, i.sft_rag_dpo]
     paths += [*cfg.qa.train, *cfg.qa.test]
     return describe_inputs(sorted({Path(split_spec(p)[0]) for p in paths if p}))
 
@@ -200,7 +205,7 @@ def run(cfg: CompareConfig) -> int:
     library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     device = device_of(cfg.gen.device)
     retriever = None
-    if any(family_of(a)[1] in ("rag", "sft+rag", "cpt+sft+rag") for a in cfg.approaches):
+    if any("rag" in family_of(a)[1] for a in cfg.approaches):
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.inputs.index or cfg.scratch.index, device=device)
@@ -282,10 +287,16 @@ def _approach(approach: str, fin: Inputs, choice: dict, base, device: str, rag_a
         return Generator(fin.model, fin.sft_rag, device=device, dtype=dtype), Approach("rag", "plain", **rag)
     if approach == "cpt+sft+rag":
         return Generator(fin.cpt_model, fin.cpt_sft_rag, device=device, dtype=dtype), Approach("rag", "plain", **rag)
+    if approach == "sft+dpo":
+        return Generator(fin.model, fin.sft_dpo, device=device, dtype=dtype), Approach("zero-shot", "plain")
+    if approach == "sft+rag+dpo":
+        return Generator(fin.model, fin.sft_rag_dpo, device=device, dtype=dtype), Approach("rag", "plain", **rag)
     raise AssertionError(approach)
 
 
 def _training(approach: str, fin: Inputs) -> dict[str, Any] | None:
+    if approach.endswith("+dpo"):
+        return preference_cost(fin.sft_dpo if approach == "sft+dpo" else fin.sft_rag_dpo)
     cost = training_cost({"sft": fin.sft, "sft+rag": fin.sft_rag, "cpt+sft+rag": fin.cpt_sft_rag}.get(approach))
     if approach == "cpt+sft+rag" and cost is not None:
         cpt = pretraining_cost(fin.cpt_model)
@@ -295,6 +306,29 @@ def _training(approach: str, fin: Inputs) -> dict[str, Any] | None:
                 "train_seconds": cost["train_seconds"] + cpt["seconds"],
                 "tokens": (cost.get("tokens") or 0) + cpt["tokens"]}
     return cost
+
+
+def preference_cost(dpo_dir: str) -> dict[str, Any] | None:
+    """A DPO adapter's whole training cost: the SFT adapter it started from, the pairs (generating
+    the answers, `eval pairs`, as the pairs file's manifest records it) and DPO itself; None for
+    the total where a part is unknown."""
+    cost = training_cost(dpo_dir)
+    if cost is None:
+        return None
+    m = json.loads((Path(dpo_dir) / MANIFEST).read_text(encoding="utf-8"))
+    start = (m.get("dpo") or {}).get("start_adapter") or {}
+    parts: dict[str, float | None] = {}
+    if start:
+        parts["SFT"] = start.get("training_seconds")
+    pairs = [i for i in m.get("inputs") or [] if (Path(str(i.get("path", ""))).parent / MANIFEST).is_file()]
+    for i in pairs:
+        pm = json.loads((Path(i["path"]).parent / MANIFEST).read_text(encoding="utf-8"))
+        if pm.get("stage") == stages.EVAL_PAIRS:
+            parts["pairs"] = (parts.get("pairs") or 0.0) + float(pm.get("seconds") or 0.0)
+    parts["DPO"] = cost["train_seconds"]
+    known = all(v is not None for v in parts.values())
+    return {**cost, "parts": parts, "train_seconds": sum(parts.values()) if known else None,
+            "tokens": (cost.get("tokens") or 0) + (start.get("tokens") or 0)}
 
 
 def pretraining_cost(hf_dir: str) -> dict[str, float] | None:
@@ -360,7 +394,8 @@ def _decontamination(test: list[QA], fin: Inputs, names: list[str], build_index,
     flags = {name: summarize_flags(contaminated(test, idx)) for name, idx in sources.items()}
     shards = ["pretraining shards"] if scratch else []
     per = {"zero-shot": shards, "few-shot": shards, "rag": shards + ["index"], "sft": shards + ["SFT data"],
-           "sft+rag": shards + ["SFT data", "index"], "cpt+sft+rag": ["pretraining shards", "SFT data", "index"]}
+           "sft+rag": shards + ["SFT data", "index"], "cpt+sft+rag": ["pretraining shards", "SFT data", "index"],
+           "sft+dpo": shards + ["SFT data"], "sft+rag+dpo": shards + ["SFT data", "index"]}
     out: dict[str, Any] = {n: {s: flags[s] for s in per[family_of(n)[1]] if s in flags} for n in names}
     out["_sources"] = {"n": 13, "seconds": round(time.perf_counter() - t0, 1),
                        "note": "the index holds the gold documents by design: RAG is meant to find the answer there",

@@ -17,7 +17,7 @@ from domainlm.errors import UserError
 from domainlm.serve.config import RetrievalArgs, _check_retrieval
 
 MODES = ("zero-shot", "few-shot", "rag")
-APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "cpt+sft+rag")
+APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "cpt+sft+rag", "sft+dpo", "sft+rag+dpo")
 """Every approach `compare` knows, for one model family: the base model prompted (zero/few-shot),
 the base model with retrieval, the SFT adapter, the SFT+RAG adapter with retrieval, and the
 SFT+RAG adapter of the base after continued pretraining on the domain (CPT)."""
@@ -222,6 +222,58 @@ class RagDataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class PairsConfig:
+    """Preference pairs from a model's own failures on QA train questions, for `finetune dpo`.
+
+    The model (with --adapter, e.g. an SFT adapter) answers each question as `compare` asks it
+    (the question alone; with --index, the SFT+RAG prompt with retrieved sources): once greedily,
+    as it would be scored, and --samples times sampled. Every answer is scored by token F1 against
+    the gold answer. A question gives a pair when one of its answers is wrong (F1 below
+    --rejected-below): rejected = the greedy answer when it is wrong (the model's own failure),
+    else the worst sampled one; chosen = the gold answer, written as the adapter learned answers
+    (citing its source as [n] with --index). Questions answered right every time give no pair and
+    are counted. Writes OUTPUT/pairs.jsonl ({"messages", "chosen", "rejected", ...}: TRL's
+    preference format) and manifest.json with the counts."""
+
+    model: str = field(metadata=INPUT)
+    """The HF model dir."""
+    adapter: str = field(default="", metadata=INPUT)
+    """The adapter whose failures make the pairs (finetune sft), checked against the model."""
+    data: list[str] = field(metadata=INPUT)
+    """QA train files (FILE:SPLIT keeps one split); never the test split."""
+    output: str = field(metadata=OUTPUT)
+    """Directory for pairs.jsonl and manifest.json."""
+    index: str = field(default="", metadata=INPUT)
+    """Index dir: prompts carry retrieved sources (the SFT+RAG layout); empty: the question alone."""
+    rag: RagArgs = field(default_factory=RagArgs)
+    """Retrieval (with --index), as the SFT+RAG data were made."""
+    samples: int = 2
+    """Sampled answers per question besides the greedy one (0: the greedy answer only)."""
+    temperature: float = 1.0
+    """Sampling temperature of those answers."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of those answers."""
+    rejected_below: float = 0.5
+    """An answer is wrong, a candidate for rejected, when its token F1 against the gold is below this."""
+    limit: int = 0
+    """Only N questions, a seeded sample spread over the files (0: all)."""
+    seed: int = 0
+    """Seed of that sample and of the sampling."""
+    gen: GenArgs = field(default_factory=GenArgs)
+    """Decoding (max_new_tokens, batch_size, device, dtype, threads)."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        if self.samples < 0 or self.limit < 0:
+            raise UserError("samples and limit must be >= 0")
+        if not 0.0 < self.rejected_below <= 1.0:
+            raise UserError(f"rejected_below must be in (0, 1], got {self.rejected_below}")
+        if self.samples and self.temperature <= 0:
+            raise UserError("temperature must be > 0 to sample answers (or set --samples 0)")
+
+
+@dataclass(kw_only=True, slots=True)
 class QASets:
     """The QA sets of the comparison."""
 
@@ -255,6 +307,10 @@ class Inputs:
     pretrain --init-from -> convert to-hf); approach cpt+sft+rag."""
     cpt_sft_rag: str = field(default="", metadata=INPUT)
     """The SFT+RAG adapter trained on `cpt_model`."""
+    sft_dpo: str = field(default="", metadata=INPUT)
+    """The SFT adapter after DPO (finetune dpo on `eval pairs` of its own answers); approach sft+dpo."""
+    sft_rag_dpo: str = field(default="", metadata=INPUT)
+    """The SFT+RAG adapter after DPO (pairs from its RAG answers); approach sft+rag+dpo."""
     shards: str = field(default="", metadata=INPUT)
     """The domain shards this family's model was pretrained on (decontamination): the scratch
     model's, or the CPT shards (only cpt+sft+rag saw those)."""

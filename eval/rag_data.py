@@ -27,7 +27,6 @@ def rag_samples(items: list[QA], retriever, top_k: int, mode: str, tok, room: in
     for qa, h in zip(items, hits):
         messages, h = fit_sources([{"role": "user", "content": qa.question}], h, tok, room, budget)
         docs = [x.doc_id for x in h]
-        holding = [i for i, x in enumerate(h, 1) if answer_in(qa.answer, [x.text])]
         counts["answer_in_sources"] += answer_in(qa.answer, source_texts(h))
         if qa.doc_id is None:
             counts["no_doc_id"] += 1
@@ -35,15 +34,24 @@ def rag_samples(items: list[QA], retriever, top_k: int, mode: str, tok, room: in
             counts["gold_retrieved"] += 1
         else:
             counts["gold_missed"] += 1
-        answer = qa.answer
-        if holding:
-            answer = f"{qa.answer} [{holding[0]}]"
-        elif qa.doc_id is not None and qa.doc_id in docs:
-            answer = f"{qa.answer} [{docs.index(qa.doc_id) + 1}]"
-        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": cited_answer(qa, h)})
         out.append({"messages": messages, "id": qa.id, "doc_id": qa.doc_id})
         counts["samples"] += 1
     return out, counts
+
+
+def cited_answer(qa: QA, hits: list[Any]) -> str:
+    """The answer as SFT+RAG learns it: citing " [n]", the first source that holds the answer's
+    words, else the first of the gold document; plain when the sources miss the gold document."""
+    from domainlm.eval.metrics import answer_in
+
+    holding = [i for i, x in enumerate(hits, 1) if answer_in(qa.answer, [x.text])]
+    docs = [x.doc_id for x in hits]
+    if holding:
+        return f"{qa.answer} [{holding[0]}]"
+    if qa.doc_id is not None and qa.doc_id in docs:
+        return f"{qa.answer} [{docs.index(qa.doc_id) + 1}]"
+    return qa.answer
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -170,6 +170,19 @@ def render(run: Path, out: Path) -> dict[str, Any]:
         sections.append(f"<h2>Fine-tuning ({html.escape(d.name)}, {html.escape(ad.method)})</h2>"
                         + img(f"{d.name}_loss.png"))
         shown.setdefault("finetune", []).append(d.name)
+    for d in found.get(stages.FINETUNE_DPO, []):
+        ad = open_adapter_dir(d)
+        recs = ad.metrics()
+        curves_chart({"train loss": _curves(recs, "train", "loss"), "reward margin": _curves(recs, "train", "margin"),
+                      "reward accuracy": _curves(recs, "train", "accuracy")},
+                     files / f"{d.name}_dpo.png", title=f"preference tuning ({d.name})", ylabel="loss / margin / accuracy")
+        checks = ad.manifest.get("checks") or {}
+        before, after = (checks.get("before") or {}).get("pairs") or {}, (checks.get("after") or {}).get("pairs") or {}
+        rows = [(f"held-out pairs: {k}", f"{before[k]:.3f} -> {after[k]:.3f}")
+                for k in ("loss", "margin", "accuracy", "logp_margin") if k in before and k in after]
+        sections.append(f"<h2>Preference tuning ({html.escape(d.name)}, DPO)</h2>" + _table(rows)
+                        + img(f"{d.name}_dpo.png"))
+        shown.setdefault("finetune", []).append(d.name)
     for d in found.get(stages.COMPARE, []):
         chart = ""
         if (d / "compare.png").is_file():

@@ -63,6 +63,9 @@ def _cells(name: str, r: dict[str, Any], report: dict[str, Any]) -> list[str]:
         if train.get("adapter_seconds") is not None:          # cpt+...: the CPT run and the adapter
             cpt = f"{train['cpt_seconds']:.0f} s" if train.get("cpt_seconds") is not None else "unknown"
             secs += f" (CPT {cpt} + adapter {train['adapter_seconds']:.0f} s)"
+        if train.get("parts"):                                 # +dpo: SFT, the pairs, DPO
+            secs += " (" + " + ".join(f"{k} {v:.0f} s" if v is not None else f"{k} ?"
+                                      for k, v in train["parts"].items()) + ")"
         train_s = f"{secs}{tok}" + (" (resumed)" if train.get("resumed_at") else "")
     contam = "; ".join(f"{src}: {v['any']}/{v['items']}" for src, v in (r.get("decontamination") or {}).items()) or "-"
     three = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731

@@ -1,7 +1,8 @@
-"""`domainlm finetune sft` and `domainlm finetune merge`: thin entry points.
+"""`domainlm finetune sft`, `finetune dpo` and `finetune merge`: thin entry points.
 
 sft:   checks -> data -> model + adapters -> checks before -> train (checkpoints, SIGTERM) ->
        checks after -> adapter dir (trainer.py, output.py)
+dpo:   the same with pairs, the start adapter and the reference log-probabilities (dpo.py, pairs.py)
 merge: adapter dir -> its base (sha256 checked) -> merge -> written, reloaded, verified -> commit
 """
 
@@ -11,7 +12,7 @@ import time
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.finetune.config import MergeConfig, SFTConfig
+from domainlm.finetune.config import DPOConfig, MergeConfig, SFTConfig
 from domainlm.finetune.inputs import inputs_merge, refuse_full
 from domainlm.manifest import StageOutput, make_manifest
 from domainlm.progress import summary
@@ -21,7 +22,18 @@ def sft(cfg: SFTConfig) -> int:
     """Entry point of `domainlm finetune sft` (one process, or one rank under torchrun)."""
     from domainlm.finetune.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    return _train(Trainer(cfg))
+
+
+def dpo(cfg: DPOConfig) -> int:
+    """Entry point of `domainlm finetune dpo` (one process, or one rank under torchrun)."""
+    from domainlm.finetune.dpo import DPOTrainer
+    from domainlm.finetune.inputs import inputs_dpo
+
+    return _train(DPOTrainer(cfg, inputs_dpo(cfg)))
+
+
+def _train(trainer) -> int:
     try:
         trainer.setup()
         done = trainer.train()
@@ -30,7 +42,7 @@ def sft(cfg: SFTConfig) -> int:
         elif trainer.rank == 0:
             import signal
 
-            summary("domainlm finetune sft", [
+            summary(f"domainlm {trainer.stage}", [
                 ("steps", f"{trainer.start_step} -> {trainer.step} of {trainer.total_steps} (stopped by "
                           f"{signal.Signals(trainer.stop_signal).name}; rerun the same command to resume)"),
                 ("checkpoint", str(trainer.root))])

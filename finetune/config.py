@@ -303,3 +303,57 @@ class MergeConfig:
             raise UserError("checks.prompts: give at least one non-empty prompt")
         if self.checks.new_tokens < 1:
             raise UserError(f"checks.new_tokens must be >= 1, got {self.checks.new_tokens}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DPOArgs:
+    """The preference loss (Rafailov et al. 2023; IPO: Azar et al. 2023), as TRL computes it."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference: the implicit reward is beta x (log pi - log pi_ref)
+    of a completion; larger keeps the policy closer to the reference (IPO: tau)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """'sigmoid': DPO's -log sigmoid(beta x (chosen log-ratio - rejected log-ratio)), log-ratios
+    summed over the completion's tokens; 'ipo': (difference of token-averaged log-ratios
+    - 1 / (2 beta))^2."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DPOConfig(SFTConfig):
+    """Preference tuning (DPO or IPO) of a Llama-family HF model, or of an SFT adapter, on pairs.
+
+    Pairs are JSON lines {"prompt" | "messages", "chosen", "rejected"} (TRL's and the Hugging Face
+    preference datasets' format: prompt a string or a list of messages, chosen/rejected a string or
+    a list holding the assistant message), rendered with the chat template (the adapter's when
+    --adapter is given); a malformed pair, a pair whose chosen equals its rejected, or one longer
+    than train.seq_len goes to OUTPUT/dead_letter.jsonl, counted by reason. The reference model is
+    the starting policy: the base with --adapter (training continues that adapter; without one a
+    new LoRA starts at zero), its log-probabilities computed once before training (eval mode),
+    so step 0's loss is log 2. Dropout is off (as in TRL), so the policy's first forward equals the
+    reference's. Logs loss, reward margin and accuracy (chosen reward > rejected) per step, and
+    on the held-out pairs before and after training; checkpoints and exact resume as `finetune sft`.
+    Writes a stock PEFT adapter dir over the same base (serve it, evaluate it, merge it as any).
+    """
+
+    adapter: str = field(default="", metadata=INPUT)
+    """SFT adapter dir (finetune sft) to start from and keep training; empty: a new LoRA adapter."""
+    dpo: DPOArgs = field(default_factory=DPOArgs)
+    """The preference loss."""
+    valid_fraction: float = 0.1
+    """Share of --data held out as validation pairs (loss, reward margin and accuracy before and
+    after training) when --valid-data is not given."""
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("data: give preference pairs files (--data PAIRS.jsonl ...), e.g. `domainlm eval pairs` "
+                            "output")
+        SFTConfig.validate(self)
+        if self.dpo.beta <= 0:
+            raise UserError(f"dpo.beta must be positive, got {self.dpo.beta}")
+        if self.packing:
+            raise UserError("packing: DPO scores each completion as one sequence; drop --packing")
+        if self.adapter and self.method == "full":
+            raise UserError("method full with --adapter: merge the adapter first (domainlm finetune merge) and "
+                            "give the merged dir as --model")
+        if self.method == "qlora":
+            raise UserError("method qlora is not supported by finetune dpo; use lora")

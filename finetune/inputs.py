@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from domainlm.errors import UserError
-from domainlm.finetune.config import MergeConfig, SFTConfig
+from domainlm.finetune.config import DPOConfig, MergeConfig, SFTConfig
 from domainlm.manifest import describe_inputs
 
 
@@ -40,6 +40,11 @@ def inputs(cfg: SFTConfig) -> list[dict]:
         paths += [Path(spec)] if (Path(spec) / "manifest.json").is_file() else _paths([spec], CORPUS_SUFFIXES)
     paths += _paths(cfg.eval.qa, QA_SUFFIXES)
     return describe_inputs(paths)
+
+
+def inputs_dpo(cfg: DPOConfig) -> list[dict]:
+    """`inputs` plus the adapter DPO starts from."""
+    return inputs(cfg) + (describe_inputs([Path(cfg.adapter)]) if cfg.adapter else [])
 
 
 def inputs_merge(cfg: MergeConfig) -> list[dict]:

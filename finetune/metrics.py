@@ -34,4 +34,6 @@ class Metrics(TrainLog):
         gn = rec.get("grad_norm")
         parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}", f"gnorm {gn:.3f}" if gn is not None else "gnorm -",
                  f"{rec['tokens_per_s']:,.0f} tok/s", f"mem {rec.get('memory_gb', 0):.2f} GB"]
+        if "margin" in rec:                     # finetune dpo: the step's reward margin and accuracy
+            parts[1:1] = [f"margin {rec['margin']:.3f}", f"acc {rec['accuracy']:.2f}"]
         return self.log_train(rec, parts, eta)

@@ -123,6 +123,11 @@ def build(hf: HFDir, cfg: SFTConfig, device: torch.device, bf16: bool):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     from peft import get_peft_model
 
+    start = getattr(cfg, "adapter", "")
+    if start:                      # finetune dpo: keep training an SFT adapter
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, start, is_trainable=True)
     try:
         return get_peft_model(model, lora_config(cfg, model))
     except ValueError as e:        # e.g. target modules that the model does not have
@@ -146,7 +151,9 @@ class LossModel(torch.nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, per_row: bool = False):
+        """The summed loss, or with `per_row` each row's own sum ([b], fp32: a completion's
+        negative log-probability, what DPO compares; never fused)."""
         lm = causal_lm(self.model)
         decoder = getattr(lm, lm.base_model_prefix)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -158,6 +165,10 @@ class LossModel(torch.nn.Module):
         hidden = out.last_hidden_state[:, :-1, :][keep]
         target = target[keep]
         head = lm.get_output_embeddings()
+        if per_row:
+            rows = keep.nonzero()[:, 0]
+            token = F.cross_entropy(head(hidden).float(), target, reduction="none")
+            return torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
         if self.fused and type(head) is torch.nn.Linear and head.bias is None:
             from domainlm.pretrain.kernels.fused_linear_ce import fused_linear_cross_entropy
 

@@ -38,7 +38,7 @@ def write(trainer, full_state: dict | None) -> dict[str, Any]:
     from domainlm.pretrain.convert.hfdir import generation_config
 
     cfg, hf = trainer.cfg, trainer.hf
-    with StageOutput(cfg.output, trainer_stage(), overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, trainer.stage, overwrite=cfg.overwrite) as out:
         if cfg.method == "full":
             lm = causal_lm(trainer.peft_model)
             dtype = _base_dtype(hf.config)
@@ -54,16 +54,10 @@ def write(trainer, full_state: dict | None) -> dict[str, Any]:
         shutil.copy2(trainer.root / "dead_letter.jsonl", out.tmp / "dead_letter.jsonl")
         if (trainer.root / "logs").is_dir():
             shutil.copytree(trainer.root / "logs", out.tmp / "logs")
-        manifest = make_manifest(trainer_stage(), cfg, trainer.inputs, **facts(trainer), files=sorted(set(files)))
+        manifest = make_manifest(trainer.stage, cfg, trainer.inputs, **facts(trainer), files=sorted(set(files)))
         out.commit(manifest)
     print_summary(trainer, manifest)
     return manifest
-
-
-def trainer_stage() -> str:
-    from domainlm import stages
-
-    return stages.FINETUNE_SFT
 
 
 def _base_dtype(config: dict) -> torch.dtype:
@@ -100,6 +94,7 @@ def facts(trainer) -> dict[str, Any]:
                      "seconds": round(trainer.seconds, 2),
                      "tokens": trainer.tokens_trained},   # tokens the model read in this run (all processes)
         "checks": checks,
+        **trainer.extra_facts(),
     }
 
 
@@ -117,12 +112,12 @@ def print_summary(trainer, manifest: dict[str, Any]) -> None:
     rows = [("base model", f"{m['base_model']['path']} ({m['base_model']['architecture']})"),
             ("method", f"{method}: {p['trainable']:,} of {p['total']:,} parameters trained "
                        f"({100 * p['trainable_share']:.2f}%)"),
-            ("train data", f"{d['train']['samples']:,} samples, {d['train']['tokens']:,} tokens "
+            ("train data", f"{_items(d['train'])}, {d['train']['tokens']:,} tokens "
                            f"({d['train']['supervised_tokens']:,} supervised) from {d['train']['records']:,} records"),
             ("dropped", (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none")
              + (f" ({m['dead_letters']} malformed records in {Path(cfg.output) / 'dead_letter.jsonl'})"
                 if m["dead_letters"] else "")),
-            ("valid data", f"{d['valid']['samples']:,} samples" + (
+            ("valid data", _items(d["valid"]) + (
                 f" (dropped: {', '.join(f'{k} {v}' for k, v in sorted(d['valid']['dropped'].items()))})"
                 if d["valid"].get("dropped") else ""))]
     tok_s = sum(h.get("tokens_per_s", 0) for h in trainer.history if "tokens_per_s" in h)
@@ -132,6 +127,17 @@ def print_summary(trainer, manifest: dict[str, Any]) -> None:
                           f"{t['seconds']:.1f}s" + (f", {tok_s / n_tok:,.0f} tok/s" if n_tok else "")))
     if t["first_loss"] is not None:
         rows.append(("train loss", f"{t['first_loss']:.4f} -> {t['last_loss']:.4f}"))
+    if "dpo" in m:
+        p = m["dpo"]
+        start = p["start_adapter"]
+        rows.append(("preference", f"{p['loss']} loss, beta {p['beta']:g}; reference: "
+                                   + (f"the start adapter {start['path']}" if start else "the base model")))
+    if "pairs" in after:
+        b, a = before.get("pairs", {}), after["pairs"]
+        nan = float("nan")
+        rows.append(("held-out pairs", f"reward margin {b.get('margin', nan):.3f} -> {a['margin']:.3f}, accuracy "
+                                       f"{b.get('accuracy', nan):.3f} -> {a['accuracy']:.3f}, log-prob margin "
+                                       f"{b.get('logp_margin', nan):.2f} -> {a['logp_margin']:.2f} ({a['pairs']} pairs)"))
     if "valid_loss" in after:
         rows.append(("valid loss", f"{before.get('valid_loss', float('nan')):.4f} -> {after['valid_loss']:.4f}"))
     for name, v in (m["checks"].get("points") or {}).items():
@@ -147,4 +153,8 @@ def print_summary(trainer, manifest: dict[str, Any]) -> None:
     rows.append(("output", f"{cfg.output} ({'HF model dir' if cfg.method == 'full' else 'PEFT adapter dir'})"))
     if cfg.method != "full":
         rows.append(("next", f"domainlm finetune merge --adapter {cfg.output} --output {cfg.output.rstrip('/')}-merged"))
-    summary("domainlm finetune sft", rows)
+    summary(f"domainlm {trainer.stage}", rows)
+
+
+def _items(split: dict[str, Any]) -> str:
+    return f"{split['pairs']:,} pairs" if "pairs" in split else f"{split['samples']:,} samples"

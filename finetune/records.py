@@ -89,9 +89,13 @@ def excerpt(raw: bytes | str) -> str:
     return raw[:EXCERPT_CHARS]
 
 
-def read_examples(specs: list[str], stats: ReadStats, what: str = "data") -> list[Example]:
-    """Every usable conversation of `specs` (files, globs, dirs, each optionally FILE:SPLIT)."""
-    out: list[Example] = []
+def read_examples(specs: list[str], stats: ReadStats, what: str = "data", convert=None) -> list:
+    """Every usable conversation of `specs` (files, globs, dirs, each optionally FILE:SPLIT).
+
+    `convert(record, source) -> (item, format)` makes an item of a parsed record (raising Bad for
+    a dead letter); the default makes an `Example` conversation (`finetune dpo` passes its pairs')."""
+    convert = convert or to_example
+    out: list = []
     for spec in specs:
         path, split = split_spec(spec)
         try:
@@ -104,14 +108,14 @@ def read_examples(specs: list[str], stats: ReadStats, what: str = "data") -> lis
             seen_splits: set[str] = set()
             before = stats.kept
             stats.files.append({"path": str(f), "split": split, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
-            for ex in _read_file(f, split, stats, seen_splits):
+            for ex in _read_file(f, split, stats, seen_splits, convert):
                 out.append(ex)
             if split is not None and seen_splits and split not in seen_splits and stats.kept == before:
                 raise UserError(f"{what}: {f}: no record with split {split!r} (splits: {', '.join(sorted(seen_splits))})")
     return out
 
 
-def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set[str]) -> Iterator[Example]:
+def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set[str], convert) -> Iterator:
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -130,16 +134,21 @@ def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set
                     stats.records -= 1
                     stats.other_split += 1
                     continue
-                messages, fmt = to_messages(rec)
+                item, fmt = convert(rec, f"{path}:{line_no}")
             except Bad as bad:
                 stats.drop(str(path), line_no, bad.reason, bad.message, raw)
                 continue
             stats.kept += 1
             stats.by_format[fmt] += 1
-            yield Example(messages=messages, source=f"{path}:{line_no}", format=fmt)
+            yield item
 
 
 parse_line = corpus.load_json_object
+
+
+def to_example(rec: dict[str, Any], source: str) -> tuple[Example, str]:
+    messages, fmt = to_messages(rec)
+    return Example(messages=messages, source=source, format=fmt), fmt
 
 
 def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:

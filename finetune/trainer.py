@@ -44,6 +44,9 @@ STAGE = stages.FINETUNE_SFT
 
 
 class Trainer:
+    stage = STAGE
+    """The manifest's stage (and the run's fingerprint)."""
+
     def __init__(self, cfg: SFTConfig, inputs: list[dict] | None = None):
         self.cfg = cfg
         self.inputs = inputs
@@ -52,12 +55,14 @@ class Trainer:
         self.metrics = None
         self.history: list[dict] = []
         self.evals: dict = {}
+        self.step_extra: dict = {}
+        """What a subclass's train_step adds to the step's metrics (DPO: reward margin, accuracy)."""
         self._owns_process_group = False
 
     # -- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from domainlm.finetune import batches, dataset, model as modeling
+        from domainlm.finetune import model as modeling
         from domainlm.finetune.chat import ChatEncoder, pad_id
         from domainlm.pretrain.convert.hfdir import open_hf_dir
 
@@ -77,15 +82,15 @@ class Trainer:
                             f"x processes = {t.micro_batch_size} x {self.world}; make it a multiple of "
                             f"{t.micro_batch_size * self.world}")
         self.hf = open_hf_dir(cfg.model)
-        self.hf.require_llama_family("finetune sft")
+        self.hf.require_llama_family(self.stage)
         self.template = self._chat_template()
-        StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite)        # refuses a foreign output dir now
+        StageOutput(cfg.output, self.stage, overwrite=cfg.overwrite)        # refuses a foreign output dir now
         self.root = Path(cfg.run_dir())
         if self.inputs is None:
             from domainlm.finetune.inputs import inputs
 
             self.inputs = inputs(cfg)
-        self.fingerprint = fingerprint(STAGE, cfg, self.inputs)
+        self.fingerprint = fingerprint(self.stage, cfg, self.inputs)
         resume = checkpoint.inspect(self.root, self.fingerprint, cfg.overwrite, self.rank)
 
         tok = self.hf.tokenizer()
@@ -94,12 +99,9 @@ class Trainer:
         if self.hf.max_positions and t.seq_len > self.hf.max_positions and self.rank == 0:
             log.info("samples are held to %d tokens, the model's max_position_embeddings (train.seq_len %d%s)",
                      self.hf.max_positions, t.seq_len, ": the length of a packed row" if cfg.packing else "")
-        self.data = dataset.prepare(cfg, self.encoder, self.hf.max_positions)
-        tr = self.data.stats["train"]
+        self.data = self._prepare_data()
         if self.rank == 0:
-            log.info("data: %d training samples (%d tokens, %d supervised), %d validation samples, dropped %s (%.1fs)",
-                     tr["samples"], tr["tokens"], tr["supervised_tokens"], len(self.data.valid),
-                     dict(tr.get("dropped", {})) or "none", time.perf_counter() - t0)
+            log.info("data: %s (%.1fs)", self._describe_data(), time.perf_counter() - t0)
         self._init_distributed()
         if self.rank == 0:
             checkpoint.prepare(self.root, self.fingerprint)
@@ -107,12 +109,8 @@ class Trainer:
 
             self.dead_letters = write_dead_letters(self.root / "dead_letter.jsonl", *self.data.readers)
         self.pad = pad_id(tok)
-        self.batches = batches.Batches(self.data.train, global_batch=t.global_batch_size,
-                                       micro_batch=t.micro_batch_size, seed=t.seed, packing=cfg.packing,
-                                       seq_len=t.seq_len, pad_id=self.pad)
+        self._make_batches()
         self.total_steps = t.max_steps or self.batches.steps_for(t.epochs)
-        self.valid = batches.fixed_batches(self.data.valid, t.micro_batch_size, self.pad, cfg.packing, t.seq_len,
-                                           cfg.eval.valid_batches) if self.data.valid else []
         self._build(modeling)
         self._prepare_checks()
         self._barrier()
@@ -127,6 +125,28 @@ class Trainer:
 
         self.metrics = Metrics(self.root / "logs" if self.rank == 0 else None, total_steps=self.total_steps,
                                tensorboard=cfg.log.tensorboard)
+
+    def _prepare_data(self):
+        from domainlm.finetune import dataset
+
+        return dataset.prepare(self.cfg, self.encoder, self.hf.max_positions)
+
+    def _describe_data(self) -> str:
+        tr = self.data.stats["train"]
+        unit = "pairs" if "pairs" in tr else "samples"                 # finetune dpo counts pairs
+        return (f"{tr[unit]} training {unit} ({tr['tokens']} tokens, {tr['supervised_tokens']} supervised), "
+                f"{len(self.data.valid)} validation {unit}, dropped {dict(tr.get('dropped', {})) or 'none'}")
+
+    def _make_batches(self) -> None:
+        """self.batches (the step-indexed training stream) and self.valid (the validation micro-batches)."""
+        from domainlm.finetune import batches
+
+        cfg, t = self.cfg, self.cfg.train
+        self.batches = batches.Batches(self.data.train, global_batch=t.global_batch_size,
+                                       micro_batch=t.micro_batch_size, seed=t.seed, packing=cfg.packing,
+                                       seq_len=t.seq_len, pad_id=self.pad)
+        self.valid = batches.fixed_batches(self.data.valid, t.micro_batch_size, self.pad, cfg.packing, t.seq_len,
+                                           cfg.eval.valid_batches) if self.data.valid else []
 
     def _chat_template(self) -> str:
         if self.cfg.chat_template:
@@ -323,10 +343,10 @@ class Trainer:
             self.metrics.count(tokens)
             self.tokens_trained += tokens
             last = self.step == self.total_steps
-            rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+            rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, **self.step_extra}
             if self.step % cfg.log.every == 0 or last or self.step == self.start_step + 1:
                 rec = self.metrics.train(self.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                                         memory_gb=memory_gb(self.device))
+                                         memory_gb=memory_gb(self.device), **self.step_extra)
             t_other = time.perf_counter()
             if self.valid and cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
                 rec.update(self.metrics.eval(self.step, self.validate()))
@@ -359,6 +379,10 @@ class Trainer:
         if self.rank == 0 and not self.cfg.checkpoint.keep_dir:
             shutil.rmtree(self.root, ignore_errors=True)
         return manifest
+
+    def extra_facts(self) -> dict:
+        """The manifest's fields a subclass adds (DPO: its loss, beta and reference)."""
+        return {}
 
     def _barrier(self) -> None:
         if self.world > 1:
