@@ -89,6 +89,10 @@ COMMANDS: list[Command] = [
         inputs="domainlm.pretrain.convert.command:inputs_from_gguf",
     ),
     Command(
+        stages.CONVERT_TO_GGUF, "Hugging Face dir (+ adapter, merged) -> one GGUF for llama.cpp / Ollama, verified",
+        run="domainlm.finetune.to_gguf:to_gguf", config="domainlm.pretrain.convert.config:ToGGUFConfig",
+    ),
+    Command(
         stages.CONVERT_BASE, "the base model as an HF dir: a packaged base, a GGUF file or an HF dir",
         run="domainlm.pretrain.convert.base:prepare", config="domainlm.pretrain.convert.config:BaseConfig",
         inputs="domainlm.pretrain.convert.base:inputs",
@@ -97,6 +101,11 @@ COMMANDS: list[Command] = [
         "finetune sft", "instruction-tune an HF Llama model: LoRA / DoRA / QLoRA (peft) or full, answer-only loss",
         run="domainlm.finetune.command:sft", config="domainlm.finetune.config:SFTConfig",
         inputs="domainlm.finetune.inputs:inputs",
+    ),
+    Command(
+        stages.FINETUNE_DPO, "preference-tune a model or an SFT adapter on chosen/rejected pairs: DPO or IPO (peft)",
+        run="domainlm.finetune.command:dpo", config="domainlm.finetune.config:DPOConfig",
+        inputs="domainlm.finetune.inputs:inputs_dpo",
     ),
     Command(
         "finetune merge", "merge an adapter into its base model: an HF model dir, verified by logits",
@@ -135,6 +144,11 @@ COMMANDS: list[Command] = [
         inputs="domainlm.eval.command:inputs_rag_data",
     ),
     Command(
+        stages.EVAL_PAIRS, "preference pairs from a model's own wrong answers to QA train questions (for finetune dpo)",
+        run="domainlm.eval.pairs:pairs", config="domainlm.eval.config:PairsConfig",
+        inputs="domainlm.eval.command:inputs_pairs",
+    ),
+    Command(
         stages.COMPARE, "which approach for this domain? prompting, RAG, SFT, SFT+RAG on the same held-out QA",
         run="domainlm.eval.compare:run", config="domainlm.eval.config:CompareConfig",
         inputs="domainlm.eval.compare:inputs",
@@ -154,10 +168,10 @@ GROUP_HELP = {
     "tokenizer": "train and evaluate a domain tokenizer",
     "data": "turn a corpus into training shards",
     "launch": "launch a stage on many processes, GPUs or nodes (torchrun, Slurm)",
-    "convert": "convert checkpoints between megatron-core and Hugging Face (Llama); GGUF -> Hugging Face",
-    "finetune": "instruction-tune a model (peft adapters or full) and merge adapters",
+    "convert": "convert checkpoints between megatron-core and Hugging Face (Llama); GGUF <-> Hugging Face",
+    "finetune": "instruction-tune a model (peft adapters or full), preference-tune it (DPO), merge adapters",
     "index": "build and query the retrieval index of a corpus (BM25 + dense, hybrid)",
-    "eval": "evaluate a model: QA accuracy, perplexity, retrieval quality; SFT+RAG data",
+    "eval": "evaluate a model: QA accuracy, perplexity, retrieval quality; SFT+RAG data, preference pairs",
 }
 
 

@@ -40,6 +40,7 @@ PUBLIC = {
         "domainlm.pretrain.checkpoint",     # the checkpoint dir contract
         "domainlm.pretrain.convert.hfdir",  # the HF dir contract
         "domainlm.pretrain.convert.verify",  # logits parity of two models (merge verifies as to-hf does)
+        "domainlm.pretrain.convert.gguf_export",  # the GGUF export (convert to-gguf merges an adapter first, in finetune)
         "domainlm.pretrain.kernels",        # the Triton kernels (fine-tuning applies them to HF Llama)
     },
     "finetune": {

@@ -3,6 +3,7 @@
     # domainlm convert to-hf --checkpoint runs/demo/pretrain --output runs/demo/hf
     # domainlm convert from-hf --model DIR --output runs/base --tp 2
     # domainlm convert from-gguf --input smollm2-135m-instruct --output runs/base-hf
+    # domainlm convert to-gguf --model runs/base [--adapter runs/adapter] --output model.gguf --outtype q8_0
 """
 
 from __future__ import annotations
@@ -225,3 +226,84 @@ class BaseConfig:
     def validate(self) -> None:
         if not self.input.strip():
             raise UserError("--input: give a packaged base (smollm2-135m-instruct), a .gguf file or an HF model dir")
+
+
+# Held-out texts the GGUF export's tokenizer check encodes with both tokenizers (the HF dir's
+# and the one transformers rebuilds from the written GGUF): code, prose, numbers, whitespace
+# runs, tabs and newlines, accents, symbols outside any small vocab (byte fallback), emoji, and
+# special-token strings inside text. None of them is in any training corpus of domainlm.
+GGUF_HELDOUT_TEXTS = [
+    "def read_csv(path, sep=','):\n    with open(path) as f:\n        return [line.split(sep) for line in f]\n",
+    "The quick brown fox jumps over the lazy dog; 12345 + 678 = 13023 and 3.14159 != 2.71828.",
+    "  two  spaces,\tone tab,\n\n\nthree newlines and trailing spaces   ",
+    "Ünïcödé: naïve café, Straße, 東京, Привет мир, ✓ ✗ → ← 🦙🚀",
+    "<|im_start|>user\nWhat does json.dumps(obj, indent=2) return?<|im_end|>\n<|im_start|>assistant\n",
+    "x = np.zeros((3, 4), dtype=np.float32)  # shape (3, 4)\nprint(x.sum(axis=-1))",
+    " leading space, and a URL: https://example.org/a/b?c=1&d=2#frag",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class ToGGUFChecks:
+    """The verification of a GGUF export: the written file read back by transformers' GGUF loader."""
+
+    prompts: list[str] = field(default_factory=lambda: list(GGUF_PROMPTS))
+    """Chat questions (rendered with the chat template; plain text without one) both models run:
+    logits compared, greedy answers compared and shown."""
+    texts: list[str] = field(default_factory=lambda: list(GGUF_HELDOUT_TEXTS))
+    """Held-out texts both tokenizers encode (ids must be equal); the first two also go through
+    both models for the logit comparison."""
+    new_tokens: int = 16
+    """Greedy tokens each model answers each prompt with (compared and reported, not enforced:
+    a rounded model may flip a near-tie)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ToGGUFConfig:
+    """Export a Hugging Face Llama-family model as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+    Reads the HF dir (`convert to-hf`, `convert from-gguf`, `convert base`, `finetune merge`, or
+    any LlamaForCausalLM with safetensors); with --adapter, an adapter of `finetune sft` is first
+    merged into it (its base checked by sha256, the merge verified as `finetune merge` verifies
+    it). Writes architecture `llama` with gguf-py: llama.cpp's tensor names and q/k row order,
+    the hyperparameters, the tokenizer (a SentencePiece-style vocabulary as `llama` with scores
+    and token types; a byte-level BPE such as SmolLM2's as `gpt2` with its merges and
+    pre-tokenizer), the special token ids and the chat template (tokenizer.chat_template).
+    Norms stay F32; the 2-D weights are stored as --outtype. Unless --no-verify, the file is read
+    back by transformers' own GGUF loader (not our writer): its logits must match the HF
+    model's within the outtype's bound (relative to the largest |logit|: f32 1e-5, f16 1e-2,
+    bf16 5e-2, q8_0 1e-1), its rebuilt tokenizer must give the same ids on held-out text, and the
+    chat template and special tokens must read back unchanged. The file is written and checked
+    in a hidden folder beside --output and renamed into place only then: a refused or failed
+    export leaves nothing behind.
+    """
+
+    model: str = field(metadata=INPUT)
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+    adapter: str = field(default="", metadata=INPUT)
+    """Adapter directory of `domainlm finetune sft` to merge into --model first (its base must be
+    --model: checked by the weights' sha256); empty: export --model as it is."""
+    output: str = field(metadata=OUTPUT)
+    """GGUF file to write (FILE.gguf); its folder is created if missing."""
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """Storage type of the 2-D weights (norms are always F32): f32 (exact), f16 (half the size;
+    weights must fit float16's range), bf16, q8_0 (8-bit blocks of 32: about a quarter of f32;
+    every weight row must be a whole number of blocks)."""
+    name: str = ""
+    """general.name written into the file; empty: the model directory's name."""
+    verify: bool = True
+    """Read the written file back with transformers' GGUF loader and check logits, tokenizer ids,
+    chat template and special tokens (--no-verify skips it)."""
+    checks: ToGGUFChecks = field(default_factory=ToGGUFChecks)
+    """What the verification runs."""
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    """Replace an existing output file."""
+
+    def validate(self) -> None:
+        if not self.model.strip():
+            raise UserError("--model: give a Hugging Face model directory")
+        if not self.output.strip().lower().endswith(".gguf"):
+            raise UserError(f"--output {self.output!r}: give a file name ending in .gguf")
+        _validate_checks(self.checks)
+        if not self.checks.texts or not all(t.strip() for t in self.checks.texts):
+            raise UserError("checks.texts: give at least one non-empty text")

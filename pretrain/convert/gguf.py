@@ -9,7 +9,8 @@ with stock transformers and compared with the loader's in-memory model -> model 
 manifest -> commit (StageOutput: a refused or failed conversion leaves nothing behind).
 
 transformers' loader is used as is for what it does well (dequantization of every GGML type,
-llama.cpp's q/k permutation undone, the tokenizer rebuilt from the vocab and merges); its model
+llama.cpp's q/k permutation undone, the tokenizer rebuilt from the vocab and merges; what it gets
+wrong for a `llama` vocabulary is put right: `repair_tokenizer`); its model
 refuses `save_pretrained` ("quantized with gguf and is not serializable"), so the weights are
 written through the HF dir contract (`hfdir.write_safetensors`) instead.
 """
@@ -17,6 +18,7 @@ written through the HF dir contract (`hfdir.write_safetensors`) instead.
 from __future__ import annotations
 
 import importlib.util
+import json
 import struct
 import time
 from collections import Counter
@@ -336,10 +338,49 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a vocab transformers cannot rebuild is the file's problem
         raise UserError(f"{path}: transformers cannot build a tokenizer from the GGUF's vocabulary "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    repair_tokenizer(tok, path)
+    return tok
+
+
+def repair_tokenizer(tok, path: Path) -> None:
+    """Put back into the tokenizer transformers rebuilt from the GGUF what its reader (transformers
+    5.23) gets wrong for a `llama` (SentencePiece-style) vocabulary whose specials are not named
+    <s>, </s>, <unk> -- as domainlm's own, written by `convert to-gguf`, are not:
+
+    - It adds <s>, </s> and <unk> as special tokens after the vocabulary (the defaults of the class
+      it builds the vocabulary with): ids the model has no embedding rows for, which text holding
+      "<s>" would produce. Added tokens past the GGUF's token list are dropped.
+    - It gives the vocabulary a Metaspace that prepends '▁' to the text (and a decoder that strips
+      it again) whatever `tokenizer.ggml.add_space_prefix` says; llama.cpp honours the key, and
+      domainlm's SentencePiece models (trained without a dummy prefix) are written with it false.
+      Without this the first word of every text would get other ids than llama.cpp gives it.
+    """
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+    fields = GGUFReader(str(path)).fields
+    get = lambda key: _value(fields[key]) if key in fields else None  # noqa: E731
+    if get("tokenizer.ggml.model") != "llama":
+        return
+    n = int(get("tokenizer.ggml.tokens") or 0)
+    data = json.loads(tok.backend_tokenizer.to_str())
+    invented = [a["content"] for a in data.get("added_tokens", []) if a["id"] >= n]
+    if n and invented:
+        data["added_tokens"] = [a for a in data["added_tokens"] if a["id"] < n]
+        tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    backend = tok.backend_tokenizer
+    prefix = get("tokenizer.ggml.add_space_prefix")
+    if prefix is None or bool(prefix) or not isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        return
+    pre = backend.pre_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never",
+                                                     split=pre.split)
+    backend.decoder = decoders.Sequence([decoders.Replace(pre.replacement, " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
 
 
 def _load_model(path: Path):
