@@ -306,19 +306,6 @@ class MergeConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class DPOArgs:
-    """The preference loss (Rafailov et al. 2023; IPO: Azar et al. 2023), as TRL computes it."""
-
-    beta: float = 0.1
-    """Strength of the pull towards the reference: the implicit reward is beta x (log pi - log pi_ref)
-    of a completion; larger keeps the policy closer to the reference (IPO: tau)."""
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    """'sigmoid': DPO's -log sigmoid(beta x (chosen log-ratio - rejected log-ratio)), log-ratios
-    summed over the completion's tokens; 'ipo': (difference of token-averaged log-ratios
-    - 1 / (2 beta))^2."""
-
-
-@dataclass(kw_only=True, slots=True)
 class DPOConfig(SFTConfig):
     """Preference tuning (DPO or IPO) of a Llama-family HF model, or of an SFT adapter, on pairs.
 
@@ -337,8 +324,13 @@ class DPOConfig(SFTConfig):
 
     adapter: str = field(default="", metadata=INPUT)
     """SFT adapter dir (finetune sft) to start from and keep training; empty: a new LoRA adapter."""
-    dpo: DPOArgs = field(default_factory=DPOArgs)
-    """The preference loss."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference: the implicit reward is beta x (log pi - log pi_ref)
+    of a reply; larger keeps the policy closer to the reference (IPO: its tau)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """'sigmoid': DPO (Rafailov et al. 2023), -log sigmoid(beta x (chosen log-ratio - rejected
+    log-ratio)), log-ratios summed over the reply's tokens; 'ipo' (Azar et al. 2023): (difference
+    of token-averaged log-ratios - 1 / (2 beta))^2, as TRL computes both."""
     valid_fraction: float = 0.1
     """Share of --data held out as validation pairs (loss, reward margin and accuracy before and
     after training) when --valid-data is not given."""
@@ -348,8 +340,8 @@ class DPOConfig(SFTConfig):
             raise UserError("data: give preference pairs files (--data PAIRS.jsonl ...), e.g. `domainlm eval pairs` "
                             "output")
         SFTConfig.validate(self)
-        if self.dpo.beta <= 0:
-            raise UserError(f"dpo.beta must be positive, got {self.dpo.beta}")
+        if self.beta <= 0:
+            raise UserError(f"beta must be positive, got {self.beta}")
         if self.packing:
             raise UserError("packing: DPO scores each completion as one sequence; drop --packing")
         if self.adapter and self.method == "full":

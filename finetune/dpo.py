@@ -159,8 +159,8 @@ class DPOTrainer(Trainer):
         logps = -nll
         counts = supervised_per_row(mb.labels)
         ref = ref.to(logps.device, logps.dtype)
-        per, rc, rr = preference_loss(logps[:m], logps[m:], ref[:, 0], ref[:, 1], beta=self.cfg.dpo.beta,
-                                      loss=self.cfg.dpo.loss, chosen_tokens=counts[:m], rejected_tokens=counts[m:])
+        per, rc, rr = preference_loss(logps[:m], logps[m:], ref[:, 0], ref[:, 1], beta=self.cfg.beta,
+                                      loss=self.cfg.loss, chosen_tokens=counts[:m], rejected_tokens=counts[m:])
         return per, rc, rr, (logps[:m] - logps[m:]).detach()
 
     def train_step(self) -> tuple[float, float, int]:
@@ -233,7 +233,7 @@ class DPOTrainer(Trainer):
             t = ad.manifest.get("training") or {}
             start = {"path": str(ad.path), "fingerprint": ad.manifest.get("fingerprint"), "method": ad.method,
                      "training_seconds": t.get("seconds"), "tokens": t.get("tokens")}
-        return {"dpo": {"beta": self.cfg.dpo.beta, "loss": self.cfg.dpo.loss, "start_adapter": start,
+        return {"dpo": {"beta": self.cfg.beta, "loss": self.cfg.loss, "start_adapter": start,
                         "reference": "the starting policy (base + start adapter)" if ad else "the base model",
-                        "step0_loss_expected": LOG2 if self.cfg.dpo.loss == "sigmoid" else
-                        (1.0 / (2.0 * self.cfg.dpo.beta)) ** 2}}
+                        "step0_loss_expected": LOG2 if self.cfg.loss == "sigmoid" else
+                        (1.0 / (2.0 * self.cfg.beta)) ** 2}}

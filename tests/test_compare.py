@@ -151,3 +151,38 @@ def test_compare_needs_the_family_inputs(compare_inputs, capsys, tmp_path):
     assert code == 2 and "needs inputs.cpt_model" in err
     code, _, err = run_cli(compare_args(inp, tmp_path / "c", "--approaches", "other/sft"), capsys)
     assert code == 2 and "approaches: unknown 'other/sft'" in err
+
+
+def test_compare_rows_of_dpo_adapters_from_their_own_pairs(compare_inputs, capsys):
+    """eval pairs -> finetune dpo -> the rows sft+dpo and sft+rag+dpo: scored like the others, their
+    training time the SFT adapter's + generating the pairs + DPO, from the three manifests."""
+    inp = compare_inputs
+    root = inp["root"]
+    code, _, err = run_cli(["eval", "pairs", "--model", inp["model"], "--adapter", inp["adapter"], "--data", inp["train"],
+                            "--limit", 12, "--samples", 0, "--gen.max-new-tokens", 8, "--output", root / "pairs"], capsys)
+    assert code == 0, err[-3000:]
+    pairs = json.loads((root / "pairs" / "manifest.json").read_text())
+    assert pairs["counts"]["pairs"] >= 6
+    code, _, err = run_cli(["finetune", "dpo", "--model", inp["model"], "--adapter", inp["adapter"], "--data",
+                            root / "pairs" / "pairs.jsonl", "--output", root / "dpo", "--train.max-steps", 3,
+                            "--train.seq-len", 128, "--train.micro-batch-size", 2, "--train.global-batch-size", 4,
+                            "--valid-fraction", 0, "--log.tensorboard", "false"], capsys)
+    assert code == 0, err[-3000:]
+    dpo = json.loads((root / "dpo" / "manifest.json").read_text())
+    out = root / "out_dpo"
+    names = ["sft", "sft+dpo", "sft+rag+dpo"]
+    code, _, err = run_cli(compare_args(inp, out, "--approaches", *names, "--inputs.sft-dpo", root / "dpo",
+                                        "--inputs.sft-rag-dpo", root / "dpo", "--consistency-questions", 0), capsys)
+    assert code == 0, err[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["approaches"]) == names
+    sft = json.loads((inp["adapter"] / "manifest.json").read_text())["training"]["seconds"]
+    for name in ("sft+dpo", "sft+rag+dpo"):
+        r = report["approaches"][name]
+        recs = [json.loads(x) for x in (out / "approaches" / record_file(name)).read_text().splitlines()]
+        assert r["f1"] == pytest.approx(np.mean([metrics.token_f1(metrics.strip_citations(x["answer"]), x["gold"])
+                                                 for x in recs]))
+        assert r["training"]["parts"] == {"SFT": sft, "pairs": pairs["seconds"], "DPO": dpo["training"]["seconds"]}
+        assert r["training"]["train_seconds"] == pytest.approx(sft + pairs["seconds"] + dpo["training"]["seconds"])
+    assert "sources" in json.loads((out / "approaches" / record_file("sft+rag+dpo")).read_text().splitlines()[0])
+    assert "sources" not in json.loads((out / "approaches" / record_file("sft+dpo")).read_text().splitlines()[0])
