@@ -334,3 +334,22 @@ def test_compare_counts_sft_pairs_and_dpo_in_the_training_cost(tmp_path):
     row = {"training": cost}
     cells = _cells("sft+dpo", row, {"approaches": {"sft+dpo": row}})
     assert "171 s (SFT 70 s + pairs 40 s + DPO 60 s), 6,000 tok" in cells
+
+
+def test_full_dpo_writes_an_hf_dir(tmp_path, model_dir, pairs_file):
+    """--method full: every weight trained, the reference the model as given (its log-probabilities
+    precomputed, no frozen copy held), an HF dir out."""
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    out = tmp_path / "full"
+    code, _, err = main(["finetune", "dpo", "--model", model_dir, "--data", pairs_file, "--output", out, *COMMON,
+                         "--method", "full", "--train.max-steps", 4, "--train.micro-batch-size", 4,
+                         "--train.global-batch-size", 8, "--optim.lr", 1e-3, "--loss", "ipo", "--beta", 0.5])
+    assert code == 0, err[-3000:]
+    steps = metrics(out)
+    assert steps[1]["loss"] == pytest.approx((1 / (2 * 0.5)) ** 2, abs=1e-5)       # IPO at policy = reference
+    assert steps[4]["loss"] < steps[1]["loss"]
+    hf = open_hf_dir(out)
+    assert hf.model_type == "llama" and hf.weights_sha256() != open_hf_dir(model_dir).weights_sha256()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["method"] == "full" and m["dpo"] == {**m["dpo"], "loss": "ipo", "beta": 0.5, "start_adapter": None}
