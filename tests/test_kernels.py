@@ -119,15 +119,28 @@ COMPILE_CASES = [
 ]
 
 
-def test_kernels_compile_for_gpu():
-    """The interpreter runs kernels as Python and accepts code the GPU compiler rejects (loop-carried
-    type changes, non-jit calls); compile each kernel for Hopper and Ampere to a cubin as well."""
+def _compile(case, cc: int):
+    """One COMPILE_CASES kernel through Triton's GPU compiler for compute capability `cc`."""
     import importlib
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    module, name, types, consts, warps = case
+    lazy = getattr(importlib.import_module(f"domainlm.pretrain.kernels.{module}"), name)
+    params = list(inspect.signature(lazy.fn).parameters)
+    signature = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
+    constexprs = {(i,): consts[p] for i, p in enumerate(params) if p in consts}
+    src = ASTSource(fn=triton.jit(lazy.fn), signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
+
+
+def test_kernels_compile_for_gpu():
+    """The interpreter runs kernels as Python and accepts code the GPU compiler rejects (loop-carried
+    type changes, non-jit calls); compile each kernel for Hopper and Ampere to a cubin as well."""
+    import triton
 
     os.environ["TRITON_INTERPRET"] = "0"
     # Triton >= 3.4 reads the mode through triton.knobs, where a value set in the process (by an
@@ -136,20 +149,55 @@ def test_kernels_compile_for_gpu():
     pinned = runtime.__dict__.pop("interpret", None) if runtime is not None else None
     try:
         kernels._sync_language_mode(False)
-        for module, name, types, consts, warps in COMPILE_CASES:
-            lazy = getattr(importlib.import_module(f"domainlm.pretrain.kernels.{module}"), name)
-            params = list(inspect.signature(lazy.fn).parameters)
-            signature = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
-            constexprs = {(i,): consts[p] for i, p in enumerate(params) if p in consts}
+        for case in COMPILE_CASES:
             for cc in (90, 80):
-                src = ASTSource(fn=triton.jit(lazy.fn), signature=signature, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                          options={"num_warps": warps})
-                assert compiled.asm["cubin"], (name, consts, cc)
+                assert _compile(case, cc).asm["cubin"], (case[1], case[3], cc)
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
         if pinned is not None:
             runtime.__dict__["interpret"] = pinned
+
+
+def _interpreter_stand_ins() -> list[str]:
+    """Attributes of triton.language.core / math / tensor / dtype that are Triton interpreter code."""
+    import triton.language as tl
+
+    out = []
+    for obj in (tl.core, tl.math, tl.core.tensor, tl.core.dtype, tl.core.condition):
+        for name, value in vars(obj).items():
+            code = getattr(value, "fget", value)
+            if getattr(code, "__qualname__", "").startswith("_patch") or \
+                    getattr(code, "__module__", "") == "triton.runtime.interpreter":
+                out.append(f"{getattr(obj, '__name__', obj)}.{name}")
+    return out
+
+
+def test_compiled_mode_after_interpreted_kernels_is_clean():
+    """Interpreted kernels whose device functions (tl.sum, tl.max) Triton's interpreter patches
+    into triton.language.core without restoring: back in compiled mode none of its stand-ins is
+    left (they made the compile test fail after the interpreter tests: `create_icmpSLT()`), and a
+    kernel compiles; then the interpreter works again. Order-independent by construction."""
+    import triton
+
+    x, w = leaf((5, 96), torch.float32), leaf((96,), torch.float32, seed=1)
+    y = rms_norm(x, w, 1e-6)
+    y.sum().backward()
+    h, W = leaf((6, 16), torch.float32), leaf((50, 16), torch.float32, seed=2)
+    fused_linear_cross_entropy(h, W, torch.randint(0, 50, (6,))).backward()
+    assert ran(y, "RMSNormFunction")
+    os.environ["TRITON_INTERPRET"] = "0"
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    pinned = runtime.__dict__.pop("interpret", None) if runtime is not None else None
+    try:
+        kernels._sync_language_mode(False)
+        assert _interpreter_stand_ins() == []
+        assert _compile(COMPILE_CASES[1], 90).asm["cubin"]
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+        if pinned is not None:
+            runtime.__dict__["interpret"] = pinned
+    y2 = rms_norm(x, w, 1e-6)                                  # the interpreter again
+    assert ran(y2, "RMSNormFunction") and torch.equal(y2, y)
 
 
 # RMSNorm ----------------------------------------------------------------------------------------

@@ -141,12 +141,71 @@ def _sync_language_mode(interpret: bool) -> None:
     import triton.language.standard as std
     from triton.runtime.interpreter import InterpretedFunction
 
+    _snapshot_language()
     if isinstance(std.sum, InterpretedFunction) == interpret:
         return
+    if not interpret:
+        _restore_language()
     importlib.reload(std)
     importlib.reload(triton.language.random)
     importlib.reload(triton.language)
     log.debug("re-decorated triton.language for %s mode", "interpreter" if interpret else "compiled")
+
+
+_PRISTINE: list[tuple[object, dict]] | None = None
+_INTERPRETER_ADDS = ("__index__", "__bool__", "__repr__", "__str__", "T")
+"""Attributes Triton's interpreter sets on triton.language's tensor class (`_patch_lang_tensor`)."""
+
+
+def _language_objects() -> list:
+    import triton.language as tl
+
+    core = tl.core
+    objs = [core, tl.math, core.tensor, core.dtype, core.condition]
+    if getattr(core, "tensor_descriptor_base", None) is not None:
+        objs.append(core.tensor_descriptor_base)
+    return objs
+
+
+def _snapshot_language() -> None:
+    global _PRISTINE
+    if _PRISTINE is None:
+        _PRISTINE = [(o, {k: _unpatched(v) for k, v in vars(o).items()}) for o in _language_objects()]
+
+
+def _unpatched(value):
+    """The builtin behind a stand-in Triton's interpreter put in its place (`_patch_attr` keeps the
+    original as its lambda's default argument), else `value`."""
+    while callable(value) and getattr(value, "__qualname__", "").startswith("_patch_attr.") and value.__defaults__:
+        value = value.__defaults__[0]
+    return value
+
+
+def _restore_language() -> None:
+    """Put back what Triton's interpreter leaves patched in triton.language.core (and math, and the
+    tensor, dtype and condition classes) before compiling again.
+
+    An interpreted kernel patches the language for its launch and restores it after, but a call of
+    a device function inside it (`InterpretedFunction.__call__`, e.g. `tl.sum` or `tl.max` of
+    triton.language.standard, whose module sees `triton.language.core`) patches again without
+    restoring (triton 3.x, runtime/interpreter.py). The compiler then meets the interpreter's
+    stand-ins (`create_icmpSLT(): incompatible function arguments`, a numpy TensorHandle in the
+    IR), and reloading triton.language would copy them into its namespace. `_snapshot_language`
+    records the objects' attributes at the first kernel launch of the process (before anything
+    was interpreted; builtins are unwrapped from any stand-in all the same); this puts them back
+    and drops what the interpreter added."""
+    _snapshot_language()
+    for obj, saved in _PRISTINE:
+        now = vars(obj)
+        for name in _INTERPRETER_ADDS:
+            if name in now and name not in saved:
+                delattr(obj, name)
+        for name, value in saved.items():
+            if now.get(name, _MISSING) is not value:
+                setattr(obj, name, value)
+
+
+_MISSING = object()
 
 
 def next_power_of_2(n: int) -> int:
