@@ -179,12 +179,7 @@ class DPOTrainer(Trainer):
             (per.sum() * scale).backward()
             sums += torch.tensor([float(per.detach().sum()), float(mb.tokens), float((rc - rr).sum()),
                                   float((rc > rr).sum()), float(rc.sum()), float(rr.sum())], dtype=torch.float64)
-        clip = self.cfg.optim.clip_grad or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained, clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        grad_norm = self._optimizer_step()
         if self.world > 1:
             both = sums.to(self.device)
             dist.all_reduce(both)

@@ -309,17 +309,22 @@ class Trainer:
             (s * scale).backward()
             loss_sum += s.detach().double().cpu()
             tokens += mb.tokens
+        grad_norm = self._optimizer_step()
+        if self.world > 1:
+            both = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(both)
+            loss_sum, tokens = both[0].cpu(), int(both[1])
+        return float(loss_sum) / supervised, grad_norm, tokens
+
+    def _optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule, clear the gradients, count the step; the grad norm."""
         clip = self.cfg.optim.clip_grad or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained, clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.world > 1:
-            both = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(both)
-            loss_sum, tokens = both[0].cpu(), int(both[1])
-        return float(loss_sum) / supervised, grad_norm, tokens
+        return grad_norm
 
     def _stop_requested(self) -> bool:
         if self.world == 1:
