@@ -173,11 +173,13 @@ def consistency(gen, items: list[QA], approach: Approach, library: PromptLibrary
             "phrasing_templates": templates}
 
 
-def training_cost(adapter_dir: str | None) -> dict[str, Any] | None:
-    """Seconds and tokens the adapter's training took, as its manifest records them."""
-    if not adapter_dir or not (Path(adapter_dir) / MANIFEST).is_file():
-        return None
-    t = json.loads((Path(adapter_dir) / MANIFEST).read_text(encoding="utf-8")).get("training") or {}
+def training_cost(adapter_dir: str | None, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Seconds and tokens the adapter's training took, as its manifest (read here unless given) records them."""
+    if manifest is None:
+        if not adapter_dir or not (Path(adapter_dir) / MANIFEST).is_file():
+            return None
+        manifest = json.loads((Path(adapter_dir) / MANIFEST).read_text(encoding="utf-8"))
+    t = manifest.get("training") or {}
     if "seconds" not in t:
         return None
     return {"train_seconds": t["seconds"], "tokens": t.get("tokens"), "steps": t.get("steps"),
@@ -312,10 +314,12 @@ def preference_cost(dpo_dir: str) -> dict[str, Any] | None:
     """A DPO adapter's whole training cost: the SFT adapter it started from, the pairs (generating
     the answers, `eval pairs`, as the pairs file's manifest records it) and DPO itself; None for
     the total where a part is unknown."""
-    cost = training_cost(dpo_dir)
-    if cost is None:
+    if not dpo_dir or not (Path(dpo_dir) / MANIFEST).is_file():
         return None
     m = json.loads((Path(dpo_dir) / MANIFEST).read_text(encoding="utf-8"))
+    cost = training_cost(dpo_dir, m)
+    if cost is None:
+        return None
     start = (m.get("dpo") or {}).get("start_adapter") or {}
     parts: dict[str, float | None] = {}
     if start:

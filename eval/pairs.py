@@ -64,14 +64,15 @@ def pairs(cfg) -> int:
     library = load_library(library_path(""))
     approach = Approach("rag", "plain", top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode,
                         max_source_tokens=cfg.rag.max_source_tokens) if cfg.index else Approach("zero-shot", "plain")
+    if cfg.index:
+        from domainlm.pretrain.convert.hfdir import open_hf_dir
+        from domainlm.serve.prompt import check_budget
+
+        check_budget(cfg.rag.max_source_tokens, open_hf_dir(cfg.model).max_positions or 2048, "rag.max_source_tokens")
     described = inputs_pairs(cfg)
     with StageOutput(cfg.output, stages.EVAL_PAIRS, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):
         gen = Generator(cfg.model, cfg.adapter or None, device=device, dtype=torch_dtype(cfg.gen.dtype, device))
-        if cfg.index:
-            from domainlm.serve.prompt import check_budget
-
-            check_budget(cfg.rag.max_source_tokens, gen.max_positions, "rag.max_source_tokens")
         prompts, hits = build_prompts(items, approach, library, retriever=retriever, seed=cfg.seed, tok=gen.tok,
                                       room=gen.room(cfg.gen.max_new_tokens))
         log.info("eval pairs: %d questions x %d answers (greedy + %d sampled)", len(items), 1 + cfg.samples,

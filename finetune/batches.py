@@ -74,11 +74,13 @@ class Batches:
     """The deterministic stream of global batches over `samples`."""
 
     def __init__(self, samples: list[Encoded], *, global_batch: int, micro_batch: int, seed: int, packing: bool,
-                 seq_len: int, pad_id: int):
+                 seq_len: int, pad_id: int, lengths: list[int] | None = None, counts: list[int] | None = None):
+        """`lengths` and `counts` (the unit a step's loss is divided by) default to each sample's
+        tokens and supervised tokens; a stream of other items (DPO's pairs) gives its own."""
         self.samples, self.G, self.micro, self.seed = samples, global_batch, micro_batch, seed
         self.packing, self.seq_len, self.pad_id = packing, seq_len, pad_id
-        self.lengths = [len(s.ids) for s in samples]
-        self.counts = [supervised_count(s.labels) for s in samples]
+        self.lengths = lengths if lengths is not None else [len(s.ids) for s in samples]
+        self.counts = counts if counts is not None else [supervised_count(s.labels) for s in samples]
         self._epochs: dict[int, list[list[int]]] = {}
         self.items_per_epoch = len(self._epoch(0))
 

@@ -37,12 +37,7 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
     train_stats, valid_stats, point_stats = ReadStats(), ReadStats(), ReadStats()
     examples = read_examples(cfg.data, train_stats, "data") if cfg.data else []
     points = read_points(cfg.points, point_stats) if cfg.points else []
-    if cfg.valid_data:
-        valid = read_examples(cfg.valid_data, valid_stats, "valid_data")
-    else:
-        held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
-        valid = [ex for ex, h in zip(examples, held) if h]
-        examples = [ex for ex, h in zip(examples, held) if not h]
+    examples, valid = split_valid(cfg, examples, valid_stats)
     train_ex = examples + training_examples(points)
     enc_train = encoder.encode_many([ex.messages for ex in train_ex], desc="tokenizing train")
     enc_valid = encoder.encode_many([ex.messages for ex in valid], desc="tokenizing valid") if valid else []
@@ -56,9 +51,7 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
         (valid_stats if cfg.valid_data else train_stats).dropped["too_long"] += long_valid
     entry = {"max_sample_tokens": limit,
              "train": {**train_stats.as_dict(), "samples": len(train), **_tokens(train)},
-             "valid": ({**valid_stats.as_dict()} if cfg.valid_data else
-                       {"from": "data", "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed})
-             | {"samples": len(valid_kept), **_tokens(valid_kept)}}
+             "valid": valid_source(cfg, valid_stats) | {"samples": len(valid_kept), **_tokens(valid_kept)}}
     if points:
         entry["points"] = {**point_stats.as_dict(), "examples_in_train": len(training_examples(points))}
     if not train:
@@ -71,6 +64,22 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
                         f"{read} read, dropped: {why}{hint}; see the formats in `domainlm finetune sft --help`")
     return Prepared(train=train, valid=valid_kept, points=points, stats=entry,
                     readers=[train_stats, valid_stats, point_stats])
+
+
+def split_valid(cfg, examples: list, valid_stats: ReadStats, convert=None) -> tuple[list, list]:
+    """(train, validation) records: --valid-data read with `convert`, else the records of --data
+    whose seeded content hash falls below --valid-fraction (`finetune dpo`'s pairs too)."""
+    if cfg.valid_data:
+        return examples, read_examples(cfg.valid_data, valid_stats, "valid_data", convert=convert)
+    held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
+    return [ex for ex, h in zip(examples, held) if not h], [ex for ex, h in zip(examples, held) if h]
+
+
+def valid_source(cfg, valid_stats: ReadStats) -> dict[str, Any]:
+    """The manifest's account of where the validation records came from."""
+    if cfg.valid_data:
+        return {**valid_stats.as_dict()}
+    return {"from": "data", "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed}
 
 
 def _tokens(samples: list[Encoded]) -> dict[str, int]:

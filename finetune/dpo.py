@@ -63,12 +63,9 @@ class PairBatches(Batches):
     its number of pairs (the loss is the mean over the step's pairs)."""
 
     def __init__(self, pairs, *, global_batch: int, micro_batch: int, seed: int, pad_id: int):
-        self.samples, self.G, self.micro, self.seed = pairs, global_batch, micro_batch, seed
-        self.packing, self.seq_len, self.pad_id = False, 0, pad_id
-        self.lengths = [len(p.chosen.ids) + len(p.rejected.ids) for p in pairs]
-        self.counts = [1] * len(pairs)
-        self._epochs = {}
-        self.items_per_epoch = len(self._epoch(0))
+        super().__init__(pairs, global_batch=global_batch, micro_batch=micro_batch, seed=seed, packing=False,
+                         seq_len=0, pad_id=pad_id, lengths=[len(p.chosen.ids) + len(p.rejected.ids) for p in pairs],
+                         counts=[1] * len(pairs))
 
     def collate(self, items):
         return collate_pairs([self.samples[i] for item in items for i in item], self.pad_id)
@@ -114,9 +111,12 @@ class DPOTrainer(Trainer):
         t, e = self.cfg.train, self.cfg.eval
         self.batches = PairBatches(self.data.train, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size,
                                    seed=t.seed, pad_id=self.pad)
-        valid = self.data.valid[: e.valid_batches * t.micro_batch_size]
-        self.valid = [collate_pairs(valid[j:j + t.micro_batch_size], self.pad)
-                      for j in range(0, len(valid), t.micro_batch_size)]
+        self.valid = self._in_order(self.data.valid[: e.valid_batches * t.micro_batch_size])
+
+    def _in_order(self, pairs) -> list:
+        """Micro-batches of `pairs` in their order (validation, the reference pass)."""
+        m = self.cfg.train.micro_batch_size
+        return [collate_pairs(pairs[j:j + m], self.pad) for j in range(0, len(pairs), m)]
 
     def _build(self, modeling) -> None:
         super()._build(modeling)
@@ -125,10 +125,7 @@ class DPOTrainer(Trainer):
                 m.p = 0.0
         if self.kernel_counts is not None and self.rank == 0:
             log.info("kernels: DPO scores each reply's tokens, so the output layer runs unfused")
-        self.ref_train = self.reference([collate_pairs(self.data.train[j:j + self.cfg.train.micro_batch_size],
-                                                       self.pad)
-                                         for j in range(0, len(self.data.train), self.cfg.train.micro_batch_size)],
-                                        len(self.data.train), "reference (train pairs)")
+        self.ref_train = self.reference(self._in_order(self.data.train), len(self.data.train), "reference (train pairs)")
         self.ref_valid = self.reference(self.valid, len(self.data.valid), "reference (valid pairs)")
 
     @torch.no_grad()

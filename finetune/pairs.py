@@ -24,8 +24,7 @@ from typing import Any
 
 from domainlm.errors import UserError
 from domainlm.finetune.chat import ChatEncoder, Encoded
-from domainlm.finetune.records import (Bad, ReadStats, _message, _system, _text, check_conversation, hash_fraction,
-                                       read_examples)
+from domainlm.finetune.records import Bad, ReadStats, _message, _system, _text, check_conversation, read_examples
 
 REASONS = ("missing_field", "chosen_equals_rejected")
 
@@ -110,25 +109,19 @@ class PreparedPairs:
 
 def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> PreparedPairs:
     """The run's train and validation pairs, tokenized; UserError when no pair is usable."""
+    from domainlm.finetune.dataset import split_valid, valid_source
     from domainlm.finetune.points import read_points
 
     train_stats, valid_stats, point_stats = ReadStats(), ReadStats(), ReadStats()
     examples = read_examples(cfg.data, train_stats, "data", convert=to_pair)
     points = read_points(cfg.points, point_stats) if cfg.points else []
-    if cfg.valid_data:
-        valid = read_examples(cfg.valid_data, valid_stats, "valid_data", convert=to_pair)
-    else:
-        held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
-        valid = [ex for ex, h in zip(examples, held) if h]
-        examples = [ex for ex, h in zip(examples, held) if not h]
+    examples, valid = split_valid(cfg, examples, valid_stats, convert=to_pair)
     limit = min(cfg.train.seq_len, max_positions or cfg.train.seq_len)
     train = _encode(examples, encoder, limit, train_stats, "train")
     valid_enc = _encode(valid, encoder, limit, valid_stats if cfg.valid_data else train_stats, "valid")
     entry = {"max_sample_tokens": limit,
              "train": {**train_stats.as_dict(), "pairs": len(train), **_tokens(train)},
-             "valid": ({**valid_stats.as_dict()} if cfg.valid_data else
-                       {"from": "data", "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed})
-             | {"pairs": len(valid_enc), **_tokens(valid_enc)}}
+             "valid": valid_source(cfg, valid_stats) | {"pairs": len(valid_enc), **_tokens(valid_enc)}}
     if points:
         entry["points"] = {**point_stats.as_dict(), "examples_in_train": 0}
     if not train:

@@ -516,34 +516,49 @@ def prompt_ids(tok, question: str) -> list[int]:
     return tok(question)["input_ids"]
 
 
-def compare_models(reference, written, tok, prompts: list[str], new_tokens: int, dtype) -> dict[str, Any]:
-    """The loader's in-memory model against the written dir loaded back: the largest logit
-    difference relative to the largest |logit| (verify.TOLERANCE of the written dtype), and both
-    models' greedy answers. The report has convert to-hf's shape (`verify.describe` reads it)."""
+def logit_rows(reference, other, tok, inputs: list[tuple[str, list[int], bool]], new_tokens: int,
+               key: str = "hf_ids") -> tuple[list[dict[str, Any]], float, float]:
+    """Both models on each (text, ids, generate) input: the largest logit difference, and where
+    `generate`, both models' greedy answers (`reference_ids` and `key`). Returns (rows, largest
+    difference, largest |logit| of the reference, at least 1). Shared by the import's check and the
+    export's (`gguf_export.verify`)."""
     import torch
     from transformers import GenerationConfig
 
     from domainlm.pretrain.convert.hfdir import stop_ids
-    from domainlm.pretrain.convert.verify import TOLERANCE
 
     stops = stop_ids(tok)
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops or None,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0])
     rows, worst, scale = [], 0.0, 1.0
     with torch.no_grad():
-        for prompt in prompts:
-            ids = prompt_ids(tok, prompt)
+        for text, ids, generate in inputs:
+            if not ids:
+                continue
             x = torch.tensor([ids])
             ours = reference(x).logits[0].float()
-            theirs = written(x).logits[0].float()
+            theirs = other(x).logits[0].float()
             diff = float((ours - theirs).abs().max())
             worst, scale = max(worst, diff), max(scale, float(ours.abs().max()))
-            mask = torch.ones_like(x)
-            ref_ids = reference.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
-            hf_ids = written.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
-            rows.append({"prompt": prompt, "prompt_tokens": len(ids), "max_abs_diff": diff, "reference_ids": ref_ids,
-                         "hf_ids": hf_ids, "greedy_identical": ref_ids == hf_ids,
-                         "sample": tok.decode(hf_ids, skip_special_tokens=True).strip()})
+            row = {"prompt": text, "prompt_tokens": len(ids), "max_abs_diff": diff}
+            if generate:
+                mask = torch.ones_like(x)
+                ref_ids = reference.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
+                their_ids = other.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
+                row.update({"reference_ids": ref_ids, key: their_ids, "greedy_identical": ref_ids == their_ids,
+                            "sample": tok.decode(their_ids, skip_special_tokens=True).strip()})
+            rows.append(row)
+    return rows, worst, scale
+
+
+def compare_models(reference, written, tok, prompts: list[str], new_tokens: int, dtype) -> dict[str, Any]:
+    """The loader's in-memory model against the written dir loaded back: the largest logit
+    difference relative to the largest |logit| (verify.TOLERANCE of the written dtype), and both
+    models' greedy answers. The report has convert to-hf's shape (`verify.describe` reads it)."""
+    from domainlm.pretrain.convert.verify import TOLERANCE
+
+    rows, worst, scale = logit_rows(reference, written, tok, [(p, prompt_ids(tok, p), True) for p in prompts],
+                                    new_tokens)
     tolerance = TOLERANCE[dtype] * scale
     return {"dtype": str(dtype).removeprefix("torch."), "reference": "transformers' GGUF loader (float32, in memory)",
             "max_abs_diff": worst, "max_abs_logit": scale, "relative_tolerance": TOLERANCE[dtype],

@@ -471,50 +471,19 @@ def write_gguf(path: Path, c: dict[str, Any], vocab: Vocab, planned: list[Planne
 # -- the verification: transformers' GGUF loader reads the file back ----------------------------------
 
 
-def rendered(tok, prompt: str) -> list[int]:
-    """A chat question with the tokenizer's chat template (plain text without one)."""
-    from domainlm.pretrain.convert.gguf import prompt_ids
-
-    return prompt_ids(tok, prompt)
-
-
 def verify(path: Path, reference, tok, vocab: Vocab, c: dict[str, Any], cfg: ToGGUFConfig) -> dict[str, Any]:
     """The GGUF read back by transformers (model dequantized to float32, tokenizer rebuilt) against
     the HF dir's model and tokenizer. The report has `convert to-hf`'s shape (`verify.describe`
     reads it), plus `tokenizer` and `config` sections."""
-    import torch
-    from transformers import GenerationConfig
-
-    from domainlm.pretrain.convert.gguf import _load_model, _load_tokenizer
-    from domainlm.pretrain.convert.hfdir import stop_ids
+    from domainlm.pretrain.convert.gguf import _load_model, _load_tokenizer, logit_rows, prompt_ids
 
     back = _load_model(path)
     btok = _load_tokenizer(path)
     config = _config_mismatches(back.config, c)
     tokenizer = compare_tokenizers(tok, btok, vocab, cfg.checks.texts)
-    stops = stop_ids(tok)
-    gen = GenerationConfig(max_new_tokens=cfg.checks.new_tokens, do_sample=False, eos_token_id=stops or None,
-                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0])
-    inputs = [(p, rendered(tok, p), True) for p in cfg.checks.prompts]
+    inputs = [(p, prompt_ids(tok, p), True) for p in cfg.checks.prompts]     # chat-rendered
     inputs += [(t, tok(t, add_special_tokens=False)["input_ids"], False) for t in cfg.checks.texts[:2]]
-    rows, worst, scale = [], 0.0, 1.0
-    with torch.no_grad():
-        for text, ids, chat in inputs:
-            if not ids:
-                continue
-            x = torch.tensor([ids])
-            ours = reference(x).logits[0].float()
-            theirs = back(x).logits[0].float()
-            diff = float((ours - theirs).abs().max())
-            worst, scale = max(worst, diff), max(scale, float(ours.abs().max()))
-            row = {"prompt": text, "prompt_tokens": len(ids), "max_abs_diff": diff}
-            if chat:
-                mask = torch.ones_like(x)
-                ref_ids = reference.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
-                gguf_ids = back.generate(x, attention_mask=mask, generation_config=gen)[0, len(ids):].tolist()
-                row.update(reference_ids=ref_ids, gguf_ids=gguf_ids, greedy_identical=ref_ids == gguf_ids,
-                           sample=tok.decode(gguf_ids, skip_special_tokens=True).strip())
-            rows.append(row)
+    rows, worst, scale = logit_rows(reference, back, tok, inputs, cfg.checks.new_tokens, key="gguf_ids")
     bound = BOUNDS[cfg.outtype]
     greedy = [r for r in rows if "greedy_identical" in r]
     logits_ok = worst <= bound * scale
