@@ -53,6 +53,11 @@ def pairs(cfg) -> int:
     items = sample(items, cfg.limit, cfg.seed)
     if not items:
         raise UserError(f"data: no QA record in {', '.join(cfg.data)}")
+    if cfg.index:
+        from domainlm.pretrain.convert.hfdir import open_hf_dir
+        from domainlm.serve.prompt import check_budget
+
+        check_budget(cfg.rag.max_source_tokens, open_hf_dir(cfg.model).max_positions or 2048, "rag.max_source_tokens")
     device = device_of(cfg.gen.device)
     retriever, unknown = None, []
     if cfg.index:
@@ -64,11 +69,6 @@ def pairs(cfg) -> int:
     library = load_library(library_path(""))
     approach = Approach("rag", "plain", top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode,
                         max_source_tokens=cfg.rag.max_source_tokens) if cfg.index else Approach("zero-shot", "plain")
-    if cfg.index:
-        from domainlm.pretrain.convert.hfdir import open_hf_dir
-        from domainlm.serve.prompt import check_budget
-
-        check_budget(cfg.rag.max_source_tokens, open_hf_dir(cfg.model).max_positions or 2048, "rag.max_source_tokens")
     described = inputs_pairs(cfg)
     with StageOutput(cfg.output, stages.EVAL_PAIRS, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):

@@ -353,3 +353,17 @@ def test_full_dpo_writes_an_hf_dir(tmp_path, model_dir, pairs_file):
     assert hf.model_type == "llama" and hf.weights_sha256() != open_hf_dir(model_dir).weights_sha256()
     m = json.loads((out / "manifest.json").read_text())
     assert m["method"] == "full" and m["dpo"] == {**m["dpo"], "loss": "ipo", "beta": 0.5, "start_adapter": None}
+
+
+def test_eval_pairs_refusals_are_one_line(tmp_path, capsys, model_dir, sft_adapter, pydoc_corpus, pydoc_index):
+    """The test split, and a sources budget the model's context cannot hold (refused before the
+    model loads): one line, exit 2, nothing written."""
+    base = ["eval", "pairs", "--model", model_dir, "--adapter", sft_adapter]
+    code, _, err = run_cli(base + ["--data", f"{pydoc_corpus / 'qa.jsonl'}:test", "--output", tmp_path / "a"], capsys)
+    assert code == 2 and "test split" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    index, _ = pydoc_index
+    code, _, err = run_cli(base + ["--data", f"{pydoc_corpus / 'qa.jsonl'}:train", "--index", index,
+                                   "--rag.max-source-tokens", 4096, "--output", tmp_path / "b"], capsys)
+    assert code == 2 and "max_source_tokens" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
