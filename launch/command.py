@@ -3,6 +3,7 @@
     domainlm launch pretrain --gpus-per-node 8 -- --config configs/pretrain/1B.yaml
     domainlm launch pretrain --nodes 4 --gpus-per-node 8 --rdzv-endpoint node001:29500 -- --config ...
     domainlm launch pretrain --nodes 4 --gpus-per-node 8 --slurm -- --config ...
+    domainlm launch pretrain --nodes 2 --gpus-per-node 8 --tp 2 --pp 2 -- --config configs/pretrain/7B.yaml
 
 Every form runs the stage's own entry point (`python -m domainlm.cli pretrain ARGS`, or
 `finetune sft ARGS`), one process per GPU
@@ -47,6 +48,8 @@ FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 STOP_TIMEOUT = 600
 # Signals this command hands to the ranks directly (the trainer's stop signals).
 DELIVERED = (signal.SIGTERM, signal.SIGUSR1)
+# The layout flags of `launch pretrain` and the stage's config fields they set.
+LAYOUT = {"tp": "--parallel.tensor", "pp": "--parallel.pipeline", "vpp": "--parallel.virtual-pipeline"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
                         help="processes per node, one per GPU (default: the GPUs of this machine)")
     parser.add_argument("--cpu", action="store_true",
-                        help="CPU processes with gloo instead of GPUs (tests, laptops); TP <= 2, no PP")
+                        help="CPU processes with gloo instead of GPUs (tests, laptops)")
+    parser.add_argument("--tp", type=int, default=None, metavar="T",
+                        help="pretrain: tensor-parallel size (the stage's parallel.tensor)")
+    parser.add_argument("--pp", type=int, default=None, metavar="P",
+                        help="pretrain: pipeline-parallel size, the layers split into P stages (parallel.pipeline); "
+                             "data parallel = processes / (T x P)")
+    parser.add_argument("--vpp", type=int, default=None, metavar="V",
+                        help="pretrain: virtual pipeline chunks per stage, the interleaved schedule "
+                             "(parallel.virtual_pipeline); needs --pp > 1")
     parser.add_argument("--slurm", action="store_true",
                         help="submit the packaged slurm.sbatch with sbatch instead of running torchrun here")
     parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
@@ -114,15 +125,20 @@ def build_command(ns: argparse.Namespace, stage: str = "pretrain",
             raise UserError("no GPU found on this machine; give --gpus-per-node G, or --cpu for CPU processes")
     if per_node < 1:
         raise UserError(f"--gpus-per-node must be >= 1, got {per_node}")
+    layout = layout_flags(ns, stage, args, ns.nodes * per_node)
     if ns.cpu:
         args += ["--train.device", "cpu"]
     if ns.slurm:
         if ns.cpu:
             raise UserError("--slurm launches GPU jobs; drop --cpu")
         # The job's settings travel in the command itself (--export), so the printed line is whole.
+        # The layout flags go to the script, which hands them to `domainlm launch` on each node.
         cmd = ["sbatch", f"--nodes={ns.nodes}", f"--gpus-per-node={per_node}",
-               f"--export=ALL,DOMAINLM_STAGE={' '.join(words)},STOP_TIMEOUT={ns.stop_timeout}", str(SBATCH), *args]
+               f"--export=ALL,DOMAINLM_STAGE={' '.join(words)},STOP_TIMEOUT={ns.stop_timeout}", str(SBATCH),
+               *[f"--{k}={v}" for k, v in layout.items()], *args]
         return cmd, {}
+    for key, value in layout.items():
+        args += [LAYOUT[key], str(value)]
     flags, _ = stop_flags(ns.stop_timeout, options)
     cmd = [sys.executable, "-m", "torch.distributed.run", *flags, f"--nnodes={ns.nodes}", f"--nproc-per-node={per_node}"]
     if ns.nodes == 1:
@@ -137,6 +153,32 @@ def build_command(ns: argparse.Namespace, stage: str = "pretrain",
     # No TORCHELASTIC_SIGNALS_TO_HANDLE: torch >= 2.9 overwrites it from the flag, older torch
     # does not read it.
     return cmd, {}
+
+
+def layout_flags(ns: argparse.Namespace, stage: str, args: list[str], world: int) -> dict[str, int]:
+    """The layout flags given (--tp, --pp, --vpp), checked against each other, the stage and the
+    number of processes; the stage checks the rest (e.g. that P x V divides the layers) before it
+    computes anything."""
+    given = {k: getattr(ns, k, None) for k in LAYOUT if getattr(ns, k, None) is not None}
+    if not given:
+        return {}
+    names = " ".join(f"--{k}" for k in given)
+    if stage != "pretrain":
+        raise UserError(f"{names}: model-parallel layouts are for `launch pretrain`; fine-tuning parallelizes "
+                        "over data (DDP/FSDP), drop them")
+    for key, value in given.items():
+        if value < 1:
+            raise UserError(f"--{key} must be >= 1, got {value}")
+        if any(a == LAYOUT[key] or a.startswith(LAYOUT[key] + "=") for a in args):
+            raise UserError(f"--{key} and {LAYOUT[key]} after -- set the same thing; give one of them")
+    tp, pp, vpp = given.get("tp", 1), given.get("pp", 1), given.get("vpp", 1)
+    if vpp > 1 and pp == 1:
+        raise UserError(f"--vpp {vpp} needs --pp > 1: virtual stages interleave the layers of a pipeline; "
+                        "add --pp 2 (or more), or drop --vpp")
+    if world % (tp * pp):
+        raise UserError(f"{world} processes cannot hold --tp {tp} x --pp {pp} = {tp * pp} model-parallel ranks; "
+                        f"use a number of processes that is a multiple of {tp * pp}")
+    return given
 
 
 def launch_pretrain(ns: argparse.Namespace) -> int:

@@ -133,14 +133,14 @@ def fake_slurm(tmp_path):
     return bin_dir
 
 
-def _sbatch(fake_slurm, tmp_path, **env) -> tuple[int, str, str]:
+def _sbatch(fake_slurm, tmp_path, args=("--config", "c.yaml"), **env) -> tuple[int, str, str]:
     record = tmp_path / "calls.log"
     record.unlink(missing_ok=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "CUDA_VISIBLE"))}
     full = {**clean, "PATH": f"{fake_slurm}:{os.environ['PATH']}", "FAKE_LOG": str(record), "PYTHON": sys.executable,
             "DOMAINLM_LAUNCH_DIR": str(REPO / "launch"), "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
             "SLURM_JOB_NODELIST": "node[001-002]", **env}
-    r = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "--config", "c.yaml"], env=full,
+    r = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), *args], env=full,
                        capture_output=True, text=True, cwd=tmp_path)
     return r.returncode, record.read_text() if record.is_file() else "", r.stderr
 
@@ -163,6 +163,40 @@ def test_slurm_reads_the_gpu_count_from_how_gpus_were_asked_for(fake_slurm, tmp_
 def test_slurm_without_a_gpu_count_stops_instead_of_guessing(fake_slurm, tmp_path):
     rc, calls, err = _sbatch(fake_slurm, tmp_path)
     assert rc != 0 and "cannot tell how many GPUs each node has" in err and calls == ""
+
+
+def test_slurm_hands_the_layout_flags_to_launch(fake_slurm, tmp_path):
+    rc, calls, err = _sbatch(fake_slurm, tmp_path, args=("--tp", "2", "--pp=2", "--config", "c.yaml"),
+                             SLURM_GPUS_ON_NODE="8")
+    assert rc == 0, err
+    assert "--stop-timeout=600 --tp 2 --pp=2 -- --config c.yaml" in calls.splitlines()[0]
+
+
+def test_layout_flags_become_the_stage_config():
+    from domainlm.launch.command import build_command
+
+    # 2 nodes x 8 GPUs, TP=2 PP=2 (DP=4), 2 virtual stages each: the stage's own config fields.
+    cmd, _ = build_command(_ns(nodes=2, gpus_per_node=8, cpu=False, rdzv_endpoint="n1:29500", tp=2, pp=2, vpp=2))
+    assert " ".join(cmd).endswith("-m domainlm.cli pretrain --config c.yaml --parallel.tensor 2 "
+                                  "--parallel.pipeline 2 --parallel.virtual-pipeline 2")
+    # Through Slurm they travel to the script, which hands them to launch on each node.
+    cmd, _ = build_command(_ns(nodes=2, gpus_per_node=8, cpu=False, slurm=True, tp=2, pp=2))
+    assert cmd[-4:] == ["--tp=2", "--pp=2", "--config", "c.yaml"]
+
+
+@pytest.mark.parametrize("kw,stage,message", [
+    (dict(pp=1, vpp=2), "pretrain", "--vpp 2 needs --pp > 1"),
+    (dict(gpus_per_node=6, tp=2, pp=2), "pretrain", "6 processes cannot hold --tp 2 x --pp 2 = 4"),
+    (dict(pp=0), "pretrain", "--pp must be >= 1"),
+    (dict(pp=2), "finetune", "model-parallel layouts are for `launch pretrain`"),
+    (dict(pp=2, stage_args=["--", "--parallel.pipeline", "2"]), "pretrain", "--pp and --parallel.pipeline"),
+])
+def test_bad_layout_flags_are_refused_in_one_line(kw, stage, message):
+    from domainlm.errors import UserError
+    from domainlm.launch.command import build_command
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        build_command(_ns(**kw), stage)
 
 
 def test_launch_scripts_parse():
