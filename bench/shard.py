@@ -28,6 +28,16 @@ of it, so deduplication keeps them and every pipeline stage sees the full volume
     .venv/bin/python bench/shard.py --size-mb 50 --workers 2
     .venv/bin/python bench/shard.py --only big --size-mb 5 --repeats 3   # check the harness
 
+--runners (issue 20) compares the runners instead: `data shard` on the DirectRunner (W worker
+processes) against the same on dask (`--beam.runner dask --beam.dask-address local:W`, a
+LocalCluster of W worker processes started and stopped by the command, so its start-up is in
+the wall clock), interleaved rounds with the order alternating, medians. On the pydoc corpus
+(~5 MB) the wall clock is mostly fixed cost (process, Beam, cluster start, graph); on the big
+corpus tokens/s is the throughput. Each round also checks the two wrote the same shards.
+
+    .venv/bin/python bench/shard.py --runners --workers 2                  # pydoc and 200 MB
+    .venv/bin/python bench/shard.py --runners --workers 2 --only big --size-mb 3 --repeats 1   # check it
+
 Work files go to bench/work/shard/ (gitignored); the results are printed and written to
 bench/results/shard.txt (or --out).
 """
@@ -125,14 +135,53 @@ def texts_of(corpus: Path) -> list[str]:
         return [clean(json.loads(line)["text"])[0] for line in f if line.strip()]
 
 
-def run_shard(corpus: Path, tok: Path, workers: int, name: str) -> dict:
-    out = WORK / f"out_{name}"
+def run_shard(corpus: Path, tok: Path, workers: int, name: str, runner: str = "direct") -> dict:
+    """One `data shard` run; runner "direct" (DirectRunner, `workers` processes) or "dask" (a
+    local dask cluster of `workers` processes)."""
+    out = WORK / (f"out_{name}" if runner == "direct" else f"out_{name}_{runner}")
+    how = (["--beam.direct-num-workers", str(workers)] if runner == "direct"
+           else ["--beam.runner", "dask", "--beam.dask-address", f"local:{workers}"])
     wall, cpu = sh(EXE + ["data", "shard", "--input", str(corpus), "--tokenizer", str(tok), "--output", str(out),
-                          "--overwrite", "--beam.direct-num-workers", str(workers)], stdout=subprocess.DEVNULL)
+                          "--overwrite", *how], stdout=subprocess.DEVNULL)
     m = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in m["splits"].values())
+    # the children's CPU: the dask workers are the command's grandchildren, not counted here
     return {"seconds": wall, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "kept": m["counts"]["kept"], "records": m["counts"]["records"]}
+            "kept": m["counts"]["kept"], "records": m["counts"]["records"],
+            "shards": [x["sha256"] for sp in m["splits"].values() for x in sp["shards"]], "dropped": m["dropped"]}
+
+
+def measure_runners(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> list[str]:
+    """DirectRunner and dask (local:W) `repeats` times each, interleaved, the order alternating
+    each round; medians. Every round checks both wrote the same shards and drop counts."""
+    kinds = ["direct", "dask"]
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    loads, same = [], True
+    for r in range(repeats):
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            loads.append(os.getloadavg()[0])
+            runs[kind].append(run_shard(corpus, tok, workers, name, kind))
+            print(f"  [{name} round {r + 1}/{repeats}] {kind:<6} {runs[kind][-1]['seconds']:7.1f} s "
+                  f"{runs[kind][-1]['tokens_per_s'] / 1e6:6.3f} M tokens/s (load {loads[-1]:.2f})", flush=True)
+        a, b = runs["direct"][-1], runs["dask"][-1]
+        same = same and a["shards"] == b["shards"] and a["dropped"] == b["dropped"]
+    rate = {k: _stats([x["tokens_per_s"] for x in v]) for k, v in runs.items()}
+    secs = {k: _stats([x["seconds"] for x in v]) for k, v in runs.items()}
+    best = {k: max(x["tokens_per_s"] for x in runs[k]) for k in kinds}
+    first = runs["direct"][0]
+    label = {"direct": f"direct:{workers}", "dask": f"dask:{workers}"}
+    return [
+        f"{name}: {corpus.stat().st_size / 1e6:.1f} MB, {first['records']:,} documents ({first['kept']:,} kept), "
+        f"{first['tokens'] / 1e6:.2f}M tokens written; {repeats} interleaved rounds, load average "
+        f"{min(loads):.2f}-{max(loads):.2f} over the runs",
+        f"  {'':<11} {'median':>8} {'best':>8} M tokens/s   seconds min / median   runs (s)",
+        *[f"  {label[k]:<11} {rate[k][1] / 1e6:8.3f} {best[k] / 1e6:8.3f}              "
+          f"{secs[k][0]:6.1f} / {secs[k][1]:6.1f}   " + " ".join(f"{x['seconds']:.1f}" for x in runs[k])
+          for k in kinds],
+        f"  dask / direct = {rate['dask'][1] / rate['direct'][1]:.2f} tokens/s by median; dask takes "
+        f"{secs['dask'][1] - secs['direct'][1]:+.1f} s wall by median",
+        f"  same shards (sha256) and drop counts on both runners in every round: {'yes' if same else 'NO'}",
+    ]
 
 
 def ceiling(texts: list[str], tok: Path, workers: int) -> dict:
@@ -239,7 +288,10 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--workers", type=int, default=0, help="0: every core")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the three measurements")
-    ap.add_argument("--out", default=None, help="default: bench/results/shard.txt (shard_NNmb.txt for --size-mb)")
+    ap.add_argument("--out", default=None, help="default: bench/results/shard.txt (shard_NNmb.txt for --size-mb; "
+                                                "shard_runners*.txt with --runners)")
+    ap.add_argument("--runners", action="store_true",
+                    help="compare the DirectRunner with dask (local:W) instead of the ceiling and Megatron")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     workers = args.workers or len(os.sched_getaffinity(0))
@@ -254,6 +306,18 @@ def main() -> None:
              f"workers: {workers}; tokenizer: {tok}; load average at start (1, 5, 15 min): "
              + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (other processes share these cores when over 0)", ""]
     print("\n".join(lines), flush=True)
+    if args.runners:
+        for name, corpus in corpora:
+            rows = measure_runners(name, corpus, tok, workers, args.repeats)
+            print("\n".join(rows), flush=True)
+            lines += rows
+        lines.append(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        out = Path(args.out or HERE / "results" / ("shard_runners.txt" if args.size_mb == 200
+                                                   else f"shard_runners_{args.size_mb}mb.txt"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print(f"written to {out}")
+        return
     tiny = WORK / "tiny.jsonl"
     tiny.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:50]))
     fixed = [run_shard(tiny, tok, workers, "tiny") for _ in range(max(1, min(3, args.repeats)))]

@@ -84,8 +84,14 @@ class BeamArgs:
     """How the Apache Beam pipeline runs; none of these change the output."""
 
     runner: str = field(default="DirectRunner", metadata=RUNTIME)
-    """Beam runner: DirectRunner (this machine), FlinkRunner, SparkRunner, DataflowRunner,
-    PortableRunner, ... (see README, "Prepare a domain corpus")."""
+    """Beam runner: DirectRunner (this machine), dask (a dask.distributed cluster, see
+    --beam.dask-address), flink (needs the job server jar or a job service in --beam.options),
+    SparkRunner, DataflowRunner, PortableRunner, ... (see README, "Prepare a domain corpus")."""
+    dask_address: str = field(default="", metadata=RUNTIME)
+    """With --beam.runner dask: 'local:N' starts (and stops) a local cluster of N worker
+    processes; 'tcp://HOST:8786' uses a running `dask scheduler`, whose workers must have
+    domainlm installed (same versions) and see the input and --output on a shared filesystem
+    (or a Beam filesystem such as gs://). Empty: local:<cores>."""
     options: list[str] = field(default_factory=list, metadata=RUNTIME)
     """More Beam pipeline options, passed to PipelineOptions unchanged; on the command line all
     in one quoted argument: --beam.options='--flink_master=host:8081 --parallelism=8'."""
@@ -160,7 +166,41 @@ class ShardConfig:
             raise UserError(f"dedup.num_perm must be in [8, 1024], got {d.num_perm}")
         if not 1 <= d.shingle_words <= 32:
             raise UserError(f"dedup.shingle_words must be in [1, 32], got {d.shingle_words}")
+        _check_runner(b)
         if b.direct_num_workers < 0:
             raise UserError("beam.direct_num_workers must be >= 0 (0 uses every core)")
         if b.chunk_bytes < 1024:
             raise UserError(f"beam.chunk_bytes is {b.chunk_bytes}; give at least 1024")
+
+
+DASK_NAMES = ("dask", "DaskRunner")
+FLINK_NAMES = ("flink", "FlinkRunner")
+
+
+def runner_name(runner: str) -> str:
+    """The runner's canonical name: 'dask' and 'flink' (any case) are DaskRunner and
+    FlinkRunner; other names (and dotted paths) unchanged."""
+    last = runner.split(".")[-1]
+    for names in (DASK_NAMES, FLINK_NAMES):
+        if last.lower() in (n.lower() for n in names):
+            return names[1]
+    return runner
+
+
+def _check_runner(b: BeamArgs) -> None:
+    if not b.runner.strip():
+        raise UserError("beam.runner is empty; give DirectRunner, dask, flink or another Beam runner")
+    address = b.dask_address.strip()
+    if not address:
+        return
+    if runner_name(b.runner) != "DaskRunner":
+        raise UserError(f"beam.dask_address ({address!r}) is for --beam.runner dask, not {b.runner}; "
+                        "add --beam.runner dask or drop --beam.dask-address")
+    if address.startswith("local:"):
+        n = address[len("local:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"beam.dask_address {address!r}: give local:N with N >= 1 worker processes "
+                            "(e.g. local:4)")
+    elif "://" not in address or not address.split("://", 1)[1]:
+        raise UserError(f"beam.dask_address {address!r}: give a scheduler address tcp://HOST:8786 "
+                        "or local:N for a local cluster of N worker processes")

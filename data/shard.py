@@ -36,10 +36,12 @@ def inputs(cfg: ShardConfig) -> list[dict]:
 
 def shard(cfg: ShardConfig) -> dict:
     beam_worker.install()
-    from domainlm.data.beam.pipeline import DEAD_LETTER, direct_workers, is_direct, run
+    from domainlm.data.beam.pipeline import (DEAD_LETTER, dask_local_workers, direct_workers, is_dask, is_direct,
+                                             run, session)
 
     tok = load_tokenizer_dir(cfg.tokenizer)
-    workers = direct_workers(cfg.beam)[0] if is_direct(cfg.beam) else 0
+    workers = (direct_workers(cfg.beam)[0] if is_direct(cfg.beam)
+               else dask_local_workers(cfg.beam) if is_dask(cfg.beam) else 0)
     plan = make_plan(cfg.input, cfg.beam.chunk_bytes, workers)
     if all(f.size == 0 for f in plan.files):
         raise UserError(f"the input is empty: {', '.join(f.path for f in plan.files)} hold no bytes")
@@ -47,13 +49,14 @@ def shard(cfg: ShardConfig) -> dict:
     dtype = token_dtype(tok.vocab_size).name
     t0 = time.perf_counter()
     remote = "://" in cfg.output
-    with (RemoteOutput(cfg.output, cfg.overwrite) if remote
-          else StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite)) as out:
+    local_out = None if remote else StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite)  # checks it
+    # then the runner's engine (a dask cluster, or a refusal) before anything is written
+    with session(cfg.beam) as engine, (local_out or RemoteOutput(cfg.output, cfg.overwrite)) as out:
         root = str(out.tmp)
         for split in SPLITS:
             if not remote:
                 (out.tmp / split).mkdir(parents=True, exist_ok=True)
-        result = run(cfg, plan, tok.encoder(), dtype, bytes_per_token(tok), root)
+        result = run(cfg, plan, tok.encoder(), dtype, bytes_per_token(tok), root, engine)
         fields = manifest_fields(result, tok, dtype, len(plan.files))
         check_something_kept(fields, plan, f"{root}/{DEAD_LETTER}")
         manifest = make_manifest(STAGE, cfg, described, **fields)

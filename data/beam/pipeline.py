@@ -19,22 +19,28 @@ metrics, so they are the same on every runner and worker count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from domainlm.progress import bars_enabled, human_bytes, human_count, log, progress
 from domainlm.data.beam import worker as beam_worker
 from domainlm.data.beam.read import Plan
 from domainlm.data.beam.write import DEAD_LETTER, SUMMARY  # noqa: F401 (re-exported)
-from domainlm.data.config import BeamArgs, ShardConfig
+from domainlm.data.config import BeamArgs, ShardConfig, runner_name
+from domainlm.errors import UserError
 from domainlm.tokenizer.tokdir import DocumentEncoder
 
 DIRECT = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
+DASK_CONNECT_TIMEOUT = 10
+"""Seconds to wait for a dask scheduler to answer before the run is refused."""
 
 
 def available_cores() -> int:
@@ -48,6 +54,21 @@ def is_direct(b: BeamArgs) -> bool:
     return b.runner.split(".")[-1] in DIRECT
 
 
+def is_dask(b: BeamArgs) -> bool:
+    return runner_name(b.runner) == "DaskRunner"
+
+
+def dask_address(b: BeamArgs) -> str:
+    """--beam.dask-address, or local:<cores> where it is not given."""
+    return b.dask_address.strip() or f"local:{available_cores()}"
+
+
+def dask_local_workers(b: BeamArgs) -> int:
+    """N of a local:N dask cluster (whose workers share this disk); 0 for a remote scheduler."""
+    address = dask_address(b)
+    return int(address.split(":", 1)[1]) if address.startswith("local:") else 0
+
+
 def direct_workers(b: BeamArgs) -> tuple[int, str]:
     n = b.direct_num_workers or available_cores()
     mode = b.direct_running_mode
@@ -59,7 +80,7 @@ def direct_workers(b: BeamArgs) -> tuple[int, str]:
 def pipeline_flags(b: BeamArgs) -> list[str]:
     """The flags given to PipelineOptions: DirectRunner's workers, then the user's
     --beam.options unchanged (so they win)."""
-    flags = [] if is_direct(b) else [f"--runner={b.runner}"]
+    flags = [] if is_direct(b) or is_dask(b) else [f"--runner={runner_name(b.runner)}"]
     if is_direct(b):
         n, mode = direct_workers(b)
         # multi_processing is done by our own environment (make_runner), which Beam only
@@ -73,18 +94,151 @@ def pipeline_flags(b: BeamArgs) -> list[str]:
     return flags
 
 
+def shares_disk(b: BeamArgs) -> bool:
+    """Whether every worker certainly runs on this machine: the DirectRunner's, a local:N dask
+    cluster's."""
+    return is_direct(b) or (is_dask(b) and dask_local_workers(b) > 0)
+
+
 def spill_directory(cfg: ShardConfig, root: str) -> str | None:
     """Where bulk bytes between stages go (beam_spill.py): a folder in the output when the
-    DirectRunner's workers share this disk with it; None (the bytes travel as elements) else."""
-    return os.path.join(root, ".spill") if is_direct(cfg.beam) and "://" not in root else None
+    workers certainly share this disk with it (DirectRunner, dask local:N); None (the bytes
+    travel as elements) else."""
+    return os.path.join(root, ".spill") if shares_disk(cfg.beam) and "://" not in root else None
 
 
-def make_runner(b: BeamArgs, options):
+@dataclass
+class Session:
+    """What a run needs from its engine, set up before anything is written: for dask, a
+    connected client (and the local cluster it runs on, stopped when the session ends)."""
+
+    client: Any = None
+    address: str = ""
+    workers: int = 0
+
+
+@contextlib.contextmanager
+def session(b: BeamArgs):
+    """Check the runner can start, and start what it runs on, before any output is written:
+    for dask a client of the scheduler (a refusal in one line when none answers) or of a
+    LocalCluster of local:N; for Flink, the refusal where Beam would download its job server.
+    The cluster and the client are closed on the way out, on errors and Ctrl-C too."""
+    if is_dask(b):
+        with _dask_client(b) as s:
+            yield s
+        return
+    if runner_name(b.runner) == "FlinkRunner":
+        check_flink(pipeline_flags(b))
+    yield Session()
+
+
+def flink_jar_name(flags: list[str] = ()) -> str:
+    """The job server jar Beam would fetch for these flags (--flink_version, default the newest
+    Flink that Beam publishes one for)."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions
+    from apache_beam.version import __version__
+
+    flink = PipelineOptions(list(flags)).view_as(FlinkRunnerOptions).flink_version
+    return f"beam-runners-flink-{flink}-job-server-{__version__}.jar"
+
+
+def check_flink(flags: list[str]) -> None:
+    """Refuse a FlinkRunner run for which Beam would download the job server jar from Maven
+    Central at run time: one needs --job_endpoint (a running job service) or
+    --flink_job_server_jar naming a file here."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions, PortableOptions
+
+    options = PipelineOptions(flags)
+    if options.view_as(PortableOptions).job_endpoint:
+        return
+    jar = options.view_as(FlinkRunnerOptions).flink_job_server_jar
+    if jar and os.path.isfile(jar):
+        return
+    name = flink_jar_name(flags)
+    if jar:
+        raise UserError(f"--flink_job_server_jar={jar}: no such file; download {name} (Maven: "
+                        f"org.apache.beam:{name.rsplit('-', 1)[0]}:{name.rsplit('-', 1)[1][:-4]}) and give its path")
+    raise UserError(f"--beam.runner flink needs the Flink job server, which Beam would download at run time; "
+                    f"download {name} and pass --beam.options='--flink_job_server_jar=PATH' (with "
+                    "--flink_master=HOST:8081 for a cluster), or give a running job service with "
+                    "--beam.options='--job_endpoint=HOST:8099'")
+
+
+def _unreachable(address: str, why: str) -> UserError:
+    return UserError(f"no dask scheduler answers at {address} ({why}); start one there (`dask scheduler` on that "
+                     f"host, then `dask worker {address}` on each worker host), or use --beam.dask-address "
+                     "local:N for a local cluster of N worker processes")
+
+
+def _reachable(address: str) -> None:
+    """A TCP connection to HOST:PORT of a tcp:// or tls:// address within a few seconds (a refused
+    or silent address is a one-line UserError at once, not dask's retries until its timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    scheme = address.split("://", 1)[0]
+    if scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://, ...: left to dask
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError as e:
+        raise UserError(f"beam.dask_address {address!r}: {e}; give tcp://HOST:PORT") from None
+    try:
+        socket.create_connection((host, port), timeout=min(5, DASK_CONNECT_TIMEOUT)).close()
+    except OSError as e:
+        raise _unreachable(address, e.strerror or type(e).__name__) from None
+
+
+@contextlib.contextmanager
+def _dask_client(b: BeamArgs):
+    import logging
+
+    beam_worker.install()
+    try:
+        import distributed
+    except ImportError:
+        raise UserError("--beam.runner dask needs dask.distributed; install domainlm with the dask extra: "
+                        "pip install -e '.[dask]' (or pip install 'dask[distributed]')") from None
+    address = dask_address(b)
+    n = dask_local_workers(b)
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    with contextlib.ExitStack() as stack:
+        # dask logs every worker's start and stop at INFO; warnings and errors still show
+        quiet.setLevel(max(logging.WARNING, level))
+        stack.callback(quiet.setLevel, level)
+        if n:
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.WARNING, worker_class=distributed.Nanny,
+                preload=["domainlm.data.beam.worker"]))
+            target = cluster.scheduler_address
+        else:
+            target = address
+            _reachable(address)
+        try:
+            client = distributed.Client(target, timeout=DASK_CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as e:
+            raise _unreachable(address, f"no dask handshake within {DASK_CONNECT_TIMEOUT}s: "
+                                        f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+        except Exception as e:  # something answers, but not dask's protocol
+            raise _unreachable(address, f"what answers there is not a dask scheduler: {type(e).__name__}") from None
+        stack.enter_context(client)
+        workers = len(client.scheduler_info()["workers"]) if not n else n
+        if not n and not workers:
+            log.warning("dask scheduler %s has no workers yet; the run waits for some to join", address)
+        yield Session(client, address, workers)
+
+
+def make_runner(b: BeamArgs, options, client=None):
     """The runner object: for DirectRunner, Beam's FnApiRunner, set up as DirectRunner sets it
     up for a batch pipeline, minus DirectRunner's first attempt to download and start the Prism
     runner from GitHub (a network call, and another engine, on every run). Worker processes run
-    beam_worker.py, Beam's SDK worker with its start-up chatter filtered. Other runners: None
-    (Beam makes them from --runner)."""
+    beam_worker.py, Beam's SDK worker with its start-up chatter filtered. For dask, `DaskRunner`
+    below on the session's client. Other runners: None (Beam makes them from --runner)."""
+    if is_dask(b):
+        return dask_runner_class()(client)
     if not is_direct(b):
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
@@ -100,6 +254,192 @@ def make_runner(b: BeamArgs, options):
     provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
         pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options())))
     return fn_runner.FnApiRunner(default_environment=env, provision_info=provision)
+
+
+# -- Beam on dask ------------------------------------------------------------------------------
+#
+# Beam's own DaskRunner (apache_beam.runners.dask, 2.77) translates a pipeline into dask bags
+# but cannot run this one: it computes only the bag of the last transform visited (other
+# branches never run), hands every output of a multi-output ParDo to each consumer of any of
+# them, drops what a DoFn emits in finish_bundle, and evaluates a side input by computing its
+# bag again inside every task that reads it. `dask_runner_class()` keeps its options
+# (DaskOptions: --dask_npartitions, ...) and its result object and translates the graph anew:
+# a bag per PCollection (the outputs of a ParDo split by tag from one computed bag), side
+# inputs as graph dependencies (computed once, passed whole to the tasks that read them),
+# GroupByKey as a task shuffle on a process-independent hash of the key, and every leaf
+# computed. Elements are WindowedValues in the global window (the only windowing here).
+
+
+def _dofn_tasks(items, spec: bytes, label: str, views: list, *sides):
+    """One bundle (a bag partition) through a DoFn: [(tag, WindowedValue)] of its outputs."""
+    from apache_beam.internal import pickler
+    from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, Receiver, _OutputHandler
+    from apache_beam.transforms.core import DoFn
+    from apache_beam.transforms.sideinputs import SideInputMap
+    from apache_beam.transforms.window import GlobalWindows
+
+    fn, args, kwargs = pickler.loads(spec)  # a DoFn of its own per bundle, as Beam's DaskRunner
+    out: list = []
+
+    class Tagged(Receiver):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def receive(self, windowed_value):
+            out.append((self.tag, windowed_value))
+
+    class ByTag(dict):
+        def __missing__(self, tag):
+            self[tag] = Tagged(tag)
+            return self[tag]
+
+    receivers = ByTag()
+    handler = _OutputHandler(window_fn=GlobalWindows(), main_receivers=receivers[None],
+                             tagged_receivers=receivers, per_element_output_counter=None,
+                             output_batch_converter=None, process_yields_batches=False,
+                             process_batch_yields_elements=False)
+    side_maps = [SideInputMap(view, options, values) for (view, options), values in zip(views, sides)]
+    invoker = DoFnInvoker.create_invoker(
+        DoFnSignature(fn), handler, context=DoFnContext(label, state=None), side_inputs=side_maps,
+        input_args=args, input_kwargs=kwargs, user_state_context=None,
+        bundle_finalizer_param=DoFn.BundleFinalizerParam())
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for item in items:
+        invoker.invoke_process(item)
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    return out
+
+
+def _select(pairs, tag) -> list:
+    return [wv for t, wv in pairs if t == tag]
+
+
+def _concat(*parts) -> list:
+    return [x for part in parts for x in part]
+
+
+def _stable_hash(wv) -> int:
+    """A hash of an element's key that is the same in every process (Python's hash of a str is
+    salted per process, and the shuffle hashes in many)."""
+    import hashlib
+    import pickle
+
+    return int.from_bytes(hashlib.blake2b(pickle.dumps(wv.value[0], protocol=4), digest_size=8).digest(), "little")
+
+
+def _regroup(groups) -> list:
+    """(hash, [WindowedValue((key, value))]) groups -> WindowedValue((key, [values])), keys
+    that share a hash apart."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    out = []
+    for _, members in groups:
+        by_key: dict = {}
+        for wv in members:
+            k, v = wv.value
+            by_key.setdefault(k, []).append(v)
+        out += [WindowedValue((k, vs), MIN_TIMESTAMP, (GlobalWindow(),)) for k, vs in by_key.items()]
+    return out
+
+
+def _nothing(_) -> list:
+    return []
+
+
+def _task_name(label: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_]+", "_", label).strip("_") or "step"
+
+
+def dask_runner_class():
+    """The runner class (made on first use: it imports dask and Beam's DaskRunner)."""
+    global _DASK_RUNNER
+    if _DASK_RUNNER is not None:
+        return _DASK_RUNNER
+    import apache_beam as beam
+    import dask.bag as db
+    from apache_beam.internal import pickler
+    from apache_beam.pipeline import PipelineVisitor
+    from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner, DaskRunnerResult
+    from apache_beam.runners.dask.overrides import _Create, _Flatten, _Reshuffle, dask_overrides
+    from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    from apache_beam.utils.windowed_value import WindowedValue
+    from dask import delayed
+
+    class Translate(PipelineVisitor):
+        def __init__(self, bag_kwargs: dict):
+            self.bag_kwargs = bag_kwargs
+            self.bags: dict = {}  # PCollection -> bag of WindowedValues
+            self.consumed: set = set()
+
+        def visit_transform(self, node) -> None:
+            t = node.transform
+            name = _task_name(node.full_label)
+            mains = [pc for pc in node.inputs if isinstance(pc, beam.pvalue.PCollection)]
+            self.consumed.update(mains)
+            self.consumed.update(si.pvalue for si in node.side_inputs)
+            for pc in mains:
+                if not isinstance(pc.windowing.windowfn, GlobalWindows):
+                    raise NotImplementedError(f"{node.full_label}: domainlm's dask runner runs only the "
+                                              "global window")
+            if isinstance(t, _Create):
+                values = [WindowedValue(v, MIN_TIMESTAMP, (GlobalWindow(),)) for v in t.values]
+                kw = self.bag_kwargs or {"npartitions": max(1, len(values))}  # one task per element
+                bag = db.from_sequence(values, **kw)
+            elif isinstance(t, (_Reshuffle,)):
+                bag = self.bags[mains[0]]
+            elif isinstance(t, _Flatten):
+                bag = db.concat([self.bags[pc] for pc in mains])
+            elif isinstance(t, beam.GroupByKey):
+                bag = (self.bags[mains[0]]
+                       .groupby(_stable_hash, shuffle="tasks")
+                       .map_partitions(_regroup, token=name))
+            elif isinstance(t, beam.ParDo):
+                args, kwargs = t.raw_side_inputs
+                spec = delayed(pickler.dumps((t.fn, list(args), kwargs)), pure=True)
+                views = [(type(si), si._view_options()) for si in node.side_inputs]
+                sides = [delayed(_concat, pure=True)(*self.bags[si.pvalue].to_delayed(optimize_graph=False))
+                         for si in node.side_inputs]
+                raw = self.bags[mains[0]].map_partitions(_dofn_tasks, spec, node.full_label, views, *sides,
+                                                         token=name)
+                for pc in node.outputs.values():
+                    self.bags[pc] = raw.map_partitions(_select, pc.tag, token=f"{name}-{pc.tag}")
+                return
+            else:
+                raise NotImplementedError(f"domainlm's dask runner does not run {type(t).__name__} "
+                                          f"({node.full_label})")
+            for pc in node.outputs.values():
+                self.bags[pc] = bag
+
+    class Runner(DaskRunner):
+        """Beam's DaskRunner with the translation above, on a given dask client."""
+
+        def __init__(self, client):
+            super().__init__()
+            self.client = client
+
+        def run_pipeline(self, pipeline, options):
+            dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+            bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+            pipeline.replace_all([o for o in dask_overrides()
+                                  if type(o).__name__ in ("CreateOverride", "ReshuffleOverride", "FlattenOverride")])
+            visitor = Translate(bag_kwargs)
+            pipeline.visit(visitor)
+            leaves = [bag.map_partitions(_nothing) for pc, bag in visitor.bags.items() if pc not in visitor.consumed]
+            futures = self.client.compute(leaves)
+            return DaskRunnerResult(self.client, futures)
+
+    _DASK_RUNNER = Runner
+    return Runner
+
+
+_DASK_RUNNER = None
 
 
 def build(p, cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, bytes_per_token: float, root: str,
@@ -154,8 +494,13 @@ def build(p, cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str,
 
 
 def run(cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, bytes_per_token: float,
-        root: str) -> dict:
-    """Run the pipeline to the end; return the summary it wrote (read back and removed)."""
+        root: str, sess: Session | None = None) -> dict:
+    """Run the pipeline to the end; return the summary it wrote (read back and removed).
+    `sess`: from `session(cfg.beam)`, opened by the caller before it made the output directory
+    (one is opened here where it is not given)."""
+    if sess is None:
+        with session(cfg.beam) as sess:
+            return run(cfg, plan, encoder, dtype, bytes_per_token, root, sess)
     import json
 
     beam_worker.install()  # before Beam's imports log their first warnings
@@ -165,20 +510,25 @@ def run(cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, byte
 
     flags = pipeline_flags(cfg.beam)
     options = PipelineOptions(flags)
-    runner = make_runner(cfg.beam, options)
-    if runner is not None:
+    runner = make_runner(cfg.beam, options, sess.client)
+    if is_dask(cfg.beam):
+        log.info("Beam: dask at %s, %d worker%s", sess.address, sess.workers, "s" * (sess.workers != 1))
+    elif runner is not None:
         n, mode = direct_workers(cfg.beam)
         log.info("Beam: DirectRunner (FnApiRunner), %d worker%s (%s)", n, "s" * (n > 1), mode)
     else:
         log.info("Beam: %s", " ".join(flags))
-    local = is_direct(cfg.beam) and "://" not in root
+    local = shares_disk(cfg.beam) and "://" not in root
     spill_dir = spill_directory(cfg, root)
     if spill_dir:
         os.makedirs(spill_dir, exist_ok=True)
     with _Progress(plan, local) as prog:
         p = beam.Pipeline(runner=runner, options=options)
         build(p, cfg, plan, encoder, dtype, bytes_per_token, root, prog.directory, spill_dir)
-        p.run().wait_until_finish()
+        if is_dask(cfg.beam):
+            _wait_dask(p.run(), sess)
+        else:
+            p.run().wait_until_finish()
     if spill_dir:
         shutil.rmtree(spill_dir)
     path = f"{root}/{SUMMARY}"
@@ -186,6 +536,30 @@ def run(cfg: ShardConfig, plan: Plan, encoder: DocumentEncoder, dtype: str, byte
         summary = json.loads(f.read().decode("utf-8"))
     FileSystems.delete([path])
     return summary
+
+
+def _wait_dask(result, sess: Session) -> None:
+    """Wait for a dask run; a worker lost for good or a lost scheduler is one line (the output
+    directory is then removed by the caller). Cancelled on the way out if it did not finish
+    (an error, Ctrl-C), so a shared scheduler drops the run's tasks."""
+    import distributed
+
+    try:
+        result.wait_until_finish()
+    except distributed.KilledWorker as e:
+        task, worker, allowed = (list(e.args) + [None, None, None])[:3]
+        address = getattr(worker, "address", worker)
+        tries = f"{allowed + 1} worker{'s' * (allowed > 0)}" if isinstance(allowed, int) else "its workers"
+        raise UserError(f"dask worker {address} died while running task {task!r} (it died on {tries}, the "
+                        "limit set by distributed.scheduler.allowed-failures); see that worker's log (out of "
+                        "memory?); nothing was written") from None
+    except (distributed.client.FutureCancelledError, distributed.comm.CommClosedError) as e:
+        raise UserError(f"lost the dask scheduler at {sess.address} during the run ({type(e).__name__}: "
+                        f"{str(e)[:200]}); nothing was written") from None
+    finally:
+        if result.state != "DONE":
+            with contextlib.suppress(Exception):
+                sess.client.cancel(result.futures, force=True)
 
 
 class _Progress:

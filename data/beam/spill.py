@@ -1,5 +1,6 @@
-"""Bulk bytes between the stages of `domainlm data shard` on the DirectRunner: through files
-on this machine's disk, with only their names moving through the runner.
+"""Bulk bytes between the stages of `domainlm data shard` on the DirectRunner (and on dask's
+local:N cluster, whose workers share this disk too): through files on this machine's disk,
+with only their names moving through the runner.
 
 The DirectRunner (FnApiRunner) passes every element from one stage to the next through its
 driver process (gRPC in and out, in Python), and for a GroupByKey it also decodes and
@@ -12,8 +13,9 @@ what is grouped, and how, is unchanged (the references go through Beam's GroupBy
 files take about the corpus's normalized text plus its tokens until the run ends (less than
 the shards themselves), and go with the run's temporary output directory.
 
-On other runners the workers may share no disk, and their shuffle is built for bulk data:
-there `Spill(None)` passes the bytes themselves as elements.
+On other runners (dask with a tcp:// scheduler included) the workers may share no disk, and
+their shuffle is built for bulk data: there `Spill(None)` passes the bytes themselves as
+elements.
 """
 
 from __future__ import annotations

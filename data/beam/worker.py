@@ -64,6 +64,12 @@ def import_beam() -> None:
         del sys.modules["pandas"]
 
 
+def dask_setup(worker=None) -> None:
+    """Run by a dask worker that preloads this module (`--beam.runner dask`, local:N; on a
+    cluster: `dask worker ... --preload domainlm.data.beam.worker`): the same filter."""
+    install()
+
+
 if __name__ == "__main__":
     install()
     from apache_beam.runners.worker import sdk_worker_main
