@@ -181,10 +181,15 @@ class ParallelArgs:
     tensor: int = 1
     """Tensor-parallel size: splits every matrix over this many ranks (on CPU at most 2)."""
     pipeline: int = 1
-    """Pipeline-parallel size: splits the layers into this many stages. GPU only: refused on
-    CPU, where megatron-core's pipeline schedules and p2p communication need CUDA."""
+    """Pipeline-parallel size: splits the layers into this many stages (megatron-core's 1F1B
+    schedule; on CPU over gloo). Must divide model.num_layers."""
+    virtual_pipeline: int = 1
+    """Virtual pipeline chunks per stage (the interleaved 1F1B schedule, a smaller pipeline
+    bubble): each stage holds this many non-adjacent chunks of layers. Needs parallel.pipeline > 1,
+    model.num_layers divisible by pipeline x virtual_pipeline, and micro-batches per step
+    (global / (micro x DP)) a multiple of parallel.pipeline."""
     sequence_parallel: bool = False
-    """With TP > 1 on GPU, also split norms/dropout activations along the sequence
+    """With TP > 1, also split norms/dropout activations along the sequence
     (train.seq_len must then be a multiple of parallel.tensor)."""
     distributed_optimizer: bool = True
     """GPU: shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
@@ -236,8 +241,8 @@ class PretrainConfig:
     shard` (blended by weight), trains with megatron-core's GPTModel, tensor/pipeline/data
     parallelism, AdamW, warmup + cosine or WSD, gradient accumulation, bf16 on GPU, and saves
     distributed checkpoints that resume exactly, also under another TP/PP/DP layout. SIGTERM
-    or SIGUSR1 finishes the step, saves and exits. CPU: gloo, tensor parallel up to 2,
-    pipeline parallel refused (GPU only).
+    or SIGUSR1 finishes the step, saves and exits. CPU: gloo, tensor parallel up to 2, pipeline
+    parallel (also virtual) and sequence parallelism through megatron-core's own schedules.
     """
 
     tokenizer: str = field(default="", metadata=INPUT)
@@ -303,13 +308,21 @@ class PretrainConfig:
         if s.wsd_decay_steps is not None and not 0 < s.wsd_decay_steps <= decay:
             raise UserError(f"schedule.wsd_decay_steps={s.wsd_decay_steps} must be in [1, {decay}]")
         p = self.parallel
-        if p.tensor < 1 or p.pipeline < 1:
-            raise UserError("parallel.tensor and parallel.pipeline must be >= 1")
+        if p.tensor < 1 or p.pipeline < 1 or p.virtual_pipeline < 1:
+            raise UserError("parallel.tensor, parallel.pipeline and parallel.virtual_pipeline must be >= 1")
         if p.pipeline > m.num_layers:
             raise UserError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
         if m.num_layers % p.pipeline:
             raise UserError(f"parallel.pipeline={p.pipeline} does not divide model.num_layers="
                             f"{m.num_layers}; every stage holds the same number of layers")
+        if p.virtual_pipeline > 1 and p.pipeline == 1:
+            raise UserError(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1 (it "
+                            "interleaves chunks of the pipeline stages); set parallel.pipeline to 2 or more, or "
+                            "parallel.virtual_pipeline=1")
+        if m.num_layers % (p.pipeline * p.virtual_pipeline):
+            raise UserError(f"parallel.pipeline x parallel.virtual_pipeline = {p.pipeline} x {p.virtual_pipeline} does "
+                            f"not divide model.num_layers={m.num_layers}; every chunk holds the same number of "
+                            "layers: pick sizes whose product divides the layers")
         if m.num_attention_heads % p.tensor or m.num_query_groups % p.tensor:
             raise UserError(
                 f"parallel.tensor={p.tensor} does not divide the heads (model.num_attention_heads="
@@ -327,15 +340,9 @@ class PretrainConfig:
     def check_layout(self, world_size: int, device: str) -> int:
         """Check the TP/PP/DP layout against the world size and device; returns DP size."""
         p, t = self.parallel, self.train
-        if device == "cpu":
-            if p.pipeline > 1:
-                raise UserError("parallel.pipeline > 1 needs GPUs: megatron-core's pipeline schedules "
-                                "and p2p exchange are CUDA-only; on CPU use parallel.pipeline=1")
-            if p.tensor > 2:
-                raise UserError(f"parallel.tensor={p.tensor}: the CPU path supports tensor parallel up "
-                                "to 2 (gloo); use GPUs for more")
-            if p.sequence_parallel:
-                raise UserError("parallel.sequence_parallel is GPU-only; set it false on CPU")
+        if device == "cpu" and p.tensor > 2:
+            raise UserError(f"parallel.tensor={p.tensor}: the CPU path supports tensor parallel up "
+                            "to 2 (gloo); use GPUs for more")
         mp = p.tensor * p.pipeline
         if world_size % mp:
             raise UserError(
@@ -347,6 +354,20 @@ class PretrainConfig:
                 f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size "
                 f"x data-parallel size = {t.micro_batch_size} x {dp}; make it a multiple of "
                 f"{t.micro_batch_size * dp}")
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.virtual_pipeline > 1 and micro % p.pipeline:
+            # megatron's interleaved schedule runs the micro-batches in groups of PP per chunk and
+            # raises at the first step otherwise (schedules.forward_backward_pipelining_with_interleaving).
+            raise UserError(
+                f"parallel.virtual_pipeline={p.virtual_pipeline}: the interleaved schedule needs the micro-batches per "
+                f"step, train.global_batch_size / (train.micro_batch_size x DP) = {t.global_batch_size} / "
+                f"({t.micro_batch_size} x {dp}) = {micro}, to be a multiple of parallel.pipeline={p.pipeline}; make "
+                f"train.global_batch_size a multiple of {t.micro_batch_size * dp * p.pipeline}")
+        if p.virtual_pipeline > 1 and self.eval.every and self.eval.batches % p.pipeline:
+            raise UserError(
+                f"parallel.virtual_pipeline={p.virtual_pipeline}: the interleaved schedule validates on a multiple of "
+                f"parallel.pipeline={p.pipeline} micro-batches; eval.batches={self.eval.batches} is not one: use "
+                f"{max(p.pipeline, self.eval.batches - self.eval.batches % p.pipeline)}")
         if p.sequence_parallel and p.tensor == 1:
             raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
         if p.sequence_parallel and t.seq_len % p.tensor:

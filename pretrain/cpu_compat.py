@@ -10,9 +10,32 @@ and GPU paths compute the same thing (tests/test_pretrain_gpu.py compares them w
                               installed for CPU runs only and taken out by restore_megatron_rng
     forward_backward_no_pipelining  schedules.forward_backward_no_pipelining counts tokens in a
                               tensor made with device="cuda"
+    megatron_steps_on_cpu     around megatron's own pipeline schedules
+                              (forward_backward_pipelining_without_interleaving and _with_interleaving)
+                              and every forward/backward of a CPU run: (1) the schedules' token
+                              counter, torch.zeros(..., device="cuda"), is made on the CPU; (2)
+                              torch.cuda.current_device(), where p2p_communication allocates the
+                              tensors it receives from the neighbouring stage and where sequence
+                              parallelism allocates its all-gather / reduce-scatter outputs
+                              (tensor_parallel.mappings, LinearWithGradAccumulation..., the global
+                              memory buffer), names the CPU; (3) torch.cuda.synchronize(), which
+                              p2p_communication calls after batch_isend_irecv, waits for nothing
+                              (gloo's requests are waited on before it). The p2p exchange itself is
+                              megatron's (batch_isend_irecv, which gloo runs), as are the schedules
+    shared_embedding_on_cpu   LanguageModule.setup_embeddings_and_output_layer moves the last
+                              stage's copy of a tied embedding to CUDA (.cuda()) before it
+                              all-reduces it from the first stage; on CPU it stays where it is
+    skip_init_draws           with PP > 1 each stage would draw its layers' initial weights from
+                              the start of the CPU generator, so stage 1 got the weights stage 0's
+                              layers get. Megatron's CPU init draws the full matrices on every rank
+                              so the weights do not depend on TP; this does the same for PP/VPP:
+                              each rank draws (and drops) the other stages' chunks, all chunks in
+                              the layer order of a one-stage model (model.build_model_chunks), so
+                              every layout starts from the weights of PP=1 (CPU init only)
     CpuDataParallel           distributed.DistributedDataParallel keeps grad buffers on CUDA
     CpuFP32Optimizer          optimizer.FP32Optimizer / clip_grads put scale, norm and overflow
-                              buffers on CUDA (get_megatron_optimizer builds it otherwise as is)
+                              buffers on CUDA (get_megatron_optimizer builds it otherwise as is);
+                              its grad norm is summed over the model-parallel group (TP x PP)
     dist_checkpointing_on_cpu dist_checkpointing's torch_dist save calls torch.cuda.synchronize()
                               and makes a status flag on torch.cuda.current_device(); its
                               fully-parallel load exchanges shards through CUDA (not used on CPU)
@@ -24,6 +47,7 @@ outlives its call (the RNG tracker) is removed before a GPU run seeds megatron's
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 from megatron.core import parallel_state
@@ -150,6 +174,86 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
     if config.finalize_model_grads_func is not None and not forward_only:
         config.finalize_model_grads_func([model], None)
     return store
+
+
+class _SchedulesTorch(types.ModuleType):
+    """torch as megatron's schedules module sees it inside megatron_steps_on_cpu: torch itself,
+    except that zeros(..., device="cuda") -- each schedule's token counter -- is made on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+_SCHEDULES_TORCH = _SchedulesTorch()
+
+
+@contextlib.contextmanager
+def megatron_steps_on_cpu():
+    """Around megatron's schedules (pipelined or not) and so every forward/backward of a CPU run.
+
+    Replaces, for the duration of the call only: the schedules' `torch.zeros(device="cuda")`
+    token counter (made on the CPU, same zeros); `torch.cuda.current_device()` (the CPU), where
+    p2p_communication allocates the activations / gradients it receives from the neighbouring
+    stage and where sequence parallelism allocates its all-gather / reduce-scatter outputs; and
+    `torch.cuda.synchronize()` (nothing to wait for: gloo's p2p requests are waited on before
+    p2p_communication calls it). The schedules, the p2p exchange (batch_isend_irecv, which gloo
+    runs) and the sequence-parallel collectives are megatron's own."""
+    saved = torch.cuda.current_device, torch.cuda.synchronize, schedules.torch
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    schedules.torch = _SCHEDULES_TORCH
+    try:
+        yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize, schedules.torch = saved
+
+
+# Pipeline stages: building ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_embedding_on_cpu():
+    """Around building the model chunks of a CPU run: LanguageModule.setup_embeddings_and_output_layer
+    moves the last stage's copy of a tied embedding to CUDA (`weight.data.cuda()`) before it
+    all-reduces it from the first stage (PP > 1, tied embeddings). On the CPU the copy stays on
+    the CPU; the all-reduce is megatron's."""
+    saved = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = saved
+
+
+@torch.no_grad()
+def skip_init_draws(config, layer_spec, *, embedding: bool, layers: int, vocab_size: int, seq_len: int) -> None:
+    """Draw and drop what a one-stage model draws for an embedding (when `embedding`) and
+    `layers` transformer layers, from the CPU generator, in that order.
+
+    megatron's CPU initialization draws every weight from the CPU generator, whole matrices on
+    every TP rank (so TP does not change the weights), but each pipeline stage starts drawing at
+    its own first layer, so with PP > 1 stage 1's layers would get the numbers stage 0's layers
+    get. The caller builds the chunks of all stages in layer order and calls this for the chunks
+    of other stages; each stage's weights are then those of a PP=1 model with the same seed.
+    Nothing is kept; the modules are built the way GPTModel builds them, so the draws match."""
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+    from megatron.core.transformer.spec_utils import build_module
+
+    if embedding:
+        LanguageModelEmbedding(config=config, vocab_size=vocab_size, max_sequence_length=seq_len,
+                               position_embedding_type="rope")
+    vp_stage = 0 if config.virtual_pipeline_model_parallel_size else None   # only the offset reads it
+    for i in range(layers):
+        build_module(layer_spec, config=config, layer_number=i + 1, vp_stage=vp_stage)
 
 
 # Data parallel ---------------------------------------------------------------------------------

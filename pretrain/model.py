@@ -7,7 +7,8 @@
                         rotary embedding), SwiGLU activation and loss. 'torch' is megatron-core's
                         local layers plus torch RMSNorm / SDPA; 'triton' plugs in our kernels.
 4. `layer_spec`         the megatron ModuleSpec of one Llama layer built from those modules.
-5. `build_model`        GPTModel for this rank's pipeline stage, bf16-wrapped on GPU.
+5. `build_model`        GPTModel for this rank's pipeline stage (or one virtual chunk of it),
+                        bf16-wrapped on GPU; `build_model_chunks` the list of a rank's chunks.
 
 Parallelism comes from megatron-core's own layers (ColumnParallelLinear, RowParallelLinear,
 VocabParallelEmbedding) and its block/pipeline splitting, not from branches here.
@@ -54,8 +55,9 @@ def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel_size: int) 
 # 2. megatron-core TransformerConfig ------------------------------------------------------------
 
 
-def transformer_config(m: ModelArgs, *, tensor: int = 1, pipeline: int = 1, sequence_parallel: bool = False,
-                       bf16: bool = False, recompute: str = "none", cpu: bool = False) -> TransformerConfig:
+def transformer_config(m: ModelArgs, *, tensor: int = 1, pipeline: int = 1, virtual_pipeline: int = 1,
+                       sequence_parallel: bool = False, bf16: bool = False, recompute: str = "none",
+                       cpu: bool = False) -> TransformerConfig:
     """Map ModelArgs and the run's layout/precision onto megatron-core's TransformerConfig."""
     impl = implementations(m.kernels)
     return TransformerConfig(
@@ -81,6 +83,7 @@ def transformer_config(m: ModelArgs, *, tensor: int = 1, pipeline: int = 1, sequ
         # Layout and precision.
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         sequence_parallel=sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -242,28 +245,31 @@ class LlamaGPT(GPTModel):
         return self.loss_fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
 
-def build_model(m: ModelArgs, config: TransformerConfig, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
-    """GPTModel for this rank's pipeline stage (parallel_state must be initialized).
+def build_model(m: ModelArgs, config: TransformerConfig, *, vocab_size: int, seq_len: int,
+                vp_stage: int | None = None) -> torch.nn.Module:
+    """GPTModel for this rank's pipeline stage (parallel_state must be initialized), or for its
+    virtual chunk `vp_stage` when the config has virtual pipeline stages.
 
     `vocab_size` is the padded size. On CPU megatron's RoPE is swapped for its CPU stand-in; on
     bf16 the model is wrapped in megatron's Float16Module (bf16 weights, fp32 loss out).
     """
     impl = implementations(m.kernels)
-    stage_layers = get_num_layers_to_build(config)
+    stage_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     model = LlamaGPT(
         config=config,
         transformer_layer_spec=TransformerBlockSubmodules(
             layer_specs=[layer_spec(impl)] * stage_layers, layer_norm=impl.norm),
         vocab_size=vocab_size,
         max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=m.rotary_base,
         loss_fn=impl.loss,
         output_loss=impl.output_loss,
+        vp_stage=vp_stage,
     )
     if config.use_cpu_initialization:
         from domainlm.pretrain import cpu_compat
@@ -276,8 +282,42 @@ def build_model(m: ModelArgs, config: TransformerConfig, *, vocab_size: int, seq
     return model
 
 
+def build_model_chunks(m: ModelArgs, config: TransformerConfig, *, vocab_size: int, seq_len: int) -> list:
+    """This rank's model chunks, as Megatron-LM's get_model builds them: one GPTModel per virtual
+    pipeline stage (one in all without virtual stages), chunk v holding layers
+    [(v * PP + pp_rank) * n, ... + n) of n = layers / (PP x VPP).
+
+    CPU initialization with PP > 1: the chunks of every stage are visited in layer order and the
+    draws of other stages' chunks made and dropped (cpu_compat.skip_init_draws), so each stage
+    starts from the weights a PP=1 model with the same seed has (as megatron's CPU init already
+    does for TP). GPU initialization is megatron's (seeded per stage), unchanged."""
+    pp = config.pipeline_model_parallel_size
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    if pp == 1:
+        return [build_model(m, config, vocab_size=vocab_size, seq_len=seq_len)]
+    if not config.use_cpu_initialization:
+        return [build_model(m, config, vocab_size=vocab_size, seq_len=seq_len, vp_stage=v if vpp > 1 else None)
+                for v in range(vpp)]
+    from domainlm.pretrain import cpu_compat
+
+    mine = parallel_state.get_pipeline_model_parallel_rank()
+    per_chunk = config.num_layers // (pp * vpp)
+    spec = layer_spec(implementations(m.kernels))
+    chunks = []
+    with cpu_compat.shared_embedding_on_cpu():
+        for v in range(vpp):
+            for stage in range(pp):
+                if stage == mine:
+                    chunks.append(build_model(m, config, vocab_size=vocab_size, seq_len=seq_len,
+                                              vp_stage=v if vpp > 1 else None))
+                elif config.perform_initialization:
+                    cpu_compat.skip_init_draws(config, spec, embedding=v == 0 and stage == 0, layers=per_chunk,
+                                               vocab_size=vocab_size, seq_len=seq_len)
+    return chunks
+
+
 def unwrap(model: torch.nn.Module) -> LlamaGPT:
-    """The LlamaGPT inside DDP / Float16Module wrappers."""
+    """The LlamaGPT inside DDP / Float16Module wrappers (of one model chunk)."""
     while not isinstance(model, LlamaGPT):
         model = model.module
     return model

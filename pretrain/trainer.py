@@ -4,13 +4,17 @@ train_step, close. One process per rank (torchrun), or a single process without 
 setup: check everything that can be wrong (config, layout, tokenizer vs shards, checkpoint dir)
 before any compute, then process groups, model, optimizer, schedule, loaders, and the resume.
 The GPU path is megatron-core's: DistributedDataParallel, the distributed optimizer, and
-get_forward_backward_func's schedules (pipelined when PP > 1). The CPU path swaps in the
-stand-ins of cpu_compat.py, which keep the same math.
+get_forward_backward_func's schedules (1F1B when PP > 1, interleaved with virtual stages). The CPU
+path swaps in the stand-ins of cpu_compat.py, which keep the same math, and runs megatron's own
+pipeline schedules and p2p exchange over gloo. The model is a list of chunks, one per virtual
+pipeline stage (one without), as Megatron-LM's get_model builds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -79,8 +83,12 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.train_loader = self._loader("train")
         self.valid_loader = self._loader("valid") if self.cfg.eval.every else None
-        if self.valid_loader is not None and len(self.valid_loader) == 0:
-            raise UserError("the shards' valid split holds less than one micro batch of windows; lower "
+        if self.valid_loader is not None and self._eval_batches() == 0:
+            p = self.cfg.parallel
+            need = f"{p.pipeline} micro batches of windows (the interleaved schedule of parallel.virtual_pipeline=" \
+                   f"{p.virtual_pipeline} runs a multiple of parallel.pipeline)" if p.virtual_pipeline > 1 \
+                else "one micro batch of windows"
+            raise UserError(f"the shards' valid split holds less than {need}; lower "
                             "train.micro_batch_size / train.seq_len or set eval.every=0")
         if self.rank == 0:
             checkpoint.prepare(self.root, self.cfg, self.tok, self._manifest())
@@ -88,7 +96,7 @@ class Trainer:
         if resume_step is not None:
             self._resume(resume_step)
         elif self.init_from is not None:
-            self.init_from.load(self.model, self.optimizer)
+            self._init_weights()
         self.train_iter = iter(self.train_loader)
         self._install_signal_handlers()
         self.metrics = self._metrics(world)
@@ -130,21 +138,25 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from domainlm.pretrain import cpu_compat
-        from domainlm.pretrain.model import build_model, count_parameters, padded_vocab, transformer_config
+        from domainlm.pretrain.model import build_model_chunks, count_parameters, padded_vocab, transformer_config
 
         cfg, m, t, p, s = self.cfg, self.cfg.model, self.cfg.train, self.cfg.parallel, self.cfg.schedule
         cpu = self.device.type == "cpu"
-        parallel_state.initialize_model_parallel(p.tensor, p.pipeline)
+        parallel_state.initialize_model_parallel(
+            p.tensor, p.pipeline, virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         rng.seed(t.seed, self.device.type)
         self.vocab = padded_vocab(self.tok.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
         self.params = count_parameters(m, self.vocab)
-        self.tconfig = transformer_config(m, tensor=p.tensor, pipeline=p.pipeline,
+        self.tconfig = transformer_config(m, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
                                           sequence_parallel=p.sequence_parallel, bf16=self.bf16,
                                           recompute=t.recompute, cpu=cpu)
-        self.model = self._wrap_ddp(build_model(m, self.tconfig, vocab_size=self.vocab, seq_len=t.seq_len), cpu)
+        # One chunk per virtual pipeline stage, each in its own DDP (Megatron-LM's get_model).
+        chunks = build_model_chunks(m, self.tconfig, vocab_size=self.vocab, seq_len=t.seq_len)
+        self.model = [self._wrap_ddp(chunk, cpu, first=i == 0) for i, chunk in enumerate(chunks)]
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        self.tconfig.no_sync_func = self.model.no_sync
+        no_sync = [chunk.no_sync for chunk in self.model]
+        self.tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer = self._optimizer(cpu)
         decay = s.decay_steps or t.max_steps
         self.scheduler = OptimizerParamScheduler(
@@ -154,22 +166,25 @@ class Trainer:
             start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=decay,
             wd_incr_style="constant", wsd_decay_steps=s.wsd_decay_steps or max(1, decay // 5),
             lr_wsd_decay_style=s.wsd_decay_style)
-        if cpu:
+        if cpu and p.pipeline == 1:
             self.forward_backward = cpu_compat.forward_backward_no_pipelining
-        else:
+        else:   # megatron's: no pipelining, 1F1B, or interleaved 1F1B (virtual stages); on CPU over gloo
             from megatron.core.pipeline_parallel import get_forward_backward_func
 
             self.forward_backward = get_forward_backward_func()
+        self._steps_context = cpu_compat.megatron_steps_on_cpu if cpu else contextlib.nullcontext
         self.positions = torch.arange(t.seq_len, device=self.device).unsqueeze(0)
 
     def _metrics(self, world: int) -> Metrics:
         m, t, p = self.cfg.model, self.cfg.train, self.cfg.parallel
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         if self.rank == 0:
-            log.info("pretrain: %s params (%s non-embedding), vocab %d (padded %d), TP=%d PP=%d DP=%d, "
+            log.info("pretrain: %s params (%s non-embedding), vocab %d (padded %d), TP=%d PP=%d DP=%d%s%s, "
                      "%d micro-batches of %d per step, %s, %s", f"{self.params['total']:,}",
                      f"{self.params['non_embedding']:,}", self.tok.vocab_size, self.vocab, p.tensor,
-                     p.pipeline, self.dp_size, self.num_micro, t.micro_batch_size,
+                     p.pipeline, self.dp_size,
+                     f" VPP={p.virtual_pipeline}" if p.virtual_pipeline > 1 else "",
+                     " SP" if p.sequence_parallel else "", self.num_micro, t.micro_batch_size,
                      "bf16" if self.bf16 else "fp32", self.device)
         return Metrics(
             self.root / "logs" if self.rank == 0 else None, total_steps=t.max_steps,
@@ -189,7 +204,7 @@ class Trainer:
                                 timeout=timedelta(minutes=30))
         self._owns_process_group = True
 
-    def _wrap_ddp(self, model, cpu: bool):
+    def _wrap_ddp(self, model, cpu: bool, first: bool = True):
         if cpu:
             from domainlm.pretrain.cpu_compat import CpuDataParallel
 
@@ -199,11 +214,12 @@ class Trainer:
         ddp = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=self.cfg.parallel.distributed_optimizer)
-        return DistributedDataParallel(self.tconfig, ddp, model)
+        # As Megatron-LM: only the first chunk's buffer is split into buckets.
+        return DistributedDataParallel(self.tconfig, ddp, model, disable_bucketing=not first)
 
     def _optimizer(self, cpu: bool):
         return optim.build(self.cfg.optim, bf16=self.bf16, distributed=self.cfg.parallel.distributed_optimizer,
-                           cpu=cpu, model_chunks=[self.model])
+                           cpu=cpu, model_chunks=self.model)
 
     def _loader(self, split: str, seed: int | None = None):
         from domainlm.pretrain.loader import TokenWindowLoader
@@ -237,14 +253,20 @@ class Trainer:
 
     # -- checkpoint state -------------------------------------------------------------------
 
+    def _model_keys(self) -> list[str]:
+        """The model's keys in a checkpoint: "model", or model0, model1, ... for virtual pipeline
+        chunks (as Megatron-LM names them); the tensors inside are in global coordinates (layer
+        numbers of the whole model), so any layout loads them."""
+        return ["model"] if len(self.model) == 1 else [f"model{i}" for i in range(len(self.model))]
+
     def _state(self, *, loading: bool) -> dict:
         """The sharded state dict of a checkpoint (model and optimizer in global coordinates)."""
         from domainlm.pretrain.model import unwrap
 
-        model_sd = unwrap(self.model).sharded_state_dict()
+        models = {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(self._model_keys(), self.model)}
         return {
-            "model": model_sd,
-            "optimizer": optim.sharded_state_dict(self.optimizer, model_sd, loading=loading),
+            **models,
+            "optimizer": optim.sharded_state_dict(self.optimizer, models, loading=loading),
             "scheduler": self.scheduler.state_dict(),
             "trainer": {"step": self.step, "model": self.cfg.model.architecture(),
                         "layout": self._layout(), "ranks": None if loading else self._gather_rank_states()},
@@ -268,6 +290,24 @@ class Trainer:
         if self.rank == 0:
             log.info("saved %s", checkpoint.iter_name(self.step))
 
+    def _init_weights(self) -> None:
+        """--init-from: the weights of init_from's checkpoint (any saved layout), all chunks in one
+        load (dist_checkpointing checks that the ranks together read every shard once)."""
+        if len(self.model) == 1:
+            self.init_from.load(self.model[0], self.optimizer)
+            return
+        from domainlm.pretrain.model import unwrap
+
+        src = self.init_from
+        chunks = {key: unwrap(chunk) for key, chunk in zip(self._model_keys(), self.model)}
+        state = checkpoint.load(src.root, src.step, {key: c.sharded_state_dict() for key, c in chunks.items()})
+        for key, chunk in chunks.items():
+            chunk.load_state_dict(state[key])
+        self.optimizer.reload_model_params()
+        if self.rank == 0:
+            log.info("initialized the weights from %s (%s); optimizer and schedule start afresh", src.root,
+                     checkpoint.iter_name(src.step))
+
     def _resume(self, step: int) -> None:
         from domainlm.pretrain.model import unwrap
 
@@ -281,7 +321,8 @@ class Trainer:
                 log.warning("resuming from %s (step %d) instead of %s: %d steps are redone",
                             checkpoint.iter_name(step), step, checkpoint.iter_name(latest), latest - step)
         state = checkpoint.load(self.root, step, self._state(loading=True))
-        unwrap(self.model).load_state_dict(state["model"])
+        for key, chunk in zip(self._model_keys(), self.model):
+            unwrap(chunk).load_state_dict(state[key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["trainer"]["step"])
@@ -335,30 +376,47 @@ class Trainer:
         dist.all_reduce(sums)
         return (sums[0] / sums[1]).item()
 
+    def _run_schedule(self, data_iterator, num_micro: int, *, forward_only: bool) -> list:
+        """num_micro micro-batches through the schedule; the last stage's loss records.
+
+        Every chunk reads the same micro-batches: with virtual stages each gets its own view of
+        the iterator (itertools.tee), so the loader advances by num_micro whatever the layout."""
+        t = self.cfg.train
+        if len(self.model) == 1:
+            model, data = self.model[0], data_iterator
+        else:
+            model, data = self.model, list(itertools.tee(data_iterator, len(self.model)))
+        with self._steps_context():
+            return self.forward_backward(
+                forward_step_func=self._forward_step, data_iterator=data, model=model,
+                num_microbatches=num_micro, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
+                forward_only=forward_only)
+
     def train_step(self) -> tuple[float, float | None]:
         """One optimizer step over global_batch_size windows; returns (loss, grad norm)."""
-        t = self.cfg.train
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        store = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
-            num_microbatches=self.num_micro, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
-            forward_only=False)
+        store = self._run_schedule(self.train_iter, self.num_micro, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         self.step += 1
         return self._mean_loss(store), grad_norm
 
+    def _eval_batches(self) -> int:
+        """Validation micro-batches: eval.batches, or what the valid split holds when less; a
+        multiple of PP under the interleaved schedule (megatron's requirement)."""
+        p = self.cfg.parallel
+        batches = min(self.cfg.eval.batches, len(self.valid_loader))
+        return batches - batches % p.pipeline if p.virtual_pipeline > 1 else batches
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        t = self.cfg.train
-        batches = min(self.cfg.eval.batches, len(self.valid_loader))
-        self.model.eval()
-        store = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(self.valid_loader), model=self.model,
-            num_microbatches=batches, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
-            forward_only=True)
-        self.model.train()
+        for chunk in self.model:
+            chunk.eval()
+        store = self._run_schedule(iter(self.valid_loader), self._eval_batches(), forward_only=True)
+        for chunk in self.model:
+            chunk.train()
         return self._mean_loss(store)
 
     def _stop_requested(self) -> bool:

@@ -260,7 +260,7 @@ BAD = {
     "tp_heads": (["--parallel.tensor", "3"], "parallel.tensor=3 does not divide the heads"),
     "tp_world": (["--parallel.tensor", "2"], "1 processes cannot hold parallel.tensor=2"),
     "batch": (["--train.global-batch-size", "5"], "train.global_batch_size=5 is not a multiple of train.micro_batch_size=2"),
-    "pp_cpu": (["--parallel.pipeline", "2"], "parallel.pipeline > 1 needs GPUs"),
+    "pp_layers": (["--parallel.pipeline", "3"], "parallel.pipeline=3 exceeds model.num_layers=2"),
     "bf16_cpu": (["--train.precision", "bf16"], "train.precision=bf16 needs a GPU"),
     "size": (["--model.size", "13B"], "model.size: no size '13B'; named sizes: 125M, 1B, 350M, 3B, 7B, tiny"),
 }
