@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from domainlm import __version__
 from domainlm.config import leaves, to_dict
 from domainlm.errors import UserError
+from domainlm.progress import human_bytes, log
 
 MANIFEST = "manifest.json"
 
@@ -180,6 +182,19 @@ def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
+_HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's process
+    return True
+
+
 class StageOutput:
     """Write a stage's output directory atomically.
 
@@ -212,14 +227,31 @@ class StageOutput:
                         f"output directory {str(self.path)!r} already holds something else ({shown}); "
                         "choose an empty or new directory, or pass --overwrite to replace it"
                     )
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{_HOST}-{os.getpid()}"
 
     def __enter__(self) -> "StageOutput":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         return self
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the hidden siblings that killed runs of this output left on this host (a
+        SIGKILL or a lost machine skips __exit__): `.NAME.tmp-HOST-PID` and `.NAME.old-PID` whose
+        process no longer exists here. Those of another host, or of a live process, are kept."""
+        removed = []
+        for p in self.path.parent.glob(f".{globlib.escape(self.path.name)}.*-*"):
+            kind, _, owner = p.name[len(self.path.name) + 2:].partition("-")
+            host, _, pid = owner.rpartition("-")
+            if kind not in ("tmp", "old") or not pid.isdigit() or host not in ("", _HOST) or _alive(int(pid)):
+                continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted run (process %s, %s)", p, pid, human_bytes(size))
+            removed.append(p)
+        return removed
 
     def commit(self, manifest: dict[str, Any]) -> None:
         write_json(self.tmp / MANIFEST, manifest)

@@ -173,6 +173,58 @@ def test_same_bytes_for_one_and_two_workers_and_two_runs(runs):
         assert one[name] == again[name], f"{name} differs between two runs (the second without spill files)"
 
 
+def test_a_killed_run_leaves_no_output_and_the_rerun_clears_its_leftovers(runs, corpus, tokenizer_dir, tmp_path):
+    """SIGKILL mid-run: no output dir (only the hidden temporary one); the rerun removes that
+    leftover (its process is gone) and writes the uninterrupted run's bytes. A rerun starts from
+    scratch: Beam's batch runners keep no finished work across runs (README)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from domainlm.cli import main
+
+    out = tmp_path / "shards"
+    args = [str(a) for a in _args(corpus, tokenizer_dir, out, "--beam.direct-num-workers", "2",
+                                  "--beam.chunk-bytes", "16384")]
+    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".shards.tmp-*/.spill/*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(tmp_path.glob(".shards.tmp-*"))
+    assert not out.exists() and len(left) == 1
+    assert main(args) == 0
+    assert not left[0].exists() and [p.name for p in tmp_path.iterdir()] == ["shards"]
+    mine, theirs = _files(out), _files(runs["two"])
+    assert {k for k in mine if k != "manifest.json"} == {k for k in theirs if k != "manifest.json"}
+    assert all(mine[k] == theirs[k] for k in mine if k != "manifest.json")
+
+
+def test_leftovers_of_live_processes_and_other_hosts_are_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from domainlm.manifest import _HOST, StageOutput
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {f".out.tmp-{_HOST}-{dead.pid}": False, f".out.tmp-{dead.pid}": False,   # older runs: no host
+             f".out.old-{dead.pid}": False, f".out.tmp-{_HOST}-{os.getppid()}": True,
+             f".out.tmp-elsewhere-{dead.pid}": True, ".outer.tmp-1": True}
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(b"x" * 10)
+    with StageOutput(tmp_path / "out", "data shard") as stage:
+        assert stage.tmp.is_dir()
+    assert {n: (tmp_path / n).exists() for n in names} == names
+
+
 def test_counts_reconcile_and_dead_letters_name_file_and_line(runs, corpus):
     out = runs["one"]
     m = json.loads((out / "manifest.json").read_text())

@@ -32,6 +32,20 @@ def _concat(parts: list[tuple[np.ndarray, ...]], n: int) -> tuple[np.ndarray, ..
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(n))
 
 
+def _by_chunk(chunks: np.ndarray, *arrays: np.ndarray) -> tuple[list[int], list[bytes]]:
+    """The arrays cut by chunk: (chunks, a pickled tuple of the arrays' parts for each). What
+    dedup sends to the tokenize stage as side inputs keyed by chunk goes through `Spill.put`:
+    there is one such element per (bucket or block, chunk) pair, tens of thousands on a few
+    GB, and the DirectRunner's driver keeps every side input's elements in memory about three
+    times over (its buffer of the PCollection, and each key's values twice in its state
+    service) until the run ends, so on the DirectRunner only their names go there."""
+    chunk_ids, blobs = [], []
+    for chunk, parts in by_key(chunks, *arrays):
+        chunk_ids.append(chunk)
+        blobs.append(dumps(parts if len(parts) > 1 else parts[0]))
+    return chunk_ids, blobs
+
+
 def exact_drops(h1: np.ndarray, h2: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """Refs whose (h1, h2) equals that of a smaller ref."""
     order = np.lexsort((refs, h2, h1))
@@ -69,45 +83,48 @@ def unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DedupGroups(beam.DoFn):
     """((EXACT, bucket), hash parts) -> (chunk, refs dropped as exact duplicates), and 'dropped'
     their estimated shard bytes;
-    ((BAND, bucket), band key parts) -> 'pairs' (chunk of a, (a, b)) candidate pairs."""
+    ((BAND, bucket), band key parts) -> 'pairs' (chunk of a, (a, b)) candidate pairs.
+    The per-chunk values go through the spill (`_by_chunk`): their names on the DirectRunner."""
 
     def __init__(self, spill: Spill):
         self.spill = spill
 
     def process(self, item):
-        (kind, _), refs = item
+        (kind, bucket), refs = item
         parts = [self.spill.get(r) for r in refs]
         if kind == EXACT:
             h1, h2, refs, split, est = _concat([loads(p) for p in parts], 5)
             drops = exact_drops(h1, h2, refs)
             gone = np.isin(refs, drops)
             yield beam.pvalue.TaggedOutput("dropped", split_sums(split[gone], est[gone]))
-            for chunk, (r,) in by_key(chunk_of(drops), drops):
-                yield chunk, dumps(r)
+            chunks, blobs = _by_chunk(chunk_of(drops), drops)
+            yield from zip(chunks, self.spill.put(f"exact-{bucket}", blobs))
         else:
             keys, refs = _concat([loads(p) for p in parts], 2)
             a, b = candidate_pairs(keys, refs)
-            for chunk, (x, y) in by_key(chunk_of(a), a, b):
-                yield beam.pvalue.TaggedOutput("pairs", (chunk, dumps((x, y))))
+            chunks, blobs = _by_chunk(chunk_of(a), a, b)
+            for chunk, blob in zip(chunks, self.spill.put(f"pairs-{bucket}", blobs)):
+                yield beam.pvalue.TaggedOutput("pairs", (chunk, blob))
 
 
 class AttachFirst(beam.DoFn):
     """A chunk's signatures -> (chunk of b, (a, b, signature of a)) for the candidate pairs
-    whose a is in the chunk (pairs: a side input keyed by the chunk of a)."""
+    whose a is in the chunk (pairs: a side input keyed by the chunk of a); the values through
+    the spill, as DedupGroups'."""
 
     def __init__(self, spill: Spill):
         self.spill = spill
 
     def process(self, blob, pairs):
         chunk, refs, sig = loads(self.spill.get(blob))
-        found = list(pairs[chunk])
+        found = [self.spill.get(p) for p in pairs[chunk]]
         if not found:
             return
         a, b = unique_pairs(*_concat([loads(p) for p in found], 2))
         order = np.argsort(refs)
         sa = sig[order][np.searchsorted(refs[order], a)]
-        for chunk_b, (x, y, s) in by_key(chunk_of(b), a, b, sa):
-            yield chunk_b, dumps((x, y, s))
+        chunks, blobs = _by_chunk(chunk_of(b), a, b, sa)
+        yield from zip(chunks, self.spill.put(f"cands-{chunk}-{int(refs[0])}", blobs))
 
 
 def jaccard_from_compact(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -81,9 +81,9 @@ class Tokenize(beam.DoFn):
             self.n_shards = shard_counts(merge_counts(sizes), merge_counts(dropped), self.cfg.shard_bytes)
         block = loads(self.spill.get(blob))
         chunk, refs = block["chunk"], block["refs"]
-        exact = _refs(list(exact_side[chunk]))
-        near, n_pairs, n_similar = near_drops(list(cand_side[chunk]), refs, block["texts"], self.minhash,
-                                              self.cfg.dedup.threshold)
+        exact = _refs([self.spill.get(r) for r in exact_side[chunk]])
+        near, n_pairs, n_similar = near_drops([self.spill.get(r) for r in cand_side[chunk]], refs, block["texts"],
+                                              self.minhash, self.cfg.dedup.threshold)
         is_exact = np.isin(refs, exact)
         is_near = np.isin(refs, near) & ~is_exact
         keep = ~(is_exact | is_near)
