@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, token_shards
+from tests.conftest import REPO, run_cli
+from tests.test_pretrain import args as pretrain_args
+from tests.test_pretrain import shards  # noqa: F401 (fixture: the same token shards)
 
 STEPS = 10
 COMMON = ["--model.size", "tiny", "--model.num-layers", "4", "--train.seq-len", "32", "--train.micro-batch-size", "2",
@@ -40,15 +42,8 @@ LOSS_ABS = 1e-5
 GNORM_REL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer_dir, pydoc_corpus) -> Path:
-    return token_shards(tmp_path_factory.mktemp("shards") / "shards", tokenizer_dir, pydoc_corpus,
-                        train=[400, 400], valid=100)
-
-
 def args(tokenizer_dir, shards, ckpt, *extra) -> list[str]:
-    return ["pretrain", "--tokenizer", str(tokenizer_dir), "--data.shards", str(shards),
-            "--checkpoint.dir", str(ckpt), *COMMON, *map(str, extra)]
+    return pretrain_args(tokenizer_dir, shards, ckpt, *extra, common=COMMON)
 
 
 def records(ckpt: Path, kind: str = "train") -> dict[int, dict]:

@@ -36,9 +36,9 @@ def shards(tmp_path_factory, tokenizer_dir, pydoc_corpus) -> Path:
                         train=[400, 400], valid=100)
 
 
-def args(tokenizer_dir, shards, ckpt, *extra) -> list[str]:
+def args(tokenizer_dir, shards, ckpt, *extra, common: list[str] = COMMON) -> list[str]:
     return ["pretrain", "--tokenizer", str(tokenizer_dir), "--data.shards", str(shards),
-            "--checkpoint.dir", str(ckpt), *COMMON, *map(str, extra)]
+            "--checkpoint.dir", str(ckpt), *common, *map(str, extra)]
 
 
 def losses(ckpt: Path) -> dict[int, float]:
