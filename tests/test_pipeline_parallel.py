@@ -254,8 +254,9 @@ def test_pp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(refer
         time.sleep(0.02)
     ranks = _children(proc.pid)                # torchrun starts each rank in a session of its own
     assert len(ranks) == 2
-    for pid in ranks + [proc.pid]:            # both ranks mid-run, no chance to save, then torchrun
-        os.kill(pid, signal.SIGKILL)
+    for pid in ranks:                         # both ranks mid-run, no chance to save, with the processes
+        os.killpg(pid, signal.SIGKILL)        # they spawned (their process groups), then torchrun
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     for pid in ranks:
         _wait_gone(pid)
