@@ -21,14 +21,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from domainlm.launch.command import worker_pids
+from tests.conftest import run_cli
 from tests.test_pretrain import args as pretrain_args
+from tests.test_pretrain import torchrun as pretrain_torchrun
 from tests.test_pretrain import shards  # noqa: F401 (fixture: the same token shards)
 
 STEPS = 10
@@ -37,7 +38,6 @@ COMMON = ["--model.size", "tiny", "--model.num-layers", "4", "--train.seq-len", 
           "--optim.lr", "3e-3", "--optim.min-lr", "3e-4", "--schedule.warmup-steps", "2",
           "--eval.every", "5", "--eval.batches", "2", "--log.every", "1", "--log.tensorboard", "false",
           "--data.num-workers", "0", "--checkpoint.keep-last", "0", "--checkpoint.save-every", "5"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LOSS_ABS = 1e-5
 GNORM_REL = 1e-4
 
@@ -72,25 +72,8 @@ def assert_same_run(ref: Path, got: Path, steps=range(1, STEPS + 1)) -> float:
 
 
 def torchrun(cli_args: list[str], *, nproc: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    # A session of its own, so a test can SIGKILL torchrun and its ranks together.
-    return subprocess.Popen([*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "domainlm.cli", *cli_args],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def _children(pid: int) -> list[int]:
-    """The ranks torchrun `pid` started: its child processes running domainlm.cli (from /proc)."""
-    out = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"domainlm.cli" in cmdline:
-            out.append(int(proc.name))
-    return out
+    """test_pretrain's torchrun with a standalone rendezvous (a free port per run)."""
+    return pretrain_torchrun(cli_args, nproc=nproc, extra=["--standalone"], log=log)
 
 
 def _wait_gone(pid: int, timeout: float = 30) -> None:
@@ -252,7 +235,7 @@ def test_pp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(refer
     while not (ckpt / "latest").is_file():
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.02)
-    ranks = _children(proc.pid)                # torchrun starts each rank in a session of its own
+    ranks = worker_pids(proc.pid)              # torchrun starts each rank in a session of its own
     assert len(ranks) == 2
     for pid in ranks:                         # both ranks mid-run, no chance to save, with the processes
         os.killpg(pid, signal.SIGKILL)        # they spawned (their process groups), then torchrun
