@@ -65,11 +65,17 @@ def read_documents(patterns: list[str], text_field: str = "text", id_field: str 
         yield from read_file(path, text_field, id_field)
 
 
-def read_file(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+def read_file(path: Path, text_field: str = "text", id_field: str = "id",
+              byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
+    """Every document of one corpus file, in order. `byte_range` (start, end), for an
+    uncompressed JSON-lines file only: the lines that start in [start, end), with their line
+    numbers in the whole file (see `jsonl_ranges`)."""
     try:
         kind = kind_of(path)
+        if byte_range is not None and (kind != "jsonl" or path.name.endswith(".gz")):
+            raise ValueError(f"{path}: a byte range is only read from an uncompressed JSON-lines file")
         if kind == "jsonl":
-            yield from _read_jsonl(path, text_field, id_field)
+            yield from _read_jsonl(path, text_field, id_field, byte_range)
         elif kind == "parquet":
             yield from _read_parquet(path, text_field, id_field)
         elif kind == "txt":
@@ -90,9 +96,46 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id") -> Ite
         raise UserError(f"{str(path)!r}: cannot be read ({e}); check the file is complete and readable") from None
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+def splittable(path: Path) -> bool:
+    """Whether `read_file` can read the file in byte ranges (an uncompressed JSON-lines file)."""
+    return path.is_file() and kind_of(path) == "jsonl" and not path.name.endswith(".gz")
+
+
+def jsonl_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
+    """`parts` byte ranges of about equal size covering the file, each starting at a line start
+    (fewer when lines are long); read each with `read_file(..., byte_range=r)`."""
+    size = path.stat().st_size
+    starts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            f.seek(max(size * k // parts - 1, starts[-1]))
+            f.readline()  # to the start of the next line
+            if f.tell() >= size:
+                break
+            if f.tell() > starts[-1]:
+                starts.append(f.tell())
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str,
+                byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
+    start, end = byte_range or (0, None)
     with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-        for line_no, raw in enumerate(f, 1):
+        line_no = 0
+        if start:  # the line numbers of the lines before the range
+            remaining = start
+            while remaining:
+                block = f.read(min(remaining, 1 << 22))
+                if not block:
+                    break
+                line_no += block.count(b"\n")
+                remaining -= len(block)
+        pos = start
+        for raw in f:
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
+            line_no += 1
             if not raw.strip():
                 continue
             try:

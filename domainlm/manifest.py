@@ -13,6 +13,7 @@ the user passes --overwrite.
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -51,6 +52,13 @@ def sha256_json(obj: Any) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """The versions every manifest records (a copy: read once per process, since
+    importlib.metadata walks every installed distribution)."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "domainlm": __version__}
     for name in TRACKED_LIBRARIES:
         try:

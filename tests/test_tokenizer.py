@@ -117,6 +117,96 @@ def test_sampler_is_order_independent_and_bounded():
     assert sorted(t for _, _, t in kept) == picks[0]
 
 
+def _mixed_corpus(d: Path, pydoc_corpus: Path) -> Path:
+    """The pydoc corpus as two JSON-lines files (some records without an id, so their key is
+    'file:line'; blank lines; CRLF endings; an empty text) and a .txt document."""
+    d.mkdir()
+    lines = (pydoc_corpus / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    half = len(lines) // 2
+    for name, part in (("a.jsonl", lines[:half]), ("b.jsonl", lines[half:])):
+        out = []
+        for i, line in enumerate(part):
+            r = json.loads(line)
+            if i % 7 == 0:
+                del r["id"]
+            out.append(json.dumps(r, ensure_ascii=False) + ("\r\n" if i % 5 == 0 else "\n"))
+            if i % 11 == 0:
+                out.append("\n")
+        out.append(json.dumps({"id": f"empty-{name}", "text": ""}))  # no final newline
+        (d / name).write_text("".join(out), encoding="utf-8")
+    (d / "notes.txt").write_text("A plain text document.\nIt has two lines.\n", encoding="utf-8")
+    return d
+
+
+def test_jsonl_byte_ranges_read_every_line_once(tmp_path, pydoc_corpus):
+    from domainlm.corpus import jsonl_ranges, read_file
+
+    path = _mixed_corpus(tmp_path / "c", pydoc_corpus) / "a.jsonl"
+    whole = [(d.key, d.text, d.source) for d in read_file(path)]
+    assert any(k.startswith(str(path) + ":") for k, _, _ in whole)  # keys from line numbers
+    for parts in (1, 2, 3, 8, 50):
+        ranges = jsonl_ranges(path, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size and len(ranges) <= parts
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        data = path.read_bytes()
+        assert all(data[start - 1:start] == b"\n" for start, _ in ranges[1:])  # at line starts
+        assert [(d.key, d.text, d.source) for r in ranges for d in read_file(path, byte_range=r)] == whole
+
+
+def test_reading_in_processes_gives_the_one_pass_sample(tmp_path, pydoc_corpus, monkeypatch):
+    """Forked readers, each over byte ranges of the JSON-lines files (and other files whole),
+    merge to exactly the one-pass sample: the same training texts in the same order, the same
+    held-out texts and counts; and a bad line is reported as one pass reports it."""
+    from domainlm.corpus import corpus_files
+    from domainlm.errors import UserError
+    from domainlm.tokenizer import train as tr
+
+    d = _mixed_corpus(tmp_path / "c", pydoc_corpus)
+    monkeypatch.setattr(tr, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(tr, "MIN_SPLIT_BYTES", 0)
+    results = {}
+    for readers in (1, 2, 3):
+        cfg = TokenizerConfig(input=[str(d)], output=str(tmp_path / "t"), sample_bytes=150_000,
+                              heldout_fraction=0.1, heldout_max_bytes=20_000, threads=readers)
+        files = corpus_files(cfg.input)
+        assert len(tr.reading_parts(files, tr.reading_processes(cfg, files))) == readers
+        results[readers] = tr.sample_corpus(cfg, files)
+    one = results[1]
+    assert 150_000 <= one["sample_bytes"] < 200_000 and one["counts"]["empty"] == 2 and one["heldout"]
+    assert results[2] == one and results[3] == one
+
+    bad = d / "b.jsonl"
+    lines = bad.read_text(encoding="utf-8").split("\n")
+    lines[len(lines) * 3 // 4] = '{"id": "broken", "text": "no end'
+    bad.write_text("\n".join(lines), encoding="utf-8")
+    errors = []
+    for readers in (1, 3):
+        cfg = TokenizerConfig(input=[str(d)], output=str(tmp_path / "t"), threads=readers)
+        with pytest.raises(UserError) as e:
+            tr.sample_corpus(cfg, corpus_files(cfg.input))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and f"b.jsonl:{len(lines) * 3 // 4 + 1}: not valid JSON" in errors[0]
+
+
+def test_sentences_reach_sentencepiece_as_the_sample_file_would(tmp_path, pydoc_corpus):
+    """`tokenizer train` hands SentencePiece the sample through sentence_iterator (no file):
+    the same vocabulary and scores as training on the sample written as a file."""
+    from domainlm.corpus import corpus_files
+    from domainlm.tokenizer.train import check_vocab, sample_corpus, spm_options, write_sample
+
+    cfg = TokenizerConfig(input=[str(pydoc_corpus / "corpus.jsonl")], output=str(tmp_path / "t"),
+                          vocab_size=1024, sample_bytes=300_000)
+    m = train(cfg)
+    sample = tmp_path / "sample.txt"
+    lines = write_sample(sample_corpus(cfg, corpus_files(cfg.input))["train"], sample)
+    assert lines == m["counts"]["sample_lines"]
+    spm.SentencePieceTrainer.train(**spm_options(cfg, sample, tmp_path / "from_file", check_vocab(cfg)))
+    a, b = (spm.SentencePieceProcessor(model_file=str(f)) for f in (tmp_path / "t" / "tokenizer.model",
+                                                                     tmp_path / "from_file.model"))
+    assert a.get_piece_size() == b.get_piece_size() == 1024
+    assert [(a.id_to_piece(i), a.get_score(i)) for i in range(1024)] == [(b.id_to_piece(i), b.get_score(i)) for i in range(1024)]
+
+
 def test_sample_budget_bounds_training_text(tmp_path, pydoc_corpus):
     m = train(TokenizerConfig(input=[str(pydoc_corpus / "corpus.jsonl")], output=str(tmp_path / "t"),
                               vocab_size=1024, sample_bytes=300_000, heldout_fraction=0.05,

@@ -65,7 +65,8 @@ class TokenizerConfig:
     special: SpecialTokens = field(default_factory=SpecialTokens)
     """Special tokens."""
     threads: int = field(default=0, metadata=RUNTIME)
-    """SentencePiece training threads; 0 uses every core."""
+    """SentencePiece training threads, and the processes reading a corpus of 16 MB or more (at most
+    4); 0 uses every core."""
     overwrite: bool = field(default=False, metadata=RUNTIME)
     """Replace an output directory that holds something else."""
 

@@ -140,7 +140,7 @@ def parity(sp, hf_tokenizer, texts: list[str], expected: list[list[int]] | None 
     """
     tok = getattr(hf_tokenizer, "backend_tokenizer", hf_tokenizer)
     if expected is None:
-        expected = sp.encode(texts, num_threads=0)
+        expected = sp.encode(texts, num_threads=-1)
     got = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     decoded = tok.decode_batch(got, skip_special_tokens=False)
     mismatched_ids = order_only = mismatched_text = 0

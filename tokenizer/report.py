@@ -94,7 +94,7 @@ class Measurer:
         self.vocab_size = sp.get_piece_size()
         self.byte_ids = {i for i in range(self.vocab_size) if sp.is_byte(i)}
         self.unk_id = sp.unk_id()
-        self.encode = lambda texts: sp.encode(texts, num_threads=0)
+        self.encode = lambda texts: sp.encode(texts, num_threads=-1)
         self.kind = "sentencepiece"
 
     def measure(self, texts: list[str], ids: list[list[int]] | None = None) -> dict:

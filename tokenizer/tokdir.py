@@ -70,16 +70,18 @@ def check_same(theirs: TokenizerId, mine: TokenizerId, *, what: str, mine_label:
 class DocumentEncoder:
     """Documents' text -> token ids, without bos/eos (the pretraining loader puts the eos between
     documents). It holds the tokenizer's bytes, so it pickles into a Beam DoFn and workers need no
-    copy of the dir; the tokenizer itself is built on first use, once per process."""
+    copy of the dir; the tokenizer itself is built on first use, once per process. `threads`:
+    SentencePiece's threads per batch (1 where every core runs a worker process; the cores where
+    one process does all the work); the `tokenizers` kind uses its own thread pool."""
 
-    def __init__(self, kind: str, blob: bytes):
-        self.kind, self.blob, self._impl = kind, blob, None
+    def __init__(self, kind: str, blob: bytes, threads: int = 1):
+        self.kind, self.blob, self.threads, self._impl = kind, blob, threads, None
 
     def __getstate__(self):
-        return self.kind, self.blob
+        return self.kind, self.blob, self.threads
 
     def __setstate__(self, state) -> None:
-        self.kind, self.blob = state
+        self.kind, self.blob, self.threads = state
         self._impl = None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
@@ -92,7 +94,8 @@ class DocumentEncoder:
             import sentencepiece as spm
 
             sp = spm.SentencePieceProcessor(model_proto=self.blob)
-            return lambda texts: sp.encode(texts, num_threads=1)
+            threads = self.threads
+            return lambda texts: sp.encode(texts, num_threads=threads)
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(self.blob.decode("utf-8"))
@@ -130,8 +133,8 @@ class TokenizerDir:
 
         return spm.SentencePieceProcessor(model_file=str(self.model_file))
 
-    def encoder(self) -> DocumentEncoder:
-        return DocumentEncoder(self.kind, self.model_file.read_bytes())
+    def encoder(self, threads: int = 1) -> DocumentEncoder:
+        return DocumentEncoder(self.kind, self.model_file.read_bytes(), threads)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Each document's ids as the shards hold them (no bos/eos)."""

@@ -10,20 +10,25 @@ SentencePiece reads, and trained with options chosen so the HF export encodes id
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
+import multiprocessing
 import os
+import pickle
 import re
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_file, write_json
+from domainlm.manifest import (StageOutput, describe_inputs, library_versions, make_manifest, sha256_file,
+                               write_json)
 from domainlm.progress import human_bytes, log, progress, summary
 from domainlm.tokenizer.config import TokenizerConfig
-from domainlm.corpus import corpus_files, read_file
+from domainlm.corpus import corpus_files, jsonl_ranges, read_file, splittable
 from domainlm.tokenizer.hf_export import CHAT_END, CHAT_START, parity, write_hf_files
 from domainlm.tokenizer.report import Measurer, key_hashes
 
@@ -61,30 +66,58 @@ class Sampler:
         while len(self.heap) > 1 and self.bytes - self.heap[0][2] >= self.budget:
             self.bytes -= heapq.heappop(self.heap)[2]
 
+    def merge(self, heap: list[tuple[int, str, int, str]]) -> None:
+        """Offer every document another Sampler kept (its `heap`): the bottom-k of a union is the
+        bottom-k of the parts' bottom-ks, so reading in parts gives the one-pass sample."""
+        for neg_h, key, size, text in heap:
+            self.offer(-neg_h, key, text, size)
+
     def texts(self) -> list[str]:
-        return [t for _, _, _, t in sorted(self.heap, key=lambda x: (-x[0], x[1]))]
+        """The kept texts by ascending hash. (Sorted on the hash alone, 4x faster than on
+        (hash, key): two keys share a 64-bit hash with odds of ~n^2/2^65; equal keys keep
+        their heap order, as a stable sort on (hash, key) would.)"""
+        return [item[3] for item in sorted(self.heap, key=itemgetter(0), reverse=True)]
 
 
-def sample_corpus(cfg: TokenizerConfig, files: list[Path]) -> dict:
-    """Read the corpus once; return the training sample, the held-out texts and counts.
+# Below this many corpus bytes the corpus is read in one process (a reading process costs ~20 ms).
+PARALLEL_MIN_BYTES = 16 << 20
+MAX_READERS = 4
+MIN_SPLIT_BYTES = 1 << 20  # a JSON-lines file under this is read whole by one reader
 
-    Every document's key gives two hashes (one digest): the first holds out `heldout_fraction`
-    of documents, the second ranks the rest, and the lowest-ranked up to `sample_bytes` are the
-    sample, whatever the order of files and records. (Reading is one process: on the 50 MB
-    benchmark, splitting it over processes cost more in moving texts than it saved in parsing.)
-    """
+
+def reading_parts(files: list[Path], readers: int) -> list[list[tuple[Path, tuple[int, int] | None]]]:
+    """The corpus as up to `readers` groups of (file, byte range or None for the whole file), each
+    a contiguous stretch of the corpus in file order with about equal bytes. Uncompressed
+    JSON-lines files are cut at line starts; other files stay whole."""
+    items: list[tuple[Path, tuple[int, int] | None, int]] = []
+    for f in files:
+        size = f.stat().st_size if f.is_file() else sum(g.stat().st_size for g in f.rglob("*") if g.is_file())
+        if readers > 1 and splittable(f) and size > MIN_SPLIT_BYTES:
+            items += [(f, r, r[1] - r[0]) for r in jsonl_ranges(f, readers)]
+        else:
+            items.append((f, None, size))
+    total = sum(size for _, _, size in items) or 1
+    groups: list[list] = [[] for _ in range(readers)]
+    done = 0
+    for f, r, size in items:
+        groups[min(int((done + size / 2) * readers / total), readers - 1)].append((f, r))
+        done += size
+    return [g for g in groups if g]
+
+
+def _sample_part(cfg: TokenizerConfig, part, bar=None) -> tuple[Sampler, Sampler, dict]:
+    """One pass over a group of `reading_parts`: the train and held-out samplers and counts."""
     train, held = Sampler(cfg.sample_bytes), Sampler(cfg.heldout_max_bytes)
     counts = {"documents": 0, "bytes": 0, "empty": 0, "heldout_documents": 0}
-    total = sum(f.stat().st_size for f in files if f.is_file()) or None
     threshold = cfg.heldout_fraction * 2**64
-    bar = progress(total=total, desc="reading corpus", unit="B", unit_scale=True)
-    for path in files:
-        for doc in read_file(path, cfg.text_field, cfg.id_field):
+    for path, byte_range in part:
+        for doc in read_file(path, cfg.text_field, cfg.id_field, byte_range):
             text = doc.text
             size = len(text.encode("utf-8"))
             counts["documents"] += 1
             counts["bytes"] += size
-            bar.update(size)
+            if bar is not None:
+                bar.update(size)
             if not text or text.isspace():
                 counts["empty"] += 1
                 continue
@@ -94,6 +127,77 @@ def sample_corpus(cfg: TokenizerConfig, files: list[Path]) -> dict:
                 held.offer(h_rank, doc.key, text, size)
             else:
                 train.offer(h_rank, doc.key, text, size)
+    return train, held, counts
+
+
+def _reader(cfg: TokenizerConfig, part, conn) -> None:
+    """A reading process (forked): samples its part and sends the result, or the user error."""
+    try:
+        train, held, counts = _sample_part(cfg, part)
+        msg = ("ok", train.heap, held.heap, counts)
+    except UserError as e:
+        msg = ("error", str(e))
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    conn.close()
+
+
+def reading_processes(cfg: TokenizerConfig, files: list[Path]) -> int:
+    """How many processes read the corpus: one per core up to MAX_READERS (--threads caps it);
+    one for a small corpus, or where processes cannot be forked (they inherit the config)."""
+    if not sys.platform.startswith("linux"):
+        return 1
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    if total < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(cfg.threads or os.cpu_count() or 1, MAX_READERS))
+
+
+def sample_corpus(cfg: TokenizerConfig, files: list[Path]) -> dict:
+    """Read the corpus once; return the training sample, the held-out texts and counts.
+
+    Every document's key gives two hashes (one digest): the first holds out `heldout_fraction`
+    of documents, the second ranks the rest, and the lowest-ranked up to `sample_bytes` are the
+    sample, whatever the order of files and records. A large corpus is read by one process per
+    core (`reading_parts`), each sampling its stretch; merged, the parts give the same sample.
+    """
+    total = sum(f.stat().st_size for f in files if f.is_file()) or None
+    parts = reading_parts(files, reading_processes(cfg, files))
+    bar = progress(total=total, desc="reading corpus", unit="B", unit_scale=True)
+    children = []
+    if len(parts) > 1:
+        ctx = multiprocessing.get_context("fork")
+        for part in parts[1:]:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_reader, args=(cfg, part, send), daemon=True, name="domainlm-read")
+            proc.start()
+            send.close()
+            children.append((proc, recv))
+    try:
+        train, held, counts = _sample_part(cfg, parts[0], bar)
+        for proc, recv in children:  # in corpus order, so the first bad line is the one reported
+            try:
+                msg = pickle.loads(recv.recv_bytes())
+            except EOFError:
+                proc.join()
+                raise UserError(f"a corpus reading process died (exit code {proc.exitcode}); "
+                                "rerun with --threads 1 to read in one process") from None
+            if msg[0] == "error":
+                raise UserError(msg[1])
+            _, train_heap, held_heap, part_counts = msg
+            del msg
+            train.merge(train_heap)
+            held.merge(held_heap)
+            del train_heap, held_heap
+            for k, v in part_counts.items():
+                counts[k] += v
+            bar.update(part_counts["bytes"])
+            proc.join()
+    finally:
+        for proc, recv in children:
+            recv.close()
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
     bar.close()
     if counts["documents"] == 0:
         raise UserError(f"the corpus is empty: no documents in {', '.join(map(str, files))}")
@@ -107,14 +211,38 @@ def sample_corpus(cfg: TokenizerConfig, files: list[Path]) -> dict:
             "sample_bytes": train.bytes, "heldout_bytes": held.bytes}
 
 
+def sample_lines(text: str) -> list[str]:
+    """A document as SentencePiece sentences: one per text line, blank lines dropped, long lines cut."""
+    kept = [line for line in text.split("\n") if line and not line.isspace()]
+    if len(text) > MAX_LINE_CHARS:
+        kept = [line[i:i + MAX_LINE_CHARS] for line in kept for i in range(0, len(line), MAX_LINE_CHARS)]
+    return kept
+
+
+class SampleSentences:
+    """The sample as SentencePiece's `sentence_iterator`: the trainer copies each sentence as it
+    reads, so every text is dropped from `texts` once handed over (the sample is never in memory
+    twice) and no sample file is written. `lines` counts the sentences given."""
+
+    def __init__(self, texts: list[str]):
+        self.texts, self.lines = texts, 0
+
+    def __iter__(self):
+        texts = self.texts
+        for i in range(len(texts)):
+            kept = sample_lines(texts[i])
+            texts[i] = None
+            self.lines += len(kept)
+            yield from kept
+        texts.clear()
+
+
 def write_sample(texts: list[str], path: Path) -> int:
-    """One SentencePiece sentence per text line; blank lines dropped, long lines cut."""
+    """The sample as a file SentencePiece reads (`input=`), the same sentences as SampleSentences."""
     lines = 0
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for t in texts:
-            kept = [line for line in t.split("\n") if line and not line.isspace()]
-            if len(t) > MAX_LINE_CHARS:
-                kept = [line[i:i + MAX_LINE_CHARS] for line in kept for i in range(0, len(line), MAX_LINE_CHARS)]
+            kept = sample_lines(t)
             if kept:
                 f.write("\n".join(kept))
                 f.write("\n")
@@ -122,11 +250,12 @@ def write_sample(texts: list[str], path: Path) -> int:
     return lines
 
 
-def spm_options(cfg: TokenizerConfig, sample: Path, prefix: Path, vocab_size: int) -> dict:
-    """SentencePieceTrainer options; the ones marked (*) are what the HF export relies on."""
+def spm_options(cfg: TokenizerConfig, sample: Path | None, prefix: Path, vocab_size: int) -> dict:
+    """SentencePieceTrainer options; the ones marked (*) are what the HF export relies on.
+    `sample`: the sample file, or None when the sentences come through `sentence_iterator`."""
     s = cfg.special
     return dict(
-        input=str(sample), model_prefix=str(prefix), vocab_size=vocab_size, model_type=cfg.model_type,
+        **({"input": str(sample)} if sample is not None else {}), model_prefix=str(prefix), vocab_size=vocab_size, model_type=cfg.model_type,
         byte_fallback=True,                    # no <unk> for text: unseen characters become bytes
         split_digits=True,                     # numbers tokenize digit by digit
         normalization_rule_name="identity",    # (*) text kept as is; the shard pipeline does NFC
@@ -159,12 +288,15 @@ def check_vocab(cfg: TokenizerConfig) -> int:
     return vocab
 
 
-def train_spm(options: dict) -> float:
+def train_spm(options: dict, sentences: SampleSentences | None = None) -> float:
     import sentencepiece as spm
 
     t0 = time.perf_counter()
     try:
-        spm.SentencePieceTrainer.train(**options)
+        if sentences is not None:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), **options)
+        else:
+            spm.SentencePieceTrainer.train(**options)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         msg = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", msg)  # drop "INTERNAL: file.cc(678) [check] "
@@ -183,32 +315,41 @@ def inputs(cfg: TokenizerConfig) -> list[dict]:
 def train(cfg: TokenizerConfig) -> dict:
     vocab_size = check_vocab(cfg)
     files = corpus_files(cfg.input)
-    inputs = describe_inputs(files)
     with StageOutput(cfg.output, stages.TOKENIZER_TRAIN, overwrite=cfg.overwrite) as out:
         t0 = time.perf_counter()
         data = sample_corpus(cfg, files)
-        sample = out.tmp / "sample.txt"
-        lines = write_sample(data["train"], sample)
-        n_sample_docs = len(data.pop("train"))
-        gc.collect()  # hand the sample's memory back before SentencePiece loads its own copy
+        # SentencePiece's BPE trainer runs on one core with the GIL released: what the manifest
+        # needs and does not depend on the model (the inputs' checksums, the library versions)
+        # is computed on another thread meanwhile rather than added to the run's time. (Started
+        # after the reading processes are gone: they are forked, and a fork copies no threads.)
+        background = ThreadPoolExecutor(1, thread_name_prefix="tokenizer-manifest")
+        pending_inputs = background.submit(describe_inputs, files)
+        background.submit(library_versions)  # cached for make_manifest
+        background.shutdown(wait=False)
+        sentences = SampleSentences(data.pop("train"))
+        n_sample_docs = len(sentences.texts)
         t_sample = time.perf_counter() - t0
-        log.info("training SentencePiece %s, vocab %d, on %s (%d documents, %d lines)",
-                 cfg.model_type, vocab_size, human_bytes(data["sample_bytes"]), n_sample_docs, lines)
-        options = spm_options(cfg, sample, out.tmp / "tokenizer", vocab_size)
-        t_train = train_spm(options)
-        sample.unlink()
+        log.info("training SentencePiece %s, vocab %d, on %s (%d documents)",
+                 cfg.model_type, vocab_size, human_bytes(data["sample_bytes"]), n_sample_docs)
+        options = spm_options(cfg, None, out.tmp / "tokenizer", vocab_size)
+        t_train = train_spm(options, sentences)
+        lines = sentences.lines
+        inputs = pending_inputs.result()
 
         import sentencepiece as spm
 
         t1 = time.perf_counter()
         sp = spm.SentencePieceProcessor(model_file=str(out.tmp / "tokenizer.model"))
-        s = cfg.special
-        # Checked with the `tokenizers` object transformers wraps (AutoTokenizer loading it is
-        # tested; importing transformers here would cost seconds on every run).
-        hf = write_hf_files(sp, cfg.model_type, out.tmp, {"unk": s.unk, "bos": s.bos, "eos": s.eos, "pad": s.pad},
-                            user_symbols(cfg))
         heldout = data["heldout"]
-        ids = sp.encode(heldout, num_threads=0) if heldout else []
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer-heldout") as pool:
+            # SentencePiece encodes the held-out texts (C++, GIL released) while Python builds the
+            # HF files; checked with the `tokenizers` object transformers wraps (AutoTokenizer
+            # loading it is tested; importing transformers here would cost seconds on every run).
+            pending_ids = pool.submit(sp.encode, heldout, num_threads=-1)
+            s = cfg.special
+            hf = write_hf_files(sp, cfg.model_type, out.tmp, {"unk": s.unk, "bos": s.bos, "eos": s.eos, "pad": s.pad},
+                                user_symbols(cfg))
+            ids = pending_ids.result()
         check = parity(sp, hf, heldout, expected=ids) if heldout else None
         metrics = Measurer.for_processor(sp, cfg.output).measure(heldout, ids) if heldout else None
         t_export = time.perf_counter() - t1
