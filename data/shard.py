@@ -6,10 +6,12 @@ inputs and the tokenizer, runs it into an atomic output directory and writes the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.progress import log
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest
 from domainlm.data.beam import worker as beam_worker
 from domainlm.data.beam.manifest import (STAGE, RemoteOutput, bytes_per_token, check_something_kept,
@@ -36,13 +38,18 @@ def inputs(cfg: ShardConfig) -> list[dict]:
 
 def shard(cfg: ShardConfig) -> dict:
     beam_worker.install()
-    from domainlm.data.beam.pipeline import (DEAD_LETTER, dask_local_workers, direct_workers, is_dask, is_direct,
-                                             run, session)
+    from domainlm.data.beam.pipeline import (DEAD_LETTER, dask_local_workers, direct_workers, encode_threads,
+                                             for_input_size, is_dask, is_direct, run, session)
 
     tok = load_tokenizer_dir(cfg.tokenizer)
     workers = (direct_workers(cfg.beam)[0] if is_direct(cfg.beam)
                else dask_local_workers(cfg.beam) if is_dask(cfg.beam) else 0)
     plan = make_plan(cfg.input, cfg.beam.chunk_bytes, workers)
+    beam_args, why = for_input_size(cfg.beam, sum(f.size for f in plan.files))
+    if why:  # a run-time choice (not in the manifest): the shards are the same bytes either way
+        log.info("Beam: one in-memory process: %s", why)
+        cfg = dataclasses.replace(cfg, beam=beam_args)
+        plan = make_plan(cfg.input, cfg.beam.chunk_bytes, 1)
     if all(f.size == 0 for f in plan.files):
         raise UserError(f"the input is empty: {', '.join(f.path for f in plan.files)} hold no bytes")
     described = inputs(cfg)
@@ -56,7 +63,7 @@ def shard(cfg: ShardConfig) -> dict:
         for split in SPLITS:
             if not remote:
                 (out.tmp / split).mkdir(parents=True, exist_ok=True)
-        result = run(cfg, plan, tok.encoder(), dtype, bytes_per_token(tok), root, engine)
+        result = run(cfg, plan, tok.encoder(encode_threads(cfg.beam)), dtype, bytes_per_token(tok), root, engine)
         fields = manifest_fields(result, tok, dtype, len(plan.files))
         check_something_kept(fields, plan, f"{root}/{DEAD_LETTER}")
         manifest = make_manifest(STAGE, cfg, described, **fields)

@@ -623,6 +623,42 @@ def test_runner_options_pass_through():
     assert "--direct_num_workers=3" in direct and not any(f.startswith("--runner") for f in direct)
 
 
+def test_small_input_runs_in_one_in_memory_process(monkeypatch):
+    """Under SMALL_INPUT_BYTES the automatic choice is one in-memory process with the tokenizer
+    on every core; given workers, a given mode, a big input or another runner are left alone.
+    (The shards are the same bytes: test_same_bytes_for_one_and_two_workers_and_two_runs.)"""
+    from domainlm.data.beam import pipeline as bp
+    from domainlm.data.config import BeamArgs
+
+    monkeypatch.setattr(bp, "available_cores", lambda: 4)
+    small, why = bp.for_input_size(BeamArgs(), 5_000_000)
+    assert (small.direct_num_workers, bp.direct_workers(small)) == (1, (1, "in_memory"))
+    assert "5.0 MB of input is under the 16.0 MB" in why and "--beam.direct-num-workers" in why
+    assert bp.encode_threads(small) == 4 and bp.encode_threads(BeamArgs()) == 1
+    for args, size in ((BeamArgs(), bp.SMALL_INPUT_BYTES), (BeamArgs(direct_num_workers=2), 1000),
+                       (BeamArgs(direct_running_mode="multi_threading"), 1000), (BeamArgs(runner="dask"), 1000)):
+        assert bp.for_input_size(args, size) == (args, "")
+    assert bp.encode_threads(BeamArgs(runner="dask")) == 1
+    monkeypatch.setattr(bp, "available_cores", lambda: 1)
+    assert bp.for_input_size(BeamArgs(), 1000)[1] == ""  # one core: one worker already
+
+
+def test_beam_import_hides_unused_io_only_while_importing():
+    """What import_beam hides while Beam imports stays importable after, and the state
+    sampler's period is capped (both in the driver and in every worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, inspect; from domainlm.data.beam import worker as w; w.install(); "
+            "assert all(sys.modules.get(m, 1) is not None for m in w.HIDDEN_AT_IMPORT); "
+            "import pandas, apache_beam.io.gcp.bigquery; "
+            "from apache_beam.runners.worker import statesampler as s; "
+            "print(inspect.signature(s.StateSampler.__init__).parameters['sampling_period_ms'].default)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "20"
+    assert "bson" not in out.stderr
+
+
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         run_cli(["data", "shard", "--help"], capsys)

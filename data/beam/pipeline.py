@@ -20,6 +20,7 @@ metrics, so they are the same on every runner and worker count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -69,12 +70,36 @@ def dask_local_workers(b: BeamArgs) -> int:
     return int(address.split(":", 1)[1]) if address.startswith("local:") else 0
 
 
+# Below this many input bytes the DirectRunner's automatic choice is one in-memory process (its
+# tokenizer on every core): starting the worker processes costs more than they save there
+# (bench/RESULTS.md, "fixed cost").
+SMALL_INPUT_BYTES = 16_000_000
+
+
 def direct_workers(b: BeamArgs) -> tuple[int, str]:
     n = b.direct_num_workers or available_cores()
     mode = b.direct_running_mode
     if mode == "auto":
         mode = "in_memory" if n == 1 else "multi_processing"
     return n, mode
+
+
+def for_input_size(b: BeamArgs, input_bytes: int) -> tuple[BeamArgs, str]:
+    """The DirectRunner's settings for an input of `input_bytes`: one in-memory process under
+    SMALL_INPUT_BYTES where neither the workers nor the mode were given; (args, why) where
+    that changed them, (b, "") else."""
+    if (not is_direct(b) or b.direct_num_workers or b.direct_running_mode != "auto"
+            or available_cores() == 1 or input_bytes >= SMALL_INPUT_BYTES):
+        return b, ""
+    why = (f"{human_bytes(input_bytes)} of input is under the {human_bytes(SMALL_INPUT_BYTES)} where worker "
+           "processes start paying for themselves; --beam.direct-num-workers N to choose")
+    return dataclasses.replace(b, direct_num_workers=1), why
+
+
+def encode_threads(b: BeamArgs) -> int:
+    """Tokenizer threads per batch: every core where one in-memory process does all the work,
+    one where each core runs a worker."""
+    return available_cores() if is_direct(b) and direct_workers(b)[1] == "in_memory" else 1
 
 
 def pipeline_flags(b: BeamArgs) -> list[str]:
