@@ -1,7 +1,9 @@
 """`domainlm data shard` benchmark (issue 3): tokens per second against two references.
 
 For each corpus (the pydoc corpus, and a >= 200 MB corpus made from it):
-  shard     `domainlm data shard` as a user runs it (a fresh process, DirectRunner, W workers),
+  shard     `domainlm data shard` as a user runs it (a fresh process, DirectRunner, its own choice
+            of workers: W processes, or one in-memory process under 16 MB of input; --workers W
+            imposes W),
             wall clock from start to exit, tokens written / seconds. It also reads, normalizes,
             filters, deduplicates (exact + MinHash) and writes shards; the references do not.
   ceiling   raw SentencePieceProcessor.encode over the same texts in one process, one thread,
@@ -50,6 +52,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -135,19 +138,24 @@ def texts_of(corpus: Path) -> list[str]:
         return [clean(json.loads(line)["text"])[0] for line in f if line.strip()]
 
 
-def run_shard(corpus: Path, tok: Path, workers: int, name: str, runner: str = "direct") -> dict:
-    """One `data shard` run; runner "direct" (DirectRunner, `workers` processes) or "dask" (a
-    local dask cluster of `workers` processes)."""
+def run_shard(corpus: Path, tok: Path, workers: int, name: str, runner: str = "direct",
+              explicit: bool = True) -> dict:
+    """One `data shard` run; runner "direct" (DirectRunner, `workers` processes; with
+    `explicit` False no worker flag, the command's own choice as a user gets it) or "dask" (a
+    local dask cluster of `workers` processes). "engine": what the command said it ran on."""
     out = WORK / (f"out_{name}" if runner == "direct" else f"out_{name}_{runner}")
-    how = (["--beam.direct-num-workers", str(workers)] if runner == "direct"
+    how = ((["--beam.direct-num-workers", str(workers)] if explicit else []) if runner == "direct"
            else ["--beam.runner", "dask", "--beam.dask-address", f"local:{workers}"])
-    wall, cpu = sh(EXE + ["data", "shard", "--input", str(corpus), "--tokenizer", str(tok), "--output", str(out),
-                          "--overwrite", *how], stdout=subprocess.DEVNULL)
+    log = WORK / f"out_{name}.log"
+    with open(log, "w") as err:
+        wall, cpu = sh(EXE + ["data", "shard", "--input", str(corpus), "--tokenizer", str(tok), "--output", str(out),
+                              "--overwrite", *how], stdout=subprocess.DEVNULL, stderr=err)
+    engine = re.findall(r"Beam: ((?:DirectRunner|dask).*)", log.read_text())
     m = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in m["splits"].values())
     # the children's CPU: the dask workers are the command's grandchildren, not counted here
     return {"seconds": wall, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "kept": m["counts"]["kept"], "records": m["counts"]["records"],
+            "kept": m["counts"]["kept"], "records": m["counts"]["records"], "engine": engine[-1] if engine else "?",
             "shards": [x["sha256"] for sp in m["splits"].values() for x in sp["shards"]], "dropped": m["dropped"]}
 
 
@@ -240,8 +248,9 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return min(xs), statistics.median(xs)
 
 
-def measure(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> list[str]:
-    """The three measurements `repeats` times, interleaved with a rotating order."""
+def measure(name: str, corpus: Path, tok: Path, workers: int, repeats: int, explicit: bool) -> list[str]:
+    """The three measurements `repeats` times, interleaved with a rotating order. `explicit`:
+    `data shard` gets --beam.direct-num-workers W (else it chooses, as for a user)."""
     texts = texts_of(corpus)
     runs: dict[str, list[dict]] = {"shard": [], "ceiling": [], "megatron": []}
     kinds = list(runs)
@@ -250,7 +259,7 @@ def measure(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> l
         for kind in kinds[r % 3:] + kinds[:r % 3]:
             loads.append(os.getloadavg()[0])
             if kind == "shard":
-                runs[kind].append(run_shard(corpus, tok, workers, name))
+                runs[kind].append(run_shard(corpus, tok, workers, name, explicit=explicit))
             elif kind == "ceiling":
                 runs[kind].append(ceiling(texts, tok, workers))
             else:
@@ -267,7 +276,7 @@ def measure(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> l
     return [
         f"{name}: {size / 1e6:.1f} MB, {first['records']:,} documents ({first['kept']:,} kept), "
         f"{first['tokens'] / 1e6:.2f}M tokens written; {repeats} interleaved rounds, load average "
-        f"{min(loads):.2f}-{max(loads):.2f} over the runs",
+        f"{min(loads):.2f}-{max(loads):.2f} over the runs; data shard ran on: {first['engine']}",
         f"  {'':<11} {'median':>8} {'best':>8} M tokens/s   seconds min / median   runs (M tokens/s)",
         *[f"  {k:<11} {rate[k][1] / 1e6:8.3f} {best[k] / 1e6:8.3f}              {secs[k][0]:6.1f} / {secs[k][1]:6.1f}   "
           + " ".join(f"{x['tokens_per_s'] / 1e6:.3f}" for x in runs[k]) for k in kinds],
@@ -286,7 +295,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["pydoc", "big"], default=None)
     ap.add_argument("--size-mb", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=0, help="0: every core")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="0: every core for the references, and `data shard` chooses its own workers as for a "
+                         "user (one in-memory process under 16 MB of input); N: N each")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the three measurements")
     ap.add_argument("--out", default=None, help="default: bench/results/shard.txt (shard_NNmb.txt for --size-mb; "
                                                 "shard_runners*.txt with --runners)")
@@ -320,13 +331,14 @@ def main() -> None:
         return
     tiny = WORK / "tiny.jsonl"
     tiny.write_bytes(b"".join(src.read_bytes().splitlines(keepends=True)[:50]))
-    fixed = [run_shard(tiny, tok, workers, "tiny") for _ in range(max(1, min(3, args.repeats)))]
-    row = (f"fixed cost (50 documents, {len(fixed)} runs): {_stats([f['seconds'] for f in fixed])[1]:.1f} s wall, "
-           f"{_stats([f['cpu_seconds'] for f in fixed])[1]:.1f} s CPU (medians)")
+    fixed = [run_shard(tiny, tok, workers, "tiny", explicit=bool(args.workers))
+             for _ in range(max(1, min(3, args.repeats)))]
+    row = (f"fixed cost (50 documents, {len(fixed)} runs): {_stats([f['seconds'] for f in fixed])[1]:.2f} s wall, "
+           f"{_stats([f['cpu_seconds'] for f in fixed])[1]:.2f} s CPU (medians); ran on: {fixed[0]['engine']}")
     print(row, flush=True)
     lines.append(row)
     for name, corpus in corpora:
-        rows = measure(name, corpus, tok, workers, args.repeats)
+        rows = measure(name, corpus, tok, workers, args.repeats, bool(args.workers))
         print("\n".join(rows), flush=True)
         lines += rows
     lines.append(f"load average at the end: {os.getloadavg()[0]:.2f}")
