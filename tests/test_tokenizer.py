@@ -188,23 +188,42 @@ def test_reading_in_processes_gives_the_one_pass_sample(tmp_path, pydoc_corpus, 
     assert errors[0] == errors[1] and f"b.jsonl:{len(lines) * 3 // 4 + 1}: not valid JSON" in errors[0]
 
 
-def test_sentences_reach_sentencepiece_as_the_sample_file_would(tmp_path, pydoc_corpus):
-    """`tokenizer train` hands SentencePiece the sample through sentence_iterator (no file):
-    the same vocabulary and scores as training on the sample written as a file."""
+@pytest.mark.parametrize("case", ["bpe", "bpe_with_a_tab", "unigram"])
+def test_sentences_reach_sentencepiece_as_the_sample_file_would(tmp_path, pydoc_corpus, case):
+    """`tokenizer train` hands SentencePiece the sample through sentence_iterator (no file): for
+    BPE each distinct line once with its count (the "tsv" input format), else (a tab in the
+    sample, unigram) every line as itself. Either way, the same vocabulary and scores as
+    SentencePiece trained on the sample written as a file, one line per line."""
     from domainlm.corpus import corpus_files
     from domainlm.tokenizer.train import check_vocab, sample_corpus, spm_options, write_sample
 
-    cfg = TokenizerConfig(input=[str(pydoc_corpus / "corpus.jsonl")], output=str(tmp_path / "t"),
-                          vocab_size=1024, sample_bytes=300_000)
+    corpus = pydoc_corpus / "corpus.jsonl"
+    if case == "bpe_with_a_tab":
+        corpus = tmp_path / "tabbed.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
+            for i, line in enumerate((pydoc_corpus / "corpus.jsonl").read_text(encoding="utf-8").splitlines()):
+                r = json.loads(line)
+                if i % 50 == 0:  # some of these are in the sample
+                    r["text"] = "\tindented\twith tabs\n" + r["text"]
+                f.write(json.dumps(r) + "\n")
+    vocab = 1024 if case != "unigram" else 512
+    cfg = TokenizerConfig(input=[str(corpus)], output=str(tmp_path / "t"), vocab_size=vocab,
+                          sample_bytes=300_000 if case != "unigram" else 100_000,
+                          model_type="unigram" if case == "unigram" else "bpe")
     m = train(cfg)
     sample = tmp_path / "sample.txt"
     lines = write_sample(sample_corpus(cfg, corpus_files(cfg.input))["train"], sample)
-    assert lines == m["counts"]["sample_lines"]
+    c = m["counts"]
+    assert lines == c["sample_lines"]
+    if case == "bpe":  # the pydoc sample repeats lines: counted, each once
+        assert c["sample_distinct_lines"] < lines
+    else:
+        assert c["sample_distinct_lines"] == lines
     spm.SentencePieceTrainer.train(**spm_options(cfg, sample, tmp_path / "from_file", check_vocab(cfg)))
     a, b = (spm.SentencePieceProcessor(model_file=str(f)) for f in (tmp_path / "t" / "tokenizer.model",
                                                                      tmp_path / "from_file.model"))
-    assert a.get_piece_size() == b.get_piece_size() == 1024
-    assert [(a.id_to_piece(i), a.get_score(i)) for i in range(1024)] == [(b.id_to_piece(i), b.get_score(i)) for i in range(1024)]
+    assert a.get_piece_size() == b.get_piece_size() == vocab
+    assert [(a.id_to_piece(i), a.get_score(i)) for i in range(vocab)] == [(b.id_to_piece(i), b.get_score(i)) for i in range(vocab)]
 
 
 def test_sample_budget_bounds_training_text(tmp_path, pydoc_corpus):

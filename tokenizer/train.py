@@ -11,6 +11,7 @@ SentencePiece reads, and trained with options chosen so the HF export encodes id
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 import math
 import multiprocessing
 import os
@@ -220,14 +221,48 @@ def sample_lines(text: str) -> list[str]:
 
 
 class SampleSentences:
-    """The sample as SentencePiece's `sentence_iterator`: the trainer copies each sentence as it
-    reads, so every text is dropped from `texts` once handed over (the sample is never in memory
-    twice) and no sample file is written. `lines` counts the sentences given."""
+    """The sample as SentencePiece's `sentence_iterator` (no sample file is written). `lines`
+    counts the sentences given, `distinct` the different ones.
 
-    def __init__(self, texts: list[str]):
-        self.texts, self.lines = texts, 0
+    BPE: each distinct line once, with its count, in SentencePiece's "tsv" input format
+    (`input_format() == "tsv"`: "sentence<TAB>count"). SentencePiece's BPE trainer weighs every
+    sentence by its count (characters, then words: it splits sentences into words and sorts the
+    word counts before training, so neither order nor repetition matters beyond the counts) and
+    gives the same model, while loading and normalizing each distinct line once: the pydoc sample
+    has 384k distinct lines among 1.03M, and trains in 4.95 s instead of 6.75 s. Not for a sample
+    holding a tab (the format's separator) and not for unigram (its seed pieces count a sentence
+    once whatever its count, so the model differs): there every line goes as itself.
+    (tests/test_tokenizer.py checks both ways give the same vocabulary and scores.)
+
+    The texts are dropped from `texts` as they are used, so the sample is not held twice."""
+
+    def __init__(self, texts: list[str], counted: bool):
+        self.texts, self.lines, self.distinct = texts, 0, 0
+        self.counts = self._count() if counted else None
+
+    @property
+    def input_format(self) -> str:
+        return "tsv" if self.counts is not None else "text"
+
+    def _count(self) -> dict[str, int] | None:
+        counts: Counter = Counter()
+        update = counts.update  # counts an iterable in C
+        for t in self.texts:
+            if "\t" in t:
+                return None
+            update(sample_lines(t) if len(t) > MAX_LINE_CHARS else t.split("\n"))
+        for line in [line for line in counts if not line or line.isspace()]:  # as sample_lines drops
+            del counts[line]
+        self.texts.clear()
+        self.lines, self.distinct = sum(counts.values()), len(counts)
+        return counts
 
     def __iter__(self):
+        if self.counts is not None:
+            counts, self.counts = self.counts, None
+            for line, n in counts.items():
+                yield f"{line}\t{n}"
+            return
         texts = self.texts
         for i in range(len(texts)):
             kept = sample_lines(texts[i])
@@ -235,6 +270,7 @@ class SampleSentences:
             self.lines += len(kept)
             yield from kept
         texts.clear()
+        self.distinct = self.lines  # not counted
 
 
 def write_sample(texts: list[str], path: Path) -> int:
@@ -326,12 +362,13 @@ def train(cfg: TokenizerConfig) -> dict:
         pending_inputs = background.submit(describe_inputs, files)
         background.submit(library_versions)  # cached for make_manifest
         background.shutdown(wait=False)
-        sentences = SampleSentences(data.pop("train"))
-        n_sample_docs = len(sentences.texts)
+        n_sample_docs = len(data["train"])
+        sentences = SampleSentences(data.pop("train"), counted=cfg.model_type == "bpe")
         t_sample = time.perf_counter() - t0
         log.info("training SentencePiece %s, vocab %d, on %s (%d documents)",
                  cfg.model_type, vocab_size, human_bytes(data["sample_bytes"]), n_sample_docs)
         options = spm_options(cfg, None, out.tmp / "tokenizer", vocab_size)
+        options["input_format"] = sentences.input_format
         t_train = train_spm(options, sentences)
         lines = sentences.lines
         inputs = pending_inputs.result()
@@ -363,7 +400,7 @@ def train(cfg: TokenizerConfig) -> dict:
             "user_defined": user_symbols(cfg),
         }
         counts = {**data["counts"], "sample_documents": n_sample_docs, "sample_bytes": data["sample_bytes"],
-                  "sample_lines": lines, "report_documents": len(heldout), "report_bytes": data["heldout_bytes"]}
+                  "sample_lines": lines, "sample_distinct_lines": sentences.distinct, "report_documents": len(heldout), "report_bytes": data["heldout_bytes"]}
         report = {"heldout": metrics, "hf_parity": check}
         # Timings go to report.json only: the manifest says what was made, not how fast.
         write_json(out.tmp / "report.json", {**report, "timings": {
@@ -371,7 +408,7 @@ def train(cfg: TokenizerConfig) -> dict:
             "export_and_checks_s": round(time.perf_counter() - t1, 3)}})
         manifest = make_manifest(stages.TOKENIZER_TRAIN, cfg, inputs, tokenizer=tok_info, counts=counts,
                                  report=report, spm_options={k: v for k, v in options.items()
-                                                             if k not in ("input", "model_prefix", "num_threads")})
+                                                             if k not in ("input", "input_format", "model_prefix", "num_threads")})
         out.commit(manifest)
     timings = {"sample_s": t_sample, "spm_train_s": t_train, "export_s": t_export}
     manifest["timings"] = timings
