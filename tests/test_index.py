@@ -170,6 +170,76 @@ def test_bm25_scores_match_the_lucene_formula(pydoc_index):
         assert got[0][0] in set(np.flatnonzero(np.isclose(ref, ref.max())))
 
 
+def test_bm25_search_picks_what_bm25s_retrieve_picks(pydoc_index):
+    """Our top-k over bm25s's scores against bm25s's own `retrieve` on the same index: the same
+    scores in the same order for every test question, the same chunks wherever the k-th score is
+    not shared (where it is, ours takes the lowest chunk numbers, as a full sort does)."""
+    from domainlm.serve.sparse import BM25Index
+
+    index, qas = pydoc_index
+    bm = BM25Index(index / "bm25", len(open_index_dir_chunks(index)))
+    k, checked, untied = 10, 0, 0
+    for q in qas:
+        got = bm.search([q.question], k)[0]
+        toks = bm.tokenizer.tokenize([q.question], update_vocab=False, return_as="tuple", show_progress=False)
+        if not toks.ids[0]:
+            assert got == []
+            continue
+        docs, scores = bm.retriever.retrieve(toks, k=k, show_progress=False, n_threads=0)
+        theirs = [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+        assert [s for _, s in got] == [s for _, s in theirs]
+        words = bm.tokenizer.tokenize([q.question], update_vocab=False, return_as="string", show_progress=False)[0]
+        full = bm.retriever.get_scores(words)
+        assert [n for n, _ in got] == [int(i) for i in np.lexsort((np.arange(len(full)), -full))[:len(got)]]
+        if len(got) < k or got[-1][1] != full[np.argsort(-full)[k]]:
+            untied += 1
+            assert {n for n, _ in got} == {n for n, _ in theirs}
+        checked += 1
+    assert checked >= 150 and untied >= checked // 2
+
+
+def open_index_dir_chunks(index):
+    from domainlm.serve.index_dir import open_index_dir
+
+    return open_index_dir(index).chunks()
+
+
+def test_embedder_gives_sentence_transformers_encode_vectors(pydoc_index):
+    """The embedder's one-batch path (the model's modules called directly) against
+    SentenceTransformer.encode: bit-identical vectors for one question, within 1e-6 for a padded
+    batch, and more than a batch through encode itself."""
+    from domainlm.serve.embedder import Embedder, resolve_embedder
+
+    _, qas = pydoc_index
+    texts = [q.question for q in qas[:40]] + ["", "x " * 600]              # empty, and over the window
+    emb = Embedder(resolve_embedder("all-MiniLM-L6-v2"), "cpu")
+
+    def st(batch):
+        return emb.model.encode(batch, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False)
+
+    for t in texts[:5] + texts[-2:]:
+        assert np.array_equal(emb.encode([t]), st([t]))
+    ours = emb.encode(texts)
+    assert ours.dtype == np.float32 and ours.shape == (len(texts), emb.dim) and ours.flags.c_contiguous
+    np.testing.assert_allclose(ours, st(texts), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb.encode(texts, batch_size=8), ours, atol=1e-6)      # 6 batches through encode
+
+
+def test_top_positive_is_a_full_sort_with_ties_in_index_order():
+    from domainlm.serve.sparse import top_positive
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        scores = rng.integers(-2, 6, n).astype(np.float32)      # few values: ties everywhere, the cut too
+        k = int(rng.integers(1, 60))
+        order = np.lexsort((np.arange(n), -scores))
+        want = [(int(i), float(scores[i])) for i in order if scores[i] > 0][:k]
+        assert top_positive(scores, k) == want, trial
+
+
 def test_fusion_and_per_document_dedup():
     from domainlm.serve.chunking import Chunk
     from domainlm.serve.retrieve import Retriever, fuse
