@@ -20,7 +20,9 @@
 #           9. `domainlm serve` of a random 125M Llama in bf16: time to first token and tokens/s at 1 and
 #              16 clients -> bench/serve.py --gpu (a separate call; SmolLM2-135M's 270 MB of weights exceed
 #              what the device tool carries: `bench/serve.py --gpu --model DIR` where it is on disk)
-# Time limits per step add up to 575 s for a + b, 300 s for c, 215 s for d (the device tool allows 600 s a command): a
+#          10. 1B pretraining, kernels triton, norms F.rms_norm (model.norm_kernel torch, the default)
+#              against ours (triton): tokens/s, MFU, peak memory -> bench/pretrain.py --gpu-kernels triton triton-norm
+# Time limits per step add up to 575 s for a + b, 300 s for c, 335 s for d (the device tool allows 600 s a command): a
 # step that runs over is stopped and marked TIMED OUT, and the next one starts.
 # Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt,
 # gpu_finetune_<gpu>.txt, gpu_serve_<gpu>.txt), also copied to $OUT when the device tool runs it.
@@ -125,8 +127,9 @@ device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/wor
 device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=360)
   (one call, ~2.5-5 min on one H100, step limits 45 + 20 + 235 s; back in $OUT: gpu_check_*.txt,
   gpu_finetune_*.txt)
-device tool, serving: run(command="bash bench/gpu_check.sh --part d", carry=["bench/work/gpu"], timeout_s=260)
-  (one call, ~1.5-3 min, step limits 45 + 20 + 150 s; back in $OUT: gpu_check_*.txt, gpu_serve_*.txt)
+device tool, serving and the norms: run(command="bash bench/gpu_check.sh --part d", carry=["bench/work/gpu"], timeout_s=400)
+  (one call, ~3-5 min, step limits 45 + 20 + 150 + 120 s; back in $OUT: gpu_check_*.txt, gpu_serve_*.txt,
+  gpu_pretrain_*.txt)
 EOF
 }
 
@@ -372,6 +375,10 @@ part_d() {
     step "9. serving: random 125M Llama bf16 through domainlm serve, TTFT and tokens/s at 1 and 16 clients" 150 \
         bash -c "set -o pipefail; env PYTHONPATH='$SV_SITE:$PYTHONPATH' '$PY' bench/serve.py $(echo $SV_ARGS) \
             2>&1 | tee -a '$SLOG'"
+    step "10. 1B pretraining, kernels triton: norms F.rms_norm (the default) vs ours" 120 \
+        bash -c "set -o pipefail; '$PY' bench/pretrain.py --tokenizer $GPU_DIR/inputs/tokenizer --shards $GPU_DIR/inputs/shards \
+            --gpu-sizes 1B --gpu-kernels triton triton-norm --gpu-seq-len 2048 --gpu-micro-batch-size 4 \
+            --gpu-accumulation 4 --gpu-steps 5 --warmup 3 2>&1 | tee -a '$PLOG'"
 }
 
 export -f setup versions say install_finetune_wheels

@@ -104,9 +104,14 @@ class ModelArgs:
     """Module set of the layer: 'torch' (megatron-core local layers, torch RMSNorm and SDPA) or
     'triton' (the fused kernels of domainlm.pretrain.kernels, GPU only). Not part of the
     architecture: a checkpoint resumes under either."""
+    norm_kernel: Literal["torch", "triton"] = "torch"
+    """The norms under kernels: triton. 'torch': torch's fused F.rms_norm and megatron's layer (its
+    residual add apart); 'triton': our RMSNorm kernel, the attention residual add fused into the
+    pre-MLP norm. torch by default: ours ran at 0.32x F.rms_norm forward+backward in bf16 on an
+    H100 at the 1B shape, with the add fused in too (bench/RESULTS.md, Triton kernels)."""
 
     # Fields that do not change the weights: a checkpoint resumes whatever they are.
-    NOT_ARCHITECTURE = ("size", "kernels")
+    NOT_ARCHITECTURE = ("size", "kernels", "norm_kernel")
 
     def architecture(self) -> dict:
         """The fields that decide the weights (what a resumed checkpoint must match)."""

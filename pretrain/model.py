@@ -59,7 +59,7 @@ def transformer_config(m: ModelArgs, *, tensor: int = 1, pipeline: int = 1, virt
                        sequence_parallel: bool = False, bf16: bool = False, recompute: str = "none",
                        cpu: bool = False) -> TransformerConfig:
     """Map ModelArgs and the run's layout/precision onto megatron-core's TransformerConfig."""
-    impl = implementations(m.kernels)
+    impl = implementations(m.kernels, m.norm_kernel)
     return TransformerConfig(
         # Architecture: Llama (pre-norm RMSNorm, SwiGLU, RoPE, GQA, no biases, no dropout).
         num_layers=m.num_layers,
@@ -173,8 +173,9 @@ class Implementations:
     (triton: fused linear + cross-entropy); it calls `fallback` where it does not apply."""
 
 
-def implementations(kernels: str) -> Implementations:
-    """THE switch between module sets ('torch' is megatron-core's local path)."""
+def implementations(kernels: str, norm_kernel: str = "torch") -> Implementations:
+    """THE switch between module sets ('torch' is megatron-core's local path). Under 'triton',
+    `norm_kernel` picks the norms: torch's RMSNorm and megatron's layer, or ours."""
     if kernels == "triton":
         from domainlm.pretrain.kernels import resolve_kernels
 
@@ -185,9 +186,12 @@ def implementations(kernels: str) -> Implementations:
     if kernels == "triton":
         from domainlm.pretrain.kernels import modules as tk
 
-        return Implementations(norm=tk.TritonRMSNorm, self_attention=tk.TritonSelfAttention,
+        if norm_kernel not in ("torch", "triton"):
+            raise ValueError(f"unknown norm_kernel {norm_kernel!r}")
+        ours = norm_kernel == "triton"
+        return Implementations(norm=tk.TritonRMSNorm if ours else RMSNorm, self_attention=tk.TritonSelfAttention,
                                core_attention=SDPAttention, activation=F.silu, loss=vocab_parallel_loss,
-                               layer=tk.TritonTransformerLayer, mlp=tk.TritonMLP,
+                               layer=tk.TritonTransformerLayer if ours else TransformerLayer, mlp=tk.TritonMLP,
                                output_loss=tk.fused_lm_postprocess)
     raise ValueError(f"unknown kernels {kernels!r}")
 
@@ -253,7 +257,7 @@ def build_model(m: ModelArgs, config: TransformerConfig, *, vocab_size: int, seq
     `vocab_size` is the padded size. On CPU megatron's RoPE is swapped for its CPU stand-in; on
     bf16 the model is wrapped in megatron's Float16Module (bf16 weights, fp32 loss out).
     """
-    impl = implementations(m.kernels)
+    impl = implementations(m.kernels, m.norm_kernel)
     stage_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     model = LlamaGPT(
         config=config,
@@ -302,7 +306,7 @@ def build_model_chunks(m: ModelArgs, config: TransformerConfig, *, vocab_size: i
 
     mine = parallel_state.get_pipeline_model_parallel_rank()
     per_chunk = config.num_layers // (pp * vpp)
-    spec = layer_spec(implementations(m.kernels))
+    spec = layer_spec(implementations(m.kernels, m.norm_kernel))
     chunks = []
     with cpu_compat.shared_embedding_on_cpu():
         for v in range(vpp):

@@ -4,11 +4,14 @@
 
 | megatron-core / torch path          | here                     | kernel                                  |
 | ----------------------------------- | ------------------------ | --------------------------------------- |
-| RMSNorm (torch.nn.RMSNorm)          | `TritonRMSNorm`          | `rms_norm` (input, pre-MLP, final norms) |
-| `TransformerLayer`                  | `TritonTransformerLayer` | attention residual add fused into the pre-MLP norm |
+| RMSNorm (torch.nn.RMSNorm)          | `TritonRMSNorm`          | `rms_norm` (input, pre-MLP, final norms) * |
+| `TransformerLayer`                  | `TritonTransformerLayer` | attention residual add fused into the pre-MLP norm * |
 | `MLP` (gated linear unit, silu)     | `TritonMLP`              | `swiglu` on fc1's output                |
 | `SelfAttention` (rotary inside)     | `TritonSelfAttention`    | `apply_rotary` on q and k in one launch |
 | `GPTModel` output layer + loss      | `fused_lm_postprocess`   | `fused_linear_cross_entropy`, vocab-parallel |
+
+* with `norm_kernel: triton` only; by default the norms stay torch's F.rms_norm, which ran 3x
+faster than `rms_norm` on an H100 (bench/RESULTS.md).
 
 Parameters and their names are exactly megatron's, so checkpoints move freely between
 `kernels: triton` and `kernels: torch`. Each module falls back to megatron's own code for the
