@@ -38,6 +38,9 @@ def _complete(d: Path) -> None:
         files = {f"bitsandbytes/{gpu_wheels.BNB_NEEDED}": b"\x7fELF"} if pkg == "bitsandbytes" else None
         _wheel(d / gpu_wheels.FINETUNE_DIR, f"{pkg.replace('-', '_')}-{version}-py3-none-any.whl",
                ["transformers>=4.56.2", "pyarrow>=21", "liger-kernel"], files)
+    for pkg, version in gpu_wheels.serve_pins().items():
+        _wheel(d / gpu_wheels.SERVE_DIR, f"{pkg.replace('-', '_')}-{version}-py3-none-any.whl",
+               ["anyio>=4", "h11>=0.8", "pydantic>=2", "orjson"])
 
 
 def test_a_complete_wheel_set_passes(tmp_path):
@@ -80,6 +83,18 @@ def test_the_finetune_group_is_checked_apart(tmp_path):
     problems = gpu_wheels.check(tmp_path)
     assert any(p.startswith("trl==") and "missing" in p and p.count("finetune") for p in problems), problems
     assert any("extra-1.0-py3-none-any.whl needs datasets" in p for p in problems), problems
+
+
+def test_the_serve_group_is_checked_apart(tmp_path):
+    """Part d's wheels live in wheels/serve: missing there is named, and a wheel of the first group
+    may not need theirs (they are installed for part d alone)."""
+    _complete(tmp_path)
+    assert gpu_wheels.check(tmp_path) == []
+    next((tmp_path / "serve").glob("uvicorn-*.whl")).unlink()
+    _wheel(tmp_path, "extra-1.0-py3-none-any.whl", ["fastapi"])
+    problems = gpu_wheels.check(tmp_path)
+    assert any(p.startswith("uvicorn==") and "missing" in p and "serve" in p for p in problems), problems
+    assert any("extra-1.0-py3-none-any.whl needs fastapi" in p for p in problems), problems
 
 
 def test_a_range_that_excludes_the_image_version_is_named(tmp_path):
@@ -131,7 +146,7 @@ def test_part_c_conversations_fit_their_sequence(tokenizer_dir, pydoc_corpus):
 def test_gpu_check_script_arguments():
     script = REPO / "bench/gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run(["bash", str(script), "--part", "d"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--part a, b, c or all" in r.stderr
+    r = subprocess.run(["bash", str(script), "--part", "e"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--part a, b, c, d or all" in r.stderr
     r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--dry-run" in r.stdout
