@@ -56,7 +56,7 @@ class BM25Index:
 
         bm25s scores the query (`get_scores_from_ids`, its CSC matrix); the best `k` are picked here
         among the chunks that hold a query term, not by `BM25.retrieve`: that one rebuilds the
-        tokenizer's reverse vocabulary on every call (4 ms at 100k chunks) and partitions every
+        tokenizer's reverse vocabulary on every call and partitions every
         chunk's score, zeros included, and it leaves the order of equal scores (duplicate chunks)
         to the partition. The same scores, ~1.3 ms instead of ~2.5 ms per question at 100k chunks,
         p99 2.4 ms instead of 8 (bench/serve.py)."""
