@@ -97,7 +97,7 @@ EOF
     echo "$d"
 }
 
-install_finetune_wheels() {   # install_finetune_wheels PYTHON DIR [GROUP]: the fine-tuning wheels, or
+install_group_wheels() {   # install_group_wheels PYTHON DIR [GROUP]: the fine-tuning wheels, or
     local py=$1 dir=$2 group=${3:-finetune} plat=()   # GROUP's (serve), made for Python 3.12
     compgen -G "$GPU_DIR/wheels/$group/*.whl" > /dev/null \
         || { echo "no $GPU_DIR/wheels/$group/*.whl: carry bench/work/gpu (make gpu-wheels)"; return 1; }
@@ -185,7 +185,7 @@ EOF
     # Part c: its wheels installed apart, as there; trl, datasets, dill, multiprocess and bitsandbytes
     # importable from that dir alone (not this venv), the rest of ABSENT still hidden.
     FT_DRY=$(mktemp -d)
-    if install_finetune_wheels "$PY" "$FT_DRY/site"; then
+    if install_group_wheels "$PY" "$FT_DRY/site"; then
         BLOCK=$(block_absent "$FT_DRY/site")
         PYTHONPATH="$BLOCK:$FT_DRY/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$FT_DRY/site" <<'EOF' || fail=1
 import importlib, sys
@@ -218,7 +218,7 @@ EOF
     # Part d: the serving wheels apart, as there; `domainlm serve` and bench/serve.py's GPU path run
     # (on the CPU, the tiny model) with the web stack from that dir alone, the rest of ABSENT hidden.
     SV_DRY=$(mktemp -d)
-    if install_finetune_wheels "$PY" "$SV_DRY/site" serve; then
+    if install_group_wheels "$PY" "$SV_DRY/site" serve; then
         # A compiled wheel of the set (pydantic-core) is built for 3.12: under another Python this venv's
         # build of the same version stands in for it (gpu_wheels.py check holds the versions equal).
         if [[ $("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 12))') != True ]]; then
@@ -363,7 +363,7 @@ part_b() {
 
 part_c() {
     step "6. install the fine-tuning wheels (TRL, datasets, bitsandbytes) apart" 20 \
-        bash -c "install_finetune_wheels '$PY' '$FT_SITE'"
+        bash -c "install_group_wheels '$PY' '$FT_SITE'"
     step "7. fine-tuning 1B LoRA bf16 seq 2048: ours (triton) vs TRL SFTTrainer + peft, QLoRA peak memory" 235 \
         bash -c "set -o pipefail; env PYTHONPATH='$FT_SITE:$PYTHONPATH' '$PY' bench/finetune.py $(echo $FT_ARGS) \
             --work /tmp/domainlm-finetune-work 2>&1 | tee -a '$FLOG'"
@@ -371,7 +371,7 @@ part_c() {
 
 part_d() {
     step "8. install the serving wheels (FastAPI, Starlette, pydantic, uvicorn) apart" 20 \
-        bash -c "install_finetune_wheels '$PY' '$SV_SITE' serve"
+        bash -c "install_group_wheels '$PY' '$SV_SITE' serve"
     step "9. serving: random 125M Llama bf16 through domainlm serve, TTFT and tokens/s at 1 and 16 clients" 150 \
         bash -c "set -o pipefail; env PYTHONPATH='$SV_SITE:$PYTHONPATH' '$PY' bench/serve.py $(echo $SV_ARGS) \
             2>&1 | tee -a '$SLOG'"
@@ -381,7 +381,7 @@ part_d() {
             --gpu-accumulation 4 --gpu-steps 5 --warmup 3 2>&1 | tee -a '$PLOG'"
 }
 
-export -f setup versions say install_finetune_wheels
+export -f setup versions say install_group_wheels
 check() {
     say "$(date -u +%FT%TZ) on $GPU_NAME; part $PART; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     step "0. install the carried wheels and domainlm" 45 setup

@@ -74,12 +74,11 @@ def top_positive(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     """(index, score) of the best `k` positive scores, best first, equal scores in index order."""
     hit = np.flatnonzero(scores > 0)
     if len(hit) > k:
-        hit = hit[np.argpartition(-scores[hit], k - 1)[:k]]
-        # the k-th best score may be shared with chunks left out by the partition: take the
-        # lowest-numbered of those, as a full sort would
-        kth = scores[hit].min()
-        above = np.flatnonzero(scores > kth)
-        tied = np.flatnonzero(scores == kth)[: k - len(above)]
-        hit = np.concatenate([above, tied])
+        # the k-th best score may be shared with chunks the partition leaves out: take the
+        # lowest-numbered of those, as a full sort would (`hit` is in index order)
+        s = scores[hit]
+        kth = s[np.argpartition(-s, k - 1)[k - 1]]
+        above = hit[s > kth]
+        hit = np.concatenate([above, hit[s == kth][: k - len(above)]])
     order = np.lexsort((hit, -scores[hit]))
     return [(int(i), float(scores[i])) for i in hit[order]]
