@@ -658,6 +658,37 @@ def test_beam_import_hides_unused_io_only_while_importing():
     assert out.stdout.strip() == "20"
     assert "bson" not in out.stderr
 
+def test_root_handler_writes_to_the_stderr_of_the_moment_and_only_warnings():
+    """The handler install() puts on the root logger once per process: installed while
+    sys.stderr was a stream that is closed later (a test's capture), a library thread's record
+    goes to the stderr of the moment, not to the closed one (the CI failure of issue 21:
+    dask's scheduler thread logging "Close client connection" into a closed capture, whose
+    "--- Logging error ---" landed in the next test's one-line refusal). Libraries' INFO stays
+    out; their warnings and errors show; Beam's start-up noise is dropped."""
+    import subprocess
+    import sys
+
+    code = """
+import io, logging, sys, threading
+from domainlm.data.beam import worker as w
+first = io.StringIO()
+sys.stderr, real = first, sys.stderr
+w.install()
+sys.stderr = real
+first.close()
+def emit():
+    logging.getLogger("distributed.scheduler").setLevel(logging.INFO)
+    logging.getLogger("distributed.scheduler").info("Close client connection: %s", "Client-1")
+    logging.getLogger("distributed.worker").warning("worker %s lost", "tcp://w:1")
+    logging.getLogger("apache_beam.runners").warning("No semi_persistent_directory found: x")
+    logging.getLogger("apache_beam.runners").error("bundle failed")
+t = threading.Thread(target=emit)
+t.start(); t.join()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.splitlines() == ["WARNING:distributed.worker:worker tcp://w:1 lost",
+                                       "ERROR:apache_beam.runners:bundle failed"], out.stderr
+
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):

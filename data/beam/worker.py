@@ -28,23 +28,42 @@ NOISE = (
 
 
 class QuietBeam(logging.Filter):
-    """Drops Beam's start-up messages that say nothing about the user's run."""
+    """Drops Beam's start-up warnings that say nothing about the user's run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
-        if record.levelno < logging.WARNING and record.name.split(".")[0] in ("apache_beam", "__main__"):
-            return False
         msg = record.getMessage()
         return not any(n in msg for n in NOISE)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to sys.stderr as it is when a record comes, not as it was
+    when the handler was made (as logging's own last-resort handler does): the handler is
+    installed once per process, and a caller that swaps sys.stderr for a while (a test's
+    capture, contextlib.redirect_stderr) and closes it must not leave it writing to a closed
+    file when a library's thread logs later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def install() -> None:
-    """A stderr handler on the root logger with the filter, before Beam adds its own; then
-    Beam imported without pandas."""
+    """A stderr handler on the root logger for other libraries' warnings and errors (their INFO
+    chatter, e.g. dask's client connections, stays out), with the filter, before Beam adds its
+    own; then Beam imported without pandas."""
     root = logging.getLogger()
     if not any(isinstance(f, QuietBeam) for h in root.handlers for f in h.filters):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
+        handler.setLevel(logging.WARNING)
         handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
         handler.addFilter(QuietBeam())
         root.addHandler(handler)
