@@ -69,6 +69,55 @@ def _same_output(a: Path, b: Path) -> None:
         assert fa[name] == fb[name], f"{name} differs"
 
 
+# The one-line refusals run before the module's cluster exists: its scheduler lives in this process,
+# and a line it logs while another test captures stderr would land in that test's output.
+def test_unreachable_scheduler_is_refused_before_anything_is_written(tmp_path, corpus, tokenizer_dir, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "dask",
+                                 "--beam.dask-address", f"tcp://127.0.0.1:{port}"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"tcp://127.0.0.1:{port}" in lines[0] and "dask scheduler" in lines[0] and "local:N" in lines[0]
+    assert time.perf_counter() - t0 < 10
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_dask_address_is_checked(tmp_path, corpus, tokenizer_dir, capsys):
+    out = tmp_path / "out"
+    for extra, words in ((["--beam.dask-address", "local:2"], "--beam.runner dask"),
+                         (["--beam.runner", "dask", "--beam.dask-address", "local:0"], "local:N"),
+                         (["--beam.runner", "dask", "--beam.dask-address", "myhost"], "tcp://HOST:8786")):
+        code, _, err = run_cli(_args(corpus, tokenizer_dir, out, *extra), capsys)
+        assert code == 2 and words in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_flink_without_its_job_server_is_refused_before_anything_is_written(tmp_path, corpus, tokenizer_dir,
+                                                                          capsys):
+    from domainlm.data.beam.pipeline import check_flink, flink_jar_name
+
+    out = tmp_path / "out"
+    jar = flink_jar_name()
+    assert jar.startswith("beam-runners-flink-") and "-job-server-" in jar and jar.endswith(".jar")
+    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "flink"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert jar in lines[0] and "--flink_job_server_jar=PATH" in lines[0] and "--job_endpoint" in lines[0]
+    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "FlinkRunner",
+                                 f"--beam.options=--flink_job_server_jar={tmp_path / 'missing.jar'}"), capsys)
+    assert code == 2 and "missing.jar: no such file" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # what passes the check (the run itself would then need Flink): a jar here, or a job service
+    (tmp_path / "server.jar").write_bytes(b"")
+    check_flink([f"--flink_job_server_jar={tmp_path / 'server.jar'}", "--flink_master=host:8081"])
+    check_flink(["--job_endpoint=host:8099"])
+    assert "flink-1.19-" in flink_jar_name(["--flink_version=1.19"])
+
+
 def test_local_cluster_writes_the_direct_runners_bytes(base, direct, corpus, tokenizer_dir):
     t0 = time.perf_counter()
     assert _shard(corpus, tokenizer_dir, base / "shards", "--beam.runner", "dask",
@@ -148,53 +197,6 @@ def test_a_worker_lost_for_good_fails_in_one_line_with_nothing_written(base, cor
     # the one executing when the process died may be another stage's)
     assert killed in last and "nothing was written" in last
     assert not out.exists() and not list(base.glob(".lost*"))
-
-
-def test_unreachable_scheduler_is_refused_before_anything_is_written(tmp_path, corpus, tokenizer_dir, capsys):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
-    t0 = time.perf_counter()
-    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "dask",
-                                 "--beam.dask-address", f"tcp://127.0.0.1:{port}"), capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"tcp://127.0.0.1:{port}" in lines[0] and "dask scheduler" in lines[0] and "local:N" in lines[0]
-    assert time.perf_counter() - t0 < 10
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
-
-
-def test_dask_address_is_checked(tmp_path, corpus, tokenizer_dir, capsys):
-    out = tmp_path / "out"
-    for extra, words in ((["--beam.dask-address", "local:2"], "--beam.runner dask"),
-                         (["--beam.runner", "dask", "--beam.dask-address", "local:0"], "local:N"),
-                         (["--beam.runner", "dask", "--beam.dask-address", "myhost"], "tcp://HOST:8786")):
-        code, _, err = run_cli(_args(corpus, tokenizer_dir, out, *extra), capsys)
-        assert code == 2 and words in err and "Traceback" not in err, err
-    assert not out.exists()
-
-
-def test_flink_without_its_job_server_is_refused_before_anything_is_written(tmp_path, corpus, tokenizer_dir,
-                                                                          capsys):
-    from domainlm.data.beam.pipeline import check_flink, flink_jar_name
-
-    out = tmp_path / "out"
-    jar = flink_jar_name()
-    assert jar.startswith("beam-runners-flink-") and "-job-server-" in jar and jar.endswith(".jar")
-    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "flink"), capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert jar in lines[0] and "--flink_job_server_jar=PATH" in lines[0] and "--job_endpoint" in lines[0]
-    code, _, err = run_cli(_args(corpus, tokenizer_dir, out, "--beam.runner", "FlinkRunner",
-                                 f"--beam.options=--flink_job_server_jar={tmp_path / 'missing.jar'}"), capsys)
-    assert code == 2 and "missing.jar: no such file" in err, err
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
-    # what passes the check (the run itself would then need Flink): a jar here, or a job service
-    (tmp_path / "server.jar").write_bytes(b"")
-    check_flink([f"--flink_job_server_jar={tmp_path / 'server.jar'}", "--flink_master=host:8081"])
-    check_flink(["--job_endpoint=host:8099"])
-    assert "flink-1.19-" in flink_jar_name(["--flink_version=1.19"])
 
 
 def test_runner_names_and_flags():
