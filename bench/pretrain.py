@@ -22,6 +22,7 @@ depend on the text).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -202,6 +203,12 @@ def bench_gpu(base: dict, ns) -> None:
                  "train.precision": "bf16", "train.recompute": ns.recompute, "train.device": "cuda",
                  "checkpoint.dir": str(REPO / f"bench/work/ckpt-{size}-{kernels}"), "checkpoint.overwrite": "true",
                  "schedule.warmup_steps": 10}
+            # what an earlier run in this process left allocated (its model, grads and optimizer
+            # states are freed by the cyclic GC, not by `trainer = None`) would count in this
+            # run's peak: collected first, and what is still held is printed beside the peak
+            gc.collect()
+            torch.cuda.empty_cache()
+            held = torch.cuda.memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
             trainer = trainer_for({**base, **t})
             try:
@@ -213,9 +220,11 @@ def bench_gpu(base: dict, ns) -> None:
             finally:
                 trainer.close()
                 trainer = None
+                gc.collect()
                 torch.cuda.empty_cache()
             print(f"{size:>5} kernels={kernels:<6}: {tok_s[kernels] / 1e3:,.1f}k tokens/s, MFU "
                   f"{'%.1f%%' % (100 * mfu) if mfu else 'n/a (unknown GPU peak)'}, peak memory {mem:.1f} GiB "
+                  f"(held before the run {held:.2f} GiB) "
                   f"({steps} steps after {ns.warmup} warm-up; seq {ns.gpu_seq_len}, micro {ns.gpu_micro_batch_size} x "
                   f"{ns.gpu_accumulation}, bf16, recompute {ns.recompute})", flush=True)
         if {"torch", "triton"} <= set(tok_s):

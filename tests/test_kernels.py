@@ -588,16 +588,16 @@ def megatron_world():
         dist.destroy_process_group()
 
 
-def _tiny_gpt(kernels_choice: str, norm_kernel: str = "torch"):
+def _tiny_gpt(kernels_choice: str, norm_kernel: str = "torch", num_layers: int | None = None, seq_len: int = 12):
     from domainlm.pretrain import cpu_compat
     from domainlm.pretrain.config import ModelArgs
     from domainlm.pretrain.model import build_model, transformer_config
     from domainlm.pretrain.config import resolve_model
 
-    m = resolve_model(ModelArgs(size="tiny", kernels=kernels_choice, norm_kernel=norm_kernel))
+    m = resolve_model(ModelArgs(size="tiny", kernels=kernels_choice, norm_kernel=norm_kernel, num_layers=num_layers))
     config = transformer_config(m, cpu=True)
     cpu_compat.model_parallel_manual_seed(1234)
-    return build_model(m, config, vocab_size=256, seq_len=12)
+    return build_model(m, config, vocab_size=256, seq_len=seq_len)
 
 
 def _graph_functions(t: torch.Tensor) -> set[str]:
@@ -655,3 +655,46 @@ def test_tiny_gpt_triton_matches_torch(megatron_world, norm_kernel):
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
     for (name, p_ref), (_, p_ours) in zip(ref.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _saved_bytes_per_token_and_layer(kernels_choice: str, norm_kernel: str, seq: int = 16) -> float:
+    """Bytes autograd keeps for backward per token in one layer: the storages saved in a forward
+    of 2 layers minus those of 1 (the embedding, final norm and loss cancel out), parameters
+    not counted, each storage once however many views of it are saved."""
+
+    def saved(n_layers: int) -> int:
+        model = _tiny_gpt(kernels_choice, norm_kernel, num_layers=n_layers, seq_len=seq)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        g = torch.Generator().manual_seed(5)
+        tokens, labels = torch.randint(0, 256, (1, seq), generator=g), torch.randint(0, 256, (1, seq), generator=g)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(tokens, torch.arange(seq)[None], None, labels=labels).sum()
+        loss.backward()
+        return sum(storages.values())
+
+    return (saved(2) - saved(1)) / seq
+
+
+def test_triton_layer_keeps_less_for_backward_than_the_torch_layer(megatron_world):
+    """Activation memory of a layer (issue 21 asked where the triton path's higher GPU peak
+    comes from): the fused SwiGLU keeps fc1's output (2F values a token) where eager megatron
+    also keeps silu(gate) and the gate x up product's operands, 2F more; the fused add + norm
+    keeps the sum once (2H fewer); megatron's rotary keeps cos and sin for q and k in every layer
+    (4 x head_dim a token), ours the one frequency table all layers share. Tiny shape, fp32:
+    F = 192, H = 64, head_dim 16. On the 1B shape (bench/RESULTS.md) the same count gives
+    239 KiB a token and layer for torch, 174 for triton, 158 with our norm."""
+    f, h, head_dim, fp32 = 192, 64, 16, 4
+    torch_layer = _saved_bytes_per_token_and_layer("torch", "torch")
+    triton_layer = _saved_bytes_per_token_and_layer("triton", "torch")
+    triton_norm = _saved_bytes_per_token_and_layer("triton", "triton")
+    print(f"bytes a token and layer: torch {torch_layer}, triton {triton_layer}, triton + our norm {triton_norm}")
+    assert torch_layer - triton_layer == 2 * f * fp32 + 4 * head_dim * fp32
+    assert triton_layer - triton_norm == 2 * h * fp32
