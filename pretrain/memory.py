@@ -15,7 +15,10 @@ most activations in flight), with bf16 training as `domainlm pretrain` runs it o
   accounting of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", redone for a Llama layer: no dropout, flash/SDPA attention that keeps no s x s scores):
   norm inputs 2 x 2sbh, QKV and MLP inputs 2 x 2sbh, q/k/v 2sbh(1 + 2g/a), attention output 2sbh,
-  gate + up 4sbf, down-projection input 2sbf; so sbh(12 + 4g/a) + 6sbf bytes. Sequence parallelism
+  gate + up 4sbf, down-projection input 2sbf; so sbh(12 + 4g/a) + 6sbf bytes with `kernels: triton`
+  (the fused SwiGLU keeps fc1's output alone). Megatron's eager gated linear unit (`kernels:
+  torch`) also keeps silu(gate) and `up + glu_linear_offset` (a new tensor even at offset 0):
+  10sbf for the MLP (counted with autograd's saved-tensor hooks, tests/test_kernels.py). Sequence parallelism
   divides all of it by TP; without it the norm and linear inputs (8sbh) are whole on every TP rank.
   Full recomputation keeps only each layer's input (2sbh, / TP with SP). Selective recomputation
   recomputes the attention core, which flash attention already does not store: counted as none.
@@ -90,7 +93,8 @@ def estimate(model, *, vocab: int, tp: int = 1, pp: int = 1, vpp: int = 1, dp: i
     if recompute == "full":
         layer_act = 2 * s * b * d / (tp if sequence_parallel else 1)
     else:
-        split = s * b * d * (4 + 4 * g / a) + 6 * s * b * f                  # q/k/v, attention out, MLP
+        mlp = (6 if model.kernels == "triton" else 10) * s * b * f
+        split = s * b * d * (4 + 4 * g / a) + mlp                             # q/k/v, attention out, MLP
         whole = 8 * s * b * d                                                  # norm + linear inputs
         layer_act = (split + whole) / tp if sequence_parallel else split / tp + whole
     in_flight = min(pp, micro_batches) if micro_batches else pp
@@ -118,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--no-sequence-parallel", action="store_true")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    parser.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+                        help="model.kernels: the triton path's SwiGLU keeps 4sbf bytes a layer less (default: torch, "
+                             "as domainlm pretrain)")
     ns = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")   # megatron's, on import
     from domainlm.pretrain.config import ModelArgs, resolve_model
 
     try:
-        model = resolve_model(ModelArgs(size=ns.size))
+        model = resolve_model(ModelArgs(size=ns.size, kernels=ns.kernels))
         est = estimate(model, vocab=ns.vocab, tp=ns.tp, pp=ns.pp, vpp=ns.vpp, dp=ns.dp, seq_len=ns.seq_len,
                        micro_batch_size=ns.micro_batch_size, sequence_parallel=not ns.no_sequence_parallel,
                        recompute=ns.recompute)
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{ns.size}, vocab {ns.vocab}, TP={ns.tp} PP={ns.pp} VPP={ns.vpp} DP={ns.dp}, seq {ns.seq_len} x micro "
           f"{ns.micro_batch_size}, sequence parallel {'off' if ns.no_sequence_parallel else 'on'}, "
-          f"recompute {ns.recompute}")
+          f"recompute {ns.recompute}, kernels {ns.kernels}")
     print(est.table())
     return 0
 

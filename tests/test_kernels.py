@@ -685,8 +685,9 @@ def _saved_bytes_per_token_and_layer(kernels_choice: str, norm_kernel: str, seq:
 
 def test_triton_layer_keeps_less_for_backward_than_the_torch_layer(megatron_world):
     """Activation memory of a layer (issue 21 asked where the triton path's higher GPU peak
-    comes from): the fused SwiGLU keeps fc1's output (2F values a token) where eager megatron
-    also keeps silu(gate) and the gate x up product's operands, 2F more; the fused add + norm
+    comes from): the fused SwiGLU keeps fc1's output (2F values a token) where megatron's eager
+    gated unit also keeps silu(gate) and `up + glu_linear_offset`, 2F more (pretrain/memory.py
+    counts the same); the fused add + norm
     keeps the sum once (2H fewer); megatron's rotary keeps cos and sin for q and k in every layer
     (4 x head_dim a token), ours the one frequency table all layers share. Tiny shape, fp32:
     F = 192, H = 64, head_dim 16. On the 1B shape (bench/RESULTS.md) the same count gives
