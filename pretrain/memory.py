@@ -108,6 +108,28 @@ def estimate(model, *, vocab: int, tp: int = 1, pp: int = 1, vpp: int = 1, dp: i
                     total_gb=max(first_total, last_total) / GB)
 
 
+def saved_for_backward_bytes(forward, exclude=()) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs: every storage a saved tensor lives
+    in, counted once however many views of it are saved, those of `exclude` (parameters) left
+    out. Measures, on any device, what the activation count above assumes (bench/activations.py,
+    tests/test_kernels.py)."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m domainlm.pretrain.memory",
                                      description=__doc__.split("\n\n")[0],

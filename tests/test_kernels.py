@@ -658,27 +658,16 @@ def test_tiny_gpt_triton_matches_torch(megatron_world, norm_kernel):
 
 
 def _saved_bytes_per_token_and_layer(kernels_choice: str, norm_kernel: str, seq: int = 16) -> float:
-    """Bytes autograd keeps for backward per token in one layer: the storages saved in a forward
-    of 2 layers minus those of 1 (the embedding, final norm and loss cancel out), parameters
-    not counted, each storage once however many views of it are saved."""
+    """Bytes autograd keeps for backward per token in one layer: a forward of 2 layers minus one
+    of 1 (the embedding, final norm and loss cancel out), parameters not counted."""
+    from domainlm.pretrain.memory import saved_for_backward_bytes
 
     def saved(n_layers: int) -> int:
         model = _tiny_gpt(kernels_choice, norm_kernel, num_layers=n_layers, seq_len=seq)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                storages[s.data_ptr()] = s.nbytes()
-            return t
-
         g = torch.Generator().manual_seed(5)
         tokens, labels = torch.randint(0, 256, (1, seq), generator=g), torch.randint(0, 256, (1, seq), generator=g)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(tokens, torch.arange(seq)[None], None, labels=labels).sum()
-        loss.backward()
-        return sum(storages.values())
+        return saved_for_backward_bytes(lambda: model(tokens, torch.arange(seq)[None], None, labels=labels),
+                                        exclude=list(model.parameters()))
 
     return (saved(2) - saved(1)) / seq
 
