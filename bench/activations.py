@@ -11,6 +11,14 @@ a token, in all three paths alike), which flash attention on a GPU does not.
     .venv/bin/python bench/activations.py                      # 1B shape, 64 tokens (~2 min)
     .venv/bin/python bench/activations.py --size 125M --seq 128
 
+--qlora counts the same for fine-tuning's QLoRA base (a transformers LlamaForCausalLM of the shape,
+bf16, LoRA r=16 on every projection, under bf16 autocast as `domainlm finetune` runs it), prepared
+two ways: peft's `prepare_model_for_kbit_training` (which casts the embedding, norms and output
+layer to fp32) and ours (`finetune/model.py: prepare_quantized`, which leaves them bf16). There
+is no 4-bit layer on CPU: each projection is a bf16 linear that, as bitsandbytes' Linear4bit
+does, computes in bf16 and returns its input's dtype, so the fp32 that peft's cast lets into the
+residual stream flows on as it would on a GPU.
+
 Prints the table and writes it to bench/results/activations.txt (or --out).
 """
 
@@ -49,13 +57,65 @@ def per_token_and_layer(size: str, kernels: str, norm_kernel: str, seq: int, voc
     return (saved(2) - saved(1)) / seq
 
 
+def qlora_per_token_and_layer(size: str, prepare: str, seq: int, vocab: int) -> float:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from domainlm.finetune.model import prepare_quantized
+    from domainlm.config import read_yaml
+
+    m = read_yaml(REPO / f"configs/model/{size}.yaml")["model"]
+
+    class Like4bit(torch.nn.Linear):
+        """Linear4bit's dtype behaviour: bf16 compute, the input's dtype out."""
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+    def saved(n_layers: int) -> int:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
+                          num_hidden_layers=n_layers, num_attention_heads=m["num_attention_heads"],
+                          num_key_value_heads=m["num_query_groups"], tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        for layer in model.model.layers:
+            for mod in list(layer.modules()):
+                for name, child in list(mod.named_children()):
+                    if type(child) is torch.nn.Linear:
+                        child.__class__ = Like4bit
+        if prepare == "peft":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            for mod in model.modules():   # the projections stay 4-bit on a GPU: not cast
+                if isinstance(mod, Like4bit):
+                    mod.weight.data = mod.weight.data.to(torch.bfloat16)
+        else:
+            prepare_quantized(model)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        model.train()
+        ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1))
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(input_ids=ids, labels=ids).loss
+
+        return saved_for_backward_bytes(forward, exclude=list(model.parameters()))
+
+    from domainlm.pretrain.memory import saved_for_backward_bytes
+
+    return (saved(2) - saved(1)) / seq
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1B", help="named model size (configs/model/NAME.yaml)")
     ap.add_argument("--seq", type=int, default=64, help="tokens in the forward")
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--out", default=str(REPO / "bench/results/activations.txt"))
+    ap.add_argument("--qlora", action="store_true", help="QLoRA's base prepared by peft against ours (see above)")
+    ap.add_argument("--out", default=None, help="default: bench/results/activations.txt (activations_qlora.txt)")
     ns = ap.parse_args()
+    out = Path(ns.out or REPO / f"bench/results/activations{'_qlora' if ns.qlora else ''}.txt")
     os.environ["TRITON_INTERPRET"] = "1"
     warnings.filterwarnings("ignore")
     import torch
@@ -71,8 +131,21 @@ def main() -> None:
              f"command: python bench/activations.py {' '.join(sys.argv[1:])}".rstrip(),
              f"{ns.size} shape, fp32 on CPU, {ns.seq} tokens, vocab {ns.vocab}: bytes kept for backward per token "
              "and layer (2 layers minus 1)", ""]
+    if ns.qlora:
+        lines[2] = (f"{ns.size} shape, LoRA r=16 on a bf16 base under bf16 autocast, {ns.seq} tokens, vocab {ns.vocab}: "
+                    "bytes kept for backward per token and layer (2 layers minus 1)")
     print("\n".join(lines), flush=True)
     base = None
+    if ns.qlora:
+        for prepare, name in (("peft", "peft prepare_model_for_kbit_training"), ("ours", "ours (prepare_quantized)")):
+            t0 = time.perf_counter()
+            b = qlora_per_token_and_layer(ns.size, prepare, ns.seq, ns.vocab)
+            base = base or b
+            line = f"{name:<40} {b / 1024:8.1f} KiB  ({b / base:.2f} of peft's; {time.perf_counter() - t0:.0f} s)"
+            print(line, flush=True)
+            lines.append(line)
+        out.write_text("\n".join(lines) + "\n")
+        return
     for kernels, norm in PATHS:
         t0 = time.perf_counter()
         b = per_token_and_layer(ns.size, kernels, norm, ns.seq, ns.vocab)
@@ -81,7 +154,7 @@ def main() -> None:
         line = f"{name:<36} {b / 1024:8.1f} KiB  ({b / base:.2f} of torch; {time.perf_counter() - t0:.0f} s)"
         print(line, flush=True)
         lines.append(line)
-    Path(ns.out).write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -3,7 +3,8 @@
 Whose is what: transformers loads the base (`AutoModelForCausalLM`, with `BitsAndBytesConfig`
 for QLoRA's 4-bit NF4 base) and runs the layers, including packed rows (it turns restarting
 position ids into a block-diagonal mask); peft builds LoRA / DoRA / rsLoRA adapters
-(`LoraConfig`, `get_peft_model`, `prepare_model_for_kbit_training`); torch wraps the model for
+(`LoraConfig`, `get_peft_model`; QLoRA's base is prepared by `prepare_quantized`, not peft's
+`prepare_model_for_kbit_training`, whose fp32 casts double the activations); torch wraps the model for
 several processes (DDP for adapters, FSDP2 `fully_shard` per decoder layer for full fine-tuning).
 Ours: the loss, a sum over supervised tokens computed from the final hidden states, so the
 trainer can normalize it over a whole step and `--kernels triton` can fuse the output layer with
@@ -108,6 +109,21 @@ def lora_config(cfg: SFTConfig, model):
         use_rslora=cfg.lora.rslora, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
 
 
+def prepare_quantized(model) -> None:
+    """QLoRA's base before the adapters: frozen, its bf16 parameters (embedding, norms, output
+    layer) left in bf16.
+
+    peft's `prepare_model_for_kbit_training` would also cast those to fp32. The embedding's fp32
+    output then makes the residual stream fp32, and with it every norm's output, every 4-bit
+    layer's output (bitsandbytes returns its input's dtype) and what autograd keeps of them:
+    about twice the activations of bf16 LoRA (measured on an H100: QLoRA 17.6 GiB against bf16
+    LoRA's 13.85 at the 1B shape; `bench/activations.py --qlora` counts the cause on CPU). TRL's
+    SFTTrainer does not call it either. Its other steps are not needed here: gradient
+    checkpointing is enabled by `build`, non-reentrant, so the inputs need no grad."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 def build(hf: HFDir, cfg: SFTConfig, device: torch.device, bf16: bool):
     """The model to train (a PeftModel, or the HF model itself for full fine-tuning)."""
     torch.manual_seed(cfg.train.seed)           # the adapters' init
@@ -117,10 +133,7 @@ def build(hf: HFDir, cfg: SFTConfig, device: torch.device, bf16: bool):
     if cfg.method == "full":
         return model
     if cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepare_quantized(model)
     from peft import get_peft_model
 
     start = getattr(cfg, "adapter", "")

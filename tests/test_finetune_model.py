@@ -130,3 +130,26 @@ def test_triton_kernels_in_hf_llama_equal_the_torch_path(tmp_path, tokenizer_dir
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
     # The swap keeps the state dict as it was: the adapter files do not know about the kernels.
     assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_qlora_base_stays_bf16_where_peft_would_cast_it_to_fp32(tiny_hf_model):
+    """QLoRA's base preparation (issue 21: QLoRA took more GPU memory than bf16 LoRA): ours freezes
+    the base and leaves its bf16 parameters bf16, so the hidden states stay bf16 under autocast;
+    peft's prepare_model_for_kbit_training casts the embedding, norms and output layer to fp32,
+    and the residual stream follows (bench/activations.py --qlora counts what that keeps)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.finetune.model import prepare_quantized
+
+    ours = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model), dtype=torch.bfloat16)
+    prepare_quantized(ours)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ours.parameters())
+    theirs = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(str(tiny_hf_model),
+                                                                                  dtype=torch.bfloat16),
+                                             use_gradient_checkpointing=False)
+    assert theirs.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours.model(input_ids=ids).last_hidden_state.dtype == torch.bfloat16
+        assert theirs.model(input_ids=ids).last_hidden_state.dtype == torch.float32
