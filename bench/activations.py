@@ -10,6 +10,8 @@ a token, in all three paths alike), which flash attention on a GPU does not.
 
     .venv/bin/python bench/activations.py                      # 1B shape, 64 tokens (~2 min)
     .venv/bin/python bench/activations.py --size 125M --seq 128
+    .venv/bin/python bench/activations.py --qlora      # QLoRA's base: peft's preparation against ours
+    .venv/bin/python bench/activations.py --lora       # LoRA: stock transformers against --kernels triton
 
 --qlora counts the same for fine-tuning's QLoRA base (a transformers LlamaForCausalLM of the shape,
 bf16, LoRA r=16 on every projection, under bf16 autocast as `domainlm finetune` runs it), prepared
@@ -57,13 +59,25 @@ def per_token_and_layer(size: str, kernels: str, norm_kernel: str, seq: int, voc
     return (saved(2) - saved(1)) / seq
 
 
-def qlora_per_token_and_layer(size: str, prepare: str, seq: int, vocab: int) -> float:
+HF_VARIANTS = {
+    "qlora": (("qlora-peft", "peft prepare_model_for_kbit_training"), ("qlora-ours", "ours (prepare_quantized)")),
+    "lora": (("lora-stock", "stock transformers + peft (as TRL)"), ("lora-ours", "ours, --kernels triton")),
+}
+
+
+def hf_per_token_and_layer(size: str, variant: str, seq: int, vocab: int) -> float:
+    """Fine-tuning's model (transformers Llama + peft LoRA r=16 on every projection, bf16 base, bf16
+    autocast): bytes kept for backward per token and layer, from 2 layers minus 1 at 2*seq tokens
+    minus the same at seq tokens, so what does not grow with the tokens (the LoRA weights' bf16
+    copies that autocast keeps) cancels out too."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from domainlm.finetune.model import prepare_quantized
     from domainlm.config import read_yaml
+    from domainlm.finetune.kernels import apply_kernels
+    from domainlm.finetune.model import LossModel, prepare_quantized
+    from domainlm.pretrain.memory import saved_for_backward_bytes
 
     m = read_yaml(REPO / f"configs/model/{size}.yaml")["model"]
 
@@ -73,38 +87,42 @@ def qlora_per_token_and_layer(size: str, prepare: str, seq: int, vocab: int) -> 
         def forward(self, x):
             return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
 
-    def saved(n_layers: int) -> int:
+    def saved(n_layers: int, tokens: int) -> int:
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
                           num_hidden_layers=n_layers, num_attention_heads=m["num_attention_heads"],
                           num_key_value_heads=m["num_query_groups"], tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        for layer in model.model.layers:
-            for mod in list(layer.modules()):
-                for name, child in list(mod.named_children()):
-                    if type(child) is torch.nn.Linear:
-                        child.__class__ = Like4bit
-        if prepare == "peft":
+        if variant.startswith("qlora"):
+            for layer in model.model.layers:
+                for mod in list(layer.modules()):
+                    for child in mod.children():
+                        if type(child) is torch.nn.Linear:
+                            child.__class__ = Like4bit
+        if variant == "qlora-peft":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             for mod in model.modules():   # the projections stay 4-bit on a GPU: not cast
                 if isinstance(mod, Like4bit):
                     mod.weight.data = mod.weight.data.to(torch.bfloat16)
-        else:
+        elif variant == "qlora-ours":
             prepare_quantized(model)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+        elif variant == "lora-ours":
+            apply_kernels(model)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
         model.train()
-        ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+        loss = LossModel(model, fused=variant == "lora-ours")
 
         def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return model(input_ids=ids, labels=ids).loss
+                return loss(ids, ids)
 
         return saved_for_backward_bytes(forward, exclude=list(model.parameters()))
 
-    from domainlm.pretrain.memory import saved_for_backward_bytes
-
-    return (saved(2) - saved(1)) / seq
+    per_layer = {t: saved(2, t) - saved(1, t) for t in (seq, 2 * seq)}
+    return (per_layer[2 * seq] - per_layer[seq]) / seq
 
 
 def main() -> None:
@@ -113,9 +131,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64, help="tokens in the forward")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--qlora", action="store_true", help="QLoRA's base prepared by peft against ours (see above)")
-    ap.add_argument("--out", default=None, help="default: bench/results/activations.txt (activations_qlora.txt)")
+    ap.add_argument("--lora", action="store_true", help="fine-tuning's LoRA: stock transformers against ours")
+    ap.add_argument("--out", default=None,
+                    help="default: bench/results/activations.txt (activations_qlora.txt, activations_lora.txt)")
     ns = ap.parse_args()
-    out = Path(ns.out or REPO / f"bench/results/activations{'_qlora' if ns.qlora else ''}.txt")
+    mode = "qlora" if ns.qlora else "lora" if ns.lora else ""
+    out = Path(ns.out or REPO / f"bench/results/activations{'_' + mode if mode else ''}.txt")
     os.environ["TRITON_INTERPRET"] = "1"
     warnings.filterwarnings("ignore")
     import torch
@@ -131,17 +152,17 @@ def main() -> None:
              f"command: python bench/activations.py {' '.join(sys.argv[1:])}".rstrip(),
              f"{ns.size} shape, fp32 on CPU, {ns.seq} tokens, vocab {ns.vocab}: bytes kept for backward per token "
              "and layer (2 layers minus 1)", ""]
-    if ns.qlora:
-        lines[2] = (f"{ns.size} shape, LoRA r=16 on a bf16 base under bf16 autocast, {ns.seq} tokens, vocab {ns.vocab}: "
-                    "bytes kept for backward per token and layer (2 layers minus 1)")
+    if mode:
+        lines[2] = (f"{ns.size} shape, LoRA r=16 on a bf16 base under bf16 autocast, vocab {ns.vocab}: bytes kept for "
+                    f"backward per token and layer (2 layers minus 1, {2 * ns.seq} tokens minus {ns.seq})")
     print("\n".join(lines), flush=True)
     base = None
-    if ns.qlora:
-        for prepare, name in (("peft", "peft prepare_model_for_kbit_training"), ("ours", "ours (prepare_quantized)")):
+    if mode:
+        for variant, name in HF_VARIANTS[mode]:
             t0 = time.perf_counter()
-            b = qlora_per_token_and_layer(ns.size, prepare, ns.seq, ns.vocab)
+            b = hf_per_token_and_layer(ns.size, variant, ns.seq, ns.vocab)
             base = base or b
-            line = f"{name:<40} {b / 1024:8.1f} KiB  ({b / base:.2f} of peft's; {time.perf_counter() - t0:.0f} s)"
+            line = f"{name:<40} {b / 1024:8.1f} KiB  ({b / base:.2f} of the first; {time.perf_counter() - t0:.0f} s)"
             print(line, flush=True)
             lines.append(line)
         out.write_text("\n".join(lines) + "\n")
