@@ -4,7 +4,7 @@ Whose is what: transformers loads the base (`AutoModelForCausalLM`, with `BitsAn
 for QLoRA's 4-bit NF4 base) and runs the layers, including packed rows (it turns restarting
 position ids into a block-diagonal mask); peft builds LoRA / DoRA / rsLoRA adapters
 (`LoraConfig`, `get_peft_model`; QLoRA's base is prepared by `prepare_quantized`, not peft's
-`prepare_model_for_kbit_training`, whose fp32 casts double the activations); torch wraps the model for
+`prepare_model_for_kbit_training`, whose fp32 casts grow the activations 1.4x); torch wraps the model for
 several processes (DDP for adapters, FSDP2 `fully_shard` per decoder layer for full fine-tuning).
 Ours: the loss, a sum over supervised tokens computed from the final hidden states, so the
 trainer can normalize it over a whole step and `--kernels triton` can fuse the output layer with
@@ -115,9 +115,9 @@ def prepare_quantized(model) -> None:
 
     peft's `prepare_model_for_kbit_training` would also cast those to fp32. The embedding's fp32
     output then makes the residual stream fp32, and with it every norm's output, every 4-bit
-    layer's output (bitsandbytes returns its input's dtype) and what autograd keeps of them:
-    about twice the activations of bf16 LoRA (measured on an H100: QLoRA 17.6 GiB against bf16
-    LoRA's 13.85 at the 1B shape; `bench/activations.py --qlora` counts the cause on CPU). TRL's
+    layer's output (bitsandbytes returns its input's dtype) and what autograd keeps of them: 1.4x
+    what a layer keeps for backward (`bench/activations.py --qlora`, counted on CPU), and on an
+    H100 QLoRA took 17.6 GiB against bf16 LoRA's 13.85 at the 1B shape. TRL's
     SFTTrainer does not call it either. Its other steps are not needed here: gradient
     checkpointing is enabled by `build`, non-reentrant, so the inputs need no grad."""
     for p in model.parameters():

@@ -44,9 +44,6 @@ class StderrHandler(logging.StreamHandler):
     capture, contextlib.redirect_stderr) and closes it must not leave it writing to a closed
     file when a library's thread logs later."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
