@@ -676,9 +676,9 @@ def test_triton_layer_keeps_less_for_backward_than_the_torch_layer(megatron_worl
     """Activation memory of a layer (issue 21 asked where the triton path's higher GPU peak
     comes from): the fused SwiGLU keeps fc1's output (2F values a token) where megatron's eager
     gated unit also keeps silu(gate) and `up + glu_linear_offset`, 2F more (pretrain/memory.py
-    counts the same); the fused add + norm
-    keeps the sum once (2H fewer); megatron's rotary keeps cos and sin for q and k in every layer
-    (4 x head_dim a token), ours the one frequency table all layers share. Tiny shape, fp32:
+    counts the same); the fused add + norm keeps the sum once (2H fewer); megatron's rotary keeps
+    cos and sin for q and k in every layer (4 x head_dim a token), ours the one frequency table
+    all layers share. Tiny shape, fp32:
     F = 192, H = 64, head_dim 16. On the 1B shape (bench/RESULTS.md) the same count gives
     239 KiB a token and layer for torch, 174 for triton, 158 with our norm."""
     f, h, head_dim, fp32 = 192, 64, 16, 4

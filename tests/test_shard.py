@@ -658,6 +658,7 @@ def test_beam_import_hides_unused_io_only_while_importing():
     assert out.stdout.strip() == "20"
     assert "bson" not in out.stderr
 
+
 def test_root_handler_writes_to_the_stderr_of_the_moment_and_only_warnings():
     """The handler install() puts on the root logger once per process: installed while
     sys.stderr was a stream that is closed later (a test's capture), a library thread's record
