@@ -189,6 +189,10 @@ class SFTConfig:
     kernels: Literal["torch", "triton"] = "torch"
     """'triton': our fused RMSNorm, SwiGLU, rotary and linear cross-entropy kernels in the HF
     Llama modules (CUDA; on CPU only under TRITON_INTERPRET=1, else the torch path runs)."""
+    recompute_elementwise: bool = True
+    """With kernels triton: backward recomputes each norm's and SwiGLU's output (one elementwise
+    kernel, bitwise the same) instead of keeping it for the projections that read it: 2H + F
+    values a token and layer fewer (24 KiB at the 1B shape in bf16). false: keep them."""
     forgetting_data: list[str] = field(default_factory=list, metadata=INPUT)
     """General or pretraining text for a perplexity before/after: a shards dir (its valid split,
     tokenized with the model's tokenizer) or text files (JSONL with "text", .txt, Parquet)."""

@@ -20,12 +20,29 @@ The kernels take megatron's layout and angles; the HF side hands over [batch, he
 and cos/sin. The dispatcher passes permuted views (no copy) and recovers the angles as
 atan2(sin, cos) in fp32, where that is exact to rounding. RoPE variants whose cos/sin carry an
 attention scaling other than 1 (YaRN, LongRoPE) keep HF's rotary code.
+
+Recomputed, not kept (`recompute_elementwise`, on by default with the kernels): autograd keeps
+each norm's output for the LoRA A (and any trained) projections that read it, and SwiGLU's output
+for down_proj's, although both are one elementwise kernel away from tensors backward keeps anyway
+(the norm's input and its weight; SwiGLU's input [gate, up]). Inside `recompute_elementwise()`
+the norm and MLP forwards register their outputs, and a `saved_tensors_hooks` pair packs a saved
+tensor that lives in a registered output's storage as a recipe (the function, its inputs, the
+view), which backward turns back into the same view of a recomputed output: bitwise the same
+values (the same kernel on the same inputs), computed once per output however many projections
+read it, and 2H + F values a token and layer fewer kept (24 KiB at the 1B shape in bf16: 74.6 ->
+50.6 KiB, bench/activations.py --lora). It finds the outputs themselves only where the
+projections read them as they are: in bf16 once peft's input cast is off
+(finetune/model.py: keep_input_dtype, which the trainer does under autocast), and with
+`lora.dropout` 0 (dropout gives each adapter its own tensor). Inside a gradient-checkpointed layer
+the checkpoint's own hooks come first and this does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+import weakref
 
 import torch
 
@@ -35,6 +52,123 @@ from domainlm.pretrain.kernels.rope import apply_rotary
 from domainlm.pretrain.kernels.swiglu import swiglu
 
 _rope = threading.local()
+_recompute = threading.local()   # .registry: storage pointer -> _Source, inside recompute_elementwise()
+
+
+class _Source:
+    """An output that backward can recompute: fn(*args) under the autocast state of its forward.
+    Registered with weak references only (a forward whose outputs nobody saves, or whose layers are
+    checkpointed, holds nothing more); the first pack pins the inputs, which the kernels' own
+    backward keeps anyway. `uses` counts the saved views still to unpack; the recomputed value is
+    held until the last."""
+
+    __slots__ = ("ref", "fn", "arg_refs", "args", "autocast", "value", "uses")
+
+    def __init__(self, out: torch.Tensor, fn, args: tuple):
+        self.ref, self.fn, self.args = weakref.ref(out), fn, None
+        self.arg_refs = tuple(weakref.ref(a) if isinstance(a, torch.Tensor) else a for a in args)
+        dev = out.device.type
+        self.autocast = (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+        self.value, self.uses = None, 0
+
+    def pin(self) -> bool:
+        """Hold the inputs from now on; False where one is gone (then the tensor is kept as is)."""
+        if self.args is None:
+            args = tuple(a() if isinstance(a, weakref.ref) else a for a in self.arg_refs)
+            if any(a is None for a in args):
+                return False
+            self.args = args
+        return True
+
+    def get(self) -> torch.Tensor:
+        value = self.value
+        if value is None:
+            amp = (torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast
+                   else contextlib.nullcontext())
+            with torch.no_grad(), amp:
+                value = self.fn(*self.args)
+        self.uses -= 1
+        self.value = value if self.uses > 0 else None
+        return value
+
+
+class _Packed:
+    """What autograd holds instead of a saved view of a registered output."""
+
+    __slots__ = ("source", "size", "stride", "offset")
+
+    def __init__(self, source: _Source, t: torch.Tensor):
+        self.source, self.size, self.stride, self.offset = source, t.size(), t.stride(), t.storage_offset()
+
+
+def _remember(out: torch.Tensor, fn, *args) -> torch.Tensor:
+    """Register `out` (= fn(*args), contiguous, its own storage) as recomputable while
+    recompute_elementwise() is on; returns it."""
+    registry = getattr(_recompute, "registry", None)
+    if (registry is not None and torch.is_grad_enabled() and out.numel() and out.storage_offset() == 0
+            and out.is_contiguous() and out.untyped_storage().nbytes() == out.numel() * out.element_size()):
+        registry[out.untyped_storage().data_ptr()] = _Source(out, fn, args)
+    return out
+
+
+class _Outer:
+    """A saved tensor this module does not take, as the enclosing hooks packed it."""
+
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, packed, unpack):
+        self.packed, self.unpack = packed, unpack
+
+
+def _enclosing_hooks():
+    """The saved-tensor hooks in force outside (torch.autograd.graph.save_on_cpu, a counter of what
+    is kept), which would otherwise be shadowed: only the innermost pair runs. torch has no public
+    getter; without one, None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        return top(True) if top is not None else None
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _hooks(outer):
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+
+    def pack(t: torch.Tensor):
+        registry = getattr(_recompute, "registry", None)
+        if registry and t.layout == torch.strided and t.numel():
+            source = registry.get(t.untyped_storage().data_ptr())
+            if source is not None:
+                out = source.ref()
+                # alive, so the storage at that address is still its own
+                if out is not None and out.dtype == t.dtype and out.device == t.device and source.pin():
+                    source.uses += 1
+                    return _Packed(source, t)
+        return t if outer_pack is None else _Outer(outer_pack(t), outer_unpack)
+
+    def unpack(packed):
+        if isinstance(packed, _Packed):
+            return packed.source.get().as_strided(packed.size, packed.stride, packed.offset)
+        if isinstance(packed, _Outer):
+            return packed.unpack(packed.packed)
+        return packed
+
+    return pack, unpack
+
+
+@contextlib.contextmanager
+def recompute_elementwise():
+    """A forward under this keeps the norms' and SwiGLU's outputs as recipes for backward
+    (see the module's docstring). Backward may run after the block ends."""
+    if getattr(_recompute, "registry", None) is not None:   # nested: the outer one serves
+        yield
+        return
+    _recompute.registry = {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(*_hooks(_enclosing_hooks())):
+            yield
+    finally:
+        _recompute.registry = None
 
 
 def _rope_on() -> bool:
@@ -45,14 +179,16 @@ class TritonRMSNorm(torch.nn.Module):
     """Stands in for an HF `*RMSNorm` instance (weight, variance_epsilon): same parameters."""
 
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return _remember(rms_norm(hidden_states, self.weight, self.variance_epsilon), rms_norm, hidden_states,
+                         self.weight, self.variance_epsilon)
 
 
 class TritonMLP(torch.nn.Module):
     """Stands in for an HF Llama/Mistral MLP instance (gate_proj, up_proj, down_proj, SiLU)."""
 
     def forward(self, x):
-        return self.down_proj(swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(_remember(swiglu(gate_up), swiglu, gate_up))
 
 
 class TritonRopeAttention(torch.nn.Module):

@@ -124,6 +124,25 @@ def prepare_quantized(model) -> None:
         p.requires_grad_(False)
 
 
+def keep_input_dtype(model) -> int:
+    """Turn off peft's cast of each LoRA layer's input to its adapter weights' dtype, for a model
+    that always runs under autocast (bf16 training). peft casts the bf16 hidden states to the fp32
+    adapters' dtype, then autocast casts them back to bf16 for the matmul: the values are the same,
+    but each LoRA A keeps its own fresh copy for backward, so the one norm output read by q, k and v
+    is kept three times and the one read by gate and up twice (3H values a token and layer more
+    than needed, 12 KiB at the 1B shape; and the recomputation of finetune/kernels.py finds only
+    copies). Without the cast autocast gives the matmul the hidden states as they are. Returns how
+    many layers it set."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
 def build(hf: HFDir, cfg: SFTConfig, device: torch.device, bf16: bool):
     """The model to train (a PeftModel, or the HF model itself for full fine-tuning)."""
     torch.manual_seed(cfg.train.seed)           # the adapters' init
@@ -159,14 +178,25 @@ class LossModel(torch.nn.Module):
     micro-batches and processes. With `fused`, the output projection and the loss run in
     `fused_linear_cross_entropy` (chunks of tokens, no [tokens, vocab] logits)."""
 
-    def __init__(self, model, fused: bool = False):
+    def __init__(self, model, fused: bool = False, recompute: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused
+        self.recompute = recompute
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, per_row: bool = False):
         """The summed loss, or with `per_row` each row's own sum ([b], fp32: a completion's
-        negative log-probability, what DPO compares; never fused)."""
+        negative log-probability, what DPO compares; never fused). With `recompute`, the
+        kernels' norm and SwiGLU outputs are recomputed in backward, not kept
+        (finetune/kernels.py: recompute_elementwise)."""
+        if self.recompute:
+            from domainlm.finetune.kernels import recompute_elementwise
+
+            with recompute_elementwise():
+                return self._loss(input_ids, labels, attention_mask, position_ids, per_row)
+        return self._loss(input_ids, labels, attention_mask, position_ids, per_row)
+
+    def _loss(self, input_ids, labels, attention_mask, position_ids, per_row):
         lm = causal_lm(self.model)
         decoder = getattr(lm, lm.base_model_prefix)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

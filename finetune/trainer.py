@@ -182,8 +182,11 @@ class Trainer:
             if resolve_kernels("triton", self.device) == "triton":
                 self.kernel_counts = apply_kernels(self.peft_model)
                 log.info("kernels: %s", self.kernel_counts)
+        if self.bf16:             # every forward runs under autocast (self.autocast below)
+            modeling.keep_input_dtype(self.peft_model)
         self.params = modeling.parameter_counts(self.peft_model)
-        self.loss_model = modeling.LossModel(self.peft_model, fused=self.kernel_counts is not None)
+        self.loss_model = modeling.LossModel(self.peft_model, fused=self.kernel_counts is not None,
+                                             recompute=self.kernel_counts is not None and cfg.recompute_elementwise)
         self.model = modeling.distribute(self.loss_model, cfg, self.world, self.device, self.bf16)
         o = cfg.optim
         decay, no_decay = [], []

@@ -91,12 +91,59 @@ def test_compiled_kernels_in_hf_llama_bf16_match_the_torch_path(base):
         assert cos > 0.99, (n, float(cos))
 
 
+def test_bf16_autocast_without_the_input_cast_and_with_recompute_keeps_less_and_matches(base):
+    """What `finetune --kernels triton` runs in bf16 (autocast, keep_input_dtype, recompute_elementwise)
+    against the same model with peft's input cast and everything kept: the same loss and gradients
+    (SDPA's backward may sum in another order on a GPU: cosine > 0.9999), and autograd keeps 5H + F
+    values a token and layer fewer (6H + F where o_proj's input is SDPA's own output in flash layout)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.finetune.kernels import apply_kernels
+    from domainlm.finetune.model import LossModel, keep_input_dtype
+    from domainlm.pretrain.memory import saved_for_backward_bytes
+
+    ids = torch.randint(4, 4000, (2, 48), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def run(ours: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
+        apply_kernels(model)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        if ours:
+            keep_input_dtype(model)
+        lm = LossModel(model, fused=True, recompute=ours)
+
+        def forward():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return lm(ids, ids)
+
+        kept = saved_for_backward_bytes(forward, exclude=list(model.parameters()))
+        loss = forward()
+        loss.backward()
+        return kept, float(loss), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    kept_ref, loss_ref, grads_ref = run(False)
+    kept, loss, grads = run(True)
+    assert abs(loss - loss_ref) <= 1e-3 * abs(loss_ref)
+    for n, gr in grads_ref.items():
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), gr.flatten(), dim=0)
+        assert cos > 0.9999, (n, float(cos))
+    h, f, layers, tokens = 64, 160, 2, ids.numel()
+    assert kept_ref - kept in {layers * tokens * (5 * h + f) * 2, layers * tokens * (6 * h + f) * 2}
+
+
 def test_lora_bf16_with_triton_kernels_trains_and_merges(base, qa, tmp_path, capsys):
     out = tmp_path / "adapter"
     code, _, err = run_cli(sft(base, qa, out, "--kernels", "triton", "--train.max-steps", 10, "--optim.lr", 5e-3), capsys)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     assert m["training"]["precision"] == "bf16" and m["kernels"]["used"] == {"rms_norm": 5, "swiglu": 2, "rotary": 2}
+    assert m["kernels"]["recompute_elementwise"] is True
     assert m["training"]["last_loss"] < m["training"]["first_loss"]
     code, _, err = run_cli(["finetune", "merge", "--adapter", out, "--output", tmp_path / "merged"], capsys)
     assert code == 0, err

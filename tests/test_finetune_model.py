@@ -132,6 +132,95 @@ def test_triton_kernels_in_hf_llama_equal_the_torch_path(tmp_path, tokenizer_dir
     assert ours.state_dict().keys() == ref.state_dict().keys()
 
 
+def test_recomputed_norm_and_swiglu_outputs_give_the_same_gradients_and_keep_less(tmp_path, tokenizer_dir,
+                                                                                 interpreter):
+    """recompute_elementwise (issue 21, LoRA memory): backward recomputes the norms' and SwiGLU's
+    outputs instead of keeping them for the LoRA A projections that read them. The gradients are
+    bitwise those of keeping them, and what autograd keeps is smaller by exactly 2H + F values a
+    token and layer (two norm outputs of width H, one SwiGLU output of width F; fp32 here), counted
+    by an enclosing saved-tensor hook, which the recompute hooks pass the rest through to."""
+    from domainlm.finetune.chat import Encoded
+    from domainlm.finetune.kernels import apply_kernels, recompute_elementwise
+    from domainlm.pretrain.memory import saved_for_backward_bytes
+    from tests.conftest import tiny_llama
+
+    hf_dir = tiny_llama(tmp_path / "v256", tokenizer_dir, vocab_size=256)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 256, (9,), generator=g).tolist()
+    batches = [collate([[Encoded(ids, [IGNORE] * 4 + ids[4:])]], 0, packed=False)]
+    model = lora_model(hf_dir)
+    apply_kernels(model)
+    kept, recomputed = LossModel(model, fused=True), LossModel(model, fused=True, recompute=True)
+    loss_a, grads_a, _ = loss_and_grads(model, kept, batches)
+    loss_b, grads_b, _ = loss_and_grads(model, recomputed, batches)
+    assert loss_a == loss_b
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n
+
+    mb = batches[0]
+    params = list(model.parameters())
+    bytes_kept = saved_for_backward_bytes(lambda: kept(mb.input_ids, mb.labels), exclude=params)
+    bytes_recomputed = saved_for_backward_bytes(lambda: recomputed(mb.input_ids, mb.labels), exclude=params)
+    h, f, layers, tokens = 64, 160, 2, 9
+    assert bytes_kept - bytes_recomputed == layers * tokens * (2 * h + f) * 4
+    # The hooks are gone after the forward, and a forward without grad registers nothing.
+    with recompute_elementwise(), torch.no_grad():
+        recomputed(mb.input_ids, mb.labels)
+    assert saved_for_backward_bytes(lambda: kept(mb.input_ids, mb.labels), exclude=params) == bytes_kept
+
+
+def test_bf16_lora_keeps_one_copy_of_each_input_and_recomputes_the_elementwise_ones(tmp_path, tokenizer_dir,
+                                                                                   interpreter):
+    """bf16 training as the trainer runs it (bf16 base, fp32 adapters, autocast). peft casts each LoRA
+    layer's input to fp32 and autocast casts it back, so every LoRA A keeps its own copy;
+    keep_input_dtype turns the cast off and q, k, v share the attention norm's output, gate and up
+    the MLP norm's: 3H values a token and layer fewer (eager attention here, whose output copy only
+    o_proj reads; with SDPA's flash layout o_proj's copy goes too). With the kernels and
+    recompute_elementwise, 2H + F fewer again. The gradients are bitwise the same in all four."""
+    from domainlm.finetune.kernels import apply_kernels
+    from domainlm.finetune.model import keep_input_dtype
+    from domainlm.pretrain.memory import saved_for_backward_bytes
+    from tests.conftest import tiny_llama
+
+    hf_dir = tiny_llama(tmp_path / "v256", tokenizer_dir, vocab_size=256)
+    ids = torch.randint(4, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(keep: bool, kernels: bool, recompute: bool):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16, attn_implementation="eager")
+        if kernels:
+            apply_kernels(base)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        if keep:
+            assert keep_input_dtype(model) == 14                         # 7 projections x 2 layers
+        lm = LossModel(model, fused=kernels, recompute=recompute)
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return lm(ids, ids)
+
+        kept = saved_for_backward_bytes(forward, exclude=list(model.parameters()))
+        forward().backward()
+        return kept, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    h, f, layers, tokens, bf16 = 64, 160, 2, 9, 2
+    for kernels, variants in [(False, [(True, False, 3 * h)]),
+                              (True, [(False, True, 0), (True, False, 3 * h), (True, True, 3 * h + 2 * h + f)])]:
+        stock, grads = run(False, kernels, False)
+        for keep, recompute, fewer in variants:
+            kept, g = run(keep, kernels, recompute)
+            assert all(torch.equal(g[n], grads[n]) for n in grads), (kernels, keep, recompute)
+            assert stock - kept == layers * tokens * fewer * bf16, (kernels, keep, recompute)
+
+
 def test_qlora_base_stays_bf16_where_peft_would_cast_it_to_fp32(tiny_hf_model):
     """QLoRA's base preparation (issue 21: QLoRA took more GPU memory than bf16 LoRA): ours freezes
     the base and leaves its bf16 parameters bf16, so the hidden states stay bf16 under autocast;

@@ -209,7 +209,7 @@ def test_adapter_dir_contract(lora_run, model_dir):
     assert m["stage"] == "finetune sft" and m["config"]["method"] == "lora"
     assert m["data"]["valid"]["samples"] > 0 and m["training"]["steps"] == 6
     # --kernels triton where Triton cannot launch (CPU, no interpreter): said, and the torch path ran.
-    assert m["kernels"] == {"requested": "triton", "used": None}
+    assert m["kernels"] == {"requested": "triton", "used": None, "recompute_elementwise": False}
     assert 0 < m["parameters"]["trainable_share"] < 0.2
     assert m["inputs"][0]["path"] == str(model_dir)
 
