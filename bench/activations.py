@@ -13,6 +13,12 @@ a token, in all three paths alike), which flash attention on a GPU does not.
     .venv/bin/python bench/activations.py --qlora      # QLoRA's base: peft's preparation against ours
     .venv/bin/python bench/activations.py --lora       # LoRA: stock transformers against --kernels triton
 
+--lora counts ours three ways, each step of issue 21 on its own: the kernels with peft's cast of
+each LoRA input to fp32 (each LoRA A then keeps its own bf16 copy); without it
+(`finetune/model.py: keep_input_dtype`); and with the norms' and SwiGLU's outputs recomputed in
+backward, not kept (`recompute_elementwise`, finetune/kernels.py): what `domainlm finetune
+--kernels triton` runs in bf16.
+
 --qlora counts the same for fine-tuning's QLoRA base (a transformers LlamaForCausalLM of the shape,
 bf16, LoRA r=16 on every projection, under bf16 autocast as `domainlm finetune` runs it), prepared
 two ways: peft's `prepare_model_for_kbit_training` (which casts the embedding, norms and output
@@ -60,8 +66,12 @@ def per_token_and_layer(size: str, kernels: str, norm_kernel: str, seq: int, voc
 
 
 HF_VARIANTS = {
-    "qlora": (("qlora-peft", "peft prepare_model_for_kbit_training"), ("qlora-ours", "ours (prepare_quantized)")),
-    "lora": (("lora-stock", "stock transformers + peft (as TRL)"), ("lora-ours", "ours, --kernels triton")),
+    "qlora": (("qlora-peft", "peft prepare_model_for_kbit_training"), ("qlora-ours-cast", "ours (prepare_quantized)"),
+              ("qlora-ours", "ours, no input cast (as finetune)")),
+    "lora": (("lora-stock", "stock transformers + peft (as TRL)"),
+             ("lora-ours-cast", "kernels, peft's input cast, kept"),
+             ("lora-ours-kept", "kernels, no input cast, kept"),
+             ("lora-ours", "ours: kernels, no cast, recomputed")),
 }
 
 
@@ -76,7 +86,7 @@ def hf_per_token_and_layer(size: str, variant: str, seq: int, vocab: int) -> flo
 
     from domainlm.config import read_yaml
     from domainlm.finetune.kernels import apply_kernels
-    from domainlm.finetune.model import LossModel, prepare_quantized
+    from domainlm.finetune.model import LossModel, keep_input_dtype, prepare_quantized
     from domainlm.pretrain.memory import saved_for_backward_bytes
 
     m = read_yaml(REPO / f"configs/model/{size}.yaml")["model"]
@@ -105,15 +115,18 @@ def hf_per_token_and_layer(size: str, variant: str, seq: int, vocab: int) -> flo
             for mod in model.modules():   # the projections stay 4-bit on a GPU: not cast
                 if isinstance(mod, Like4bit):
                     mod.weight.data = mod.weight.data.to(torch.bfloat16)
-        elif variant == "qlora-ours":
+        elif variant.startswith("qlora-ours"):
             prepare_quantized(model)
-        elif variant == "lora-ours":
+        elif variant.startswith("lora-ours"):
             apply_kernels(model)
+        ours = variant.startswith("lora-ours")
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
         model.train()
         ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
-        loss = LossModel(model, fused=variant == "lora-ours")
+        if variant in ("lora-ours-kept", "lora-ours", "qlora-ours"):
+            keep_input_dtype(model)
+        loss = LossModel(model, fused=ours, recompute=variant == "lora-ours")
 
         def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -332,7 +332,8 @@ def memory(args) -> list[str]:
 
 # -- GPU ------------------------------------------------------------------------------------------------
 
-GPU_RUNS = {"ours": "ours (kernels triton)", "trl": "TRL SFTTrainer + peft", "qlora": "ours QLoRA (kernels triton)"}
+GPU_RUNS = {"ours": "ours (kernels triton)", "trl": "TRL SFTTrainer + peft", "qlora": "ours QLoRA (kernels triton)",
+            "kept": "ours, norm/SwiGLU outputs kept"}   # the ablation of recompute_elementwise (issue 21)
 CARRIED = ("trl", "datasets", "bitsandbytes")   # what a bare GPU machine gets from bench/work/gpu/wheels/finetune
 
 
@@ -468,7 +469,8 @@ def gpu_child(args) -> None:
         steps = time_trl(trainer, clock)
     else:
         extra = {"kernels": "triton", "train.device": "cuda" if cuda else "cpu",
-                 "train.precision": "bf16" if cuda else "fp32", "method": "qlora" if name == "qlora" else "lora"}
+                 "train.precision": "bf16" if cuda else "fp32", "method": "qlora" if name == "qlora" else "lora",
+                 "recompute_elementwise": "false" if name == "kept" else "true"}
         t = ours_trainer(args.model, data, work / f"run-{name}", w, extra)
         try:
             kernels = t.kernel_counts
@@ -577,6 +579,9 @@ def gpu(args, emit) -> int:
         if cuda:
             line += f", {a['peak_gib'] / b['peak_gib']:.2f}x peak memory (goal <= 0.6)"
         emit(line)
+    if "kept" in results and "ours" in results and cuda:
+        a, b = results["ours"], results["kept"]
+        emit(f"  recomputed / kept: {a['tok_s'] / b['tok_s']:.3f}x tokens/s, {a['peak_gib'] / b['peak_gib']:.3f}x peak memory")
     if "qlora" in results and "trl" in results and cuda:
         emit(f"  ours QLoRA / TRL: {results['qlora']['peak_gib'] / results['trl']['peak_gib']:.2f}x peak memory, "
              f"{results['qlora']['tok_s'] / results['trl']['tok_s']:.2f}x tokens/s")

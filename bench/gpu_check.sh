@@ -14,7 +14,8 @@
 #           4. pretraining tokens/s and MFU, 125M and 1B, bf16, kernels torch and triton -> bench/pretrain.py
 #   part c  6. the fine-tuning wheels (TRL, datasets, dill, multiprocess, bitsandbytes) installed apart
 #           7. fine-tuning, 1B LoRA bf16 seq 2048: tokens/s and peak memory of ours (--kernels triton) and
-#              stock TRL SFTTrainer + peft, and QLoRA's peak memory (or why it did not run) -> bench/finetune.py
+#              stock TRL SFTTrainer + peft, QLoRA's peak memory (or why it did not run), and ours with the
+#              norm/SwiGLU outputs kept (--recompute-elementwise false: the recomputation's cost) -> bench/finetune.py
 #              (a separate call: "all" is a + b)
 #   part d  8. the serving wheels (FastAPI, Starlette, pydantic, uvicorn) installed apart
 #           9. `domainlm serve` of a random 125M Llama in bf16: time to first token and tokens/s at 1 and
