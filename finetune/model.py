@@ -131,13 +131,14 @@ def keep_input_dtype(model) -> int:
     but each LoRA A keeps its own fresh copy for backward, so the one norm output read by q, k and v
     is kept three times and the one read by gate and up twice (3H values a token and layer more
     than needed, 12 KiB at the 1B shape; and the recomputation of finetune/kernels.py finds only
-    copies). Without the cast autocast gives the matmul the hidden states as they are. Returns how
-    many layers it set."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    copies). Without the cast autocast gives the matmul the hidden states as they are. Plain LoRA
+    layers only: DoRA's variant does elementwise work on the input outside the matmuls, which the
+    cast keeps in fp32 (without it its loss moves by ~1e-4 relative). Returns how many layers it set."""
+    from peft.tuners.lora import LoraLayer
 
     n = 0
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, LoraLayer) and not getattr(module, "lora_variant", None):
             module.cast_input_dtype_enabled = False
             n += 1
     return n

@@ -219,6 +219,13 @@ def test_bf16_lora_keeps_one_copy_of_each_input_and_recomputes_the_elementwise_o
             kept, g = run(keep, kernels, recompute)
             assert all(torch.equal(g[n], grads[n]) for n in grads), (kernels, keep, recompute)
             assert stock - kept == layers * tokens * fewer * bf16, (kernels, keep, recompute)
+    # DoRA's layers keep peft's cast: its variant does fp32 elementwise work on the input.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16),
+                          LoraConfig(r=8, target_modules="all-linear", use_dora=True))
+    assert keep_input_dtype(dora) == 0
 
 
 def test_qlora_base_stays_bf16_where_peft_would_cast_it_to_fp32(tiny_hf_model):
