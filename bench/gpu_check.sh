@@ -16,6 +16,8 @@
 #           7. fine-tuning, 1B LoRA bf16 seq 2048: tokens/s and peak memory of ours (--kernels triton) and
 #              stock TRL SFTTrainer + peft, QLoRA's peak memory (or why it did not run), and ours with the
 #              norm/SwiGLU outputs kept (--recompute-elementwise false: the recomputation's cost) -> bench/finetune.py
+#           7b. one LoRA projection of each 1B width, forward + backward: peft's forward, without its input
+#              cast, and the adapter inside one addmm (--kernels triton)         -> bench/lora_linear.py
 #              (a separate call: "all" is a + b)
 #   part d  8. the serving wheels (FastAPI, Starlette, pydantic, uvicorn) installed apart
 #           9. `domainlm serve` of a random 125M Llama in bf16: time to first token and tokens/s at 1 and
@@ -24,7 +26,7 @@
 #          10. 1B pretraining: kernels torch, then triton with norms F.rms_norm (model.norm_kernel torch, the
 #              default) and with ours (triton): tokens/s, MFU, peak memory and the memory an earlier run
 #              left held (the 5.2 GiB question) -> bench/pretrain.py --gpu-kernels torch triton triton-norm
-# Time limits per step add up to 575 s for a + b, 300 s for c, 335 s for d (the device tool allows 600 s a command): a
+# Time limits per step add up to 575 s for a + b, 340 s for c, 335 s for d (the device tool allows 600 s a command): a
 # step that runs over is stopped and marked TIMED OUT, and the next one starts.
 # Raw output goes to bench/results/gpu_check_<gpu>.txt (+ gpu_kernels_<gpu>.txt, gpu_pretrain_<gpu>.txt,
 # gpu_finetune_<gpu>.txt, gpu_serve_<gpu>.txt), also copied to $OUT when the device tool runs it.
@@ -126,8 +128,8 @@ device_invocation() {
 device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/work/gpu"], timeout_s=600)
   (one call, ~8-9 min on one H100; the results come back in $OUT: gpu_check_*.txt, gpu_kernels_*.txt,
   gpu_pretrain_*.txt. If it must be split: --part a, then --part b at once while the machine is warm.)
-device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=360)
-  (one call, ~2.5-5 min on one H100, step limits 45 + 20 + 235 s; back in $OUT: gpu_check_*.txt,
+device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=400)
+  (one call, ~3-5 min on one H100, step limits 45 + 20 + 235 + 40 s; back in $OUT: gpu_check_*.txt,
   gpu_finetune_*.txt)
 device tool, serving and the norms: run(command="bash bench/gpu_check.sh --part d", carry=["bench/work/gpu"], timeout_s=400)
   (one call, ~3-5 min, step limits 45 + 20 + 150 + 120 s; back in $OUT: gpu_check_*.txt, gpu_serve_*.txt,
@@ -212,6 +214,10 @@ EOF
         grep -q "^packages: trl [^;]*($FT_DRY/site/trl); datasets [^;]*($FT_DRY/site/datasets)" "$FT_DRY/out" \
             || { echo "part c: finetune.py did not take trl/datasets from the carried wheels" >&2; fail=1; }
         grep -q "^QLoRA: bitsandbytes found" "$FT_DRY/out" || echo "  (QLoRA will be reported as not run: no usable bitsandbytes)"
+        # 7b's script, on a few tokens (the CPU path: fp32, the same three ways)
+        PYTHONPATH="$BLOCK:$FT_DRY/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/lora_linear.py --tokens 16 --rounds 1 \
+            > "$FT_DRY/lora" 2>&1 || { tail -n 20 "$FT_DRY/lora"; fail=1; }
+        grep -E '^one layer' "$FT_DRY/lora" | sed 's/^/  lora_linear.py (16 tokens, CPU): /'
         rm -rf "$BLOCK"
     else
         fail=1
@@ -369,6 +375,8 @@ part_c() {
     step "7. fine-tuning 1B LoRA bf16 seq 2048: ours (triton) vs TRL SFTTrainer + peft, QLoRA peak memory" 235 \
         bash -c "set -o pipefail; env PYTHONPATH='$FT_SITE:$PYTHONPATH' '$PY' bench/finetune.py $(echo $FT_ARGS) \
             --work /tmp/domainlm-finetune-work 2>&1 | tee -a '$FLOG'"
+    step "7b. one LoRA projection per 1B width: peft, peft without its input cast, the adapter in one addmm" 40 \
+        bash -c "set -o pipefail; env PYTHONPATH='$FT_SITE:$PYTHONPATH' '$PY' bench/lora_linear.py 2>&1 | tee -a '$FLOG'"
 }
 
 part_d() {

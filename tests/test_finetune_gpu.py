@@ -75,7 +75,7 @@ def test_compiled_kernels_in_hf_llama_bf16_match_the_torch_path(base):
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
         if kernels:
-            assert apply_kernels(model) == {"rms_norm": 5, "swiglu": 2, "rotary": 2}
+            assert apply_kernels(model) == {"rms_norm": 5, "swiglu": 2, "rotary": 2, "lora_addmm": 14}
         lm = LossModel(model, fused=kernels)
         total = sum(lm(*(t.cuda() if t is not None else None for t in (b.input_ids, b.labels, b.attention_mask,
                                                                         b.position_ids))) for b in batches)
@@ -142,7 +142,8 @@ def test_lora_bf16_with_triton_kernels_trains_and_merges(base, qa, tmp_path, cap
     code, _, err = run_cli(sft(base, qa, out, "--kernels", "triton", "--train.max-steps", 10, "--optim.lr", 5e-3), capsys)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
-    assert m["training"]["precision"] == "bf16" and m["kernels"]["used"] == {"rms_norm": 5, "swiglu": 2, "rotary": 2}
+    assert m["training"]["precision"] == "bf16"
+    assert m["kernels"]["used"] == {"rms_norm": 5, "swiglu": 2, "rotary": 2, "lora_addmm": 14}
     assert m["kernels"]["recompute_elementwise"] is True
     assert m["training"]["last_loss"] < m["training"]["first_loss"]
     code, _, err = run_cli(["finetune", "merge", "--adapter", out, "--output", tmp_path / "merged"], capsys)

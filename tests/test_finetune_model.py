@@ -56,6 +56,18 @@ def loss_and_grads(model, loss_model, batches):
     return float(total.detach() / count), grads, total
 
 
+def graph_ops(t: torch.Tensor) -> set[str]:
+    names, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def test_loss_equals_stock_transformers(tiny_hf_model, samples):
     enc, pad = samples
     model = lora_model(tiny_hf_model)
@@ -112,17 +124,11 @@ def test_triton_kernels_in_hf_llama_equal_the_torch_path(tmp_path, tokenizer_dir
     loss_ref, grads_ref, _ = loss_and_grads(ref, LossModel(ref), batches)
     ours = lora_model(hf_dir)
     counts = apply_kernels(ours)
-    assert counts == {"rms_norm": 5, "swiglu": 2, "rotary": 2}       # 2 layers x 2 norms + final; 2 MLPs; 2 attns
+    # 2 layers x 2 norms + final; 2 MLPs; 2 attns; 2 x 7 adapted projections
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rotary": 2, "lora_addmm": 14}
     loss, grads, total = loss_and_grads(ours, LossModel(ours, fused=True), batches)
     # The kernels' autograd Functions are in the graph (no silent fallback to the references).
-    names, seen, stack = set(), set(), [total.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
+    names = graph_ops(total)
     assert {"RMSNormFunctionBackward", "SwiGLUFunctionBackward", "RotaryFunctionBackward",
             "LinearCrossEntropyFunctionBackward"} <= names
     assert abs(loss - loss_ref) <= 1e-5
@@ -226,6 +232,46 @@ def test_bf16_lora_keeps_one_copy_of_each_input_and_recomputes_the_elementwise_o
     dora = get_peft_model(AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16),
                           LoraConfig(r=8, target_modules="all-linear", use_dora=True))
     assert keep_input_dtype(dora) == 0
+
+
+def test_fused_lora_linear_equals_peft_and_leaves_the_rest_to_peft(tiny_hf_model, samples):
+    """FusedLoraLinear (--kernels triton): base(x) + s * A(x) B^T as one addmm gives peft's loss and
+    gradients; where it is not one plain adapter (dropout, DoRA, adapters disabled) peft's own
+    forward runs, bitwise."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.finetune.kernels import apply_kernels
+
+    enc, pad = samples
+    batches = [collate([[s] for s in enc[:3]], pad, packed=False)]
+    ref = lora_model(tiny_hf_model)
+    loss_ref, grads_ref, total_ref = loss_and_grads(ref, LossModel(ref), batches)
+    ours = lora_model(tiny_hf_model)
+    assert apply_kernels(ours)["lora_addmm"] == 14
+    loss, grads, total = loss_and_grads(ours, LossModel(ours), batches)
+    assert "AddmmBackward0" in graph_ops(total) and "AddmmBackward0" not in graph_ops(total_ref)
+    assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+    mb = batches[0]
+    with ours.disable_adapter():                               # the base alone, as peft computes it
+        off = LossModel(ours)(mb.input_ids, mb.labels, mb.attention_mask)
+    with ref.disable_adapter():
+        assert torch.equal(off, LossModel(ref)(mb.input_ids, mb.labels, mb.attention_mask))
+    for kw in ({"lora_dropout": 0.1}, {"use_dora": True}):
+        pair = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model), dtype=torch.float32)
+            model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", **kw))
+            if fused:
+                apply_kernels(model)
+            torch.manual_seed(1)                               # the same dropout masks
+            pair.append(LossModel(model)(mb.input_ids, mb.labels, mb.attention_mask))
+        assert torch.equal(pair[0], pair[1]), kw
+        assert "AddmmBackward0" not in graph_ops(pair[1]), kw
 
 
 def test_qlora_base_stays_bf16_where_peft_would_cast_it_to_fp32(tiny_hf_model):
