@@ -187,7 +187,7 @@ class FusedLoraLinear(torch.nn.Module):
         if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
             return super().forward(x, *args, **kwargs)
         name = adapters[0]
-        if (name not in self.lora_A or name in self.lora_variant
+        if (name not in self.lora_A or name in getattr(self, "lora_variant", ()) or self.use_dora.get(name)
                 or not isinstance(self.lora_dropout[name], torch.nn.Identity) or self.lora_B[name].bias is not None):
             return super().forward(x, *args, **kwargs)
         a_w, b_w = self.lora_A[name].weight, self.lora_B[name].weight
