@@ -122,6 +122,30 @@ def tiny_llama(path: Path, tokenizer_dir: Path, *, seed: int = 0, **overrides) -
     return path
 
 
+def lora_model(hf_dir: Path, *, dropout: float = 0.0, seed: int = 0, dtype=None, attn: str = "sdpa",
+               kernels: bool = False, device: str = "cpu", r: int = 8):
+    """peft LoRA on every projection of the HF model in `hf_dir` (alpha 2r), its B matrices drawn
+    from N(0, 0.05): B = 0 at init would hide every LoRA gradient path but B's own. `kernels`: our
+    HF-module kernels put in before peft wraps the projections (so its LoRA layers stay peft's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.finetune.kernels import apply_kernels
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype or torch.float32,
+                                                attn_implementation=attn).to(device)
+    if kernels:
+        apply_kernels(base)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_model(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random Llama HF dir with the session tokenizer (see `tiny_llama`)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_llama
+from tests.conftest import lora_model, run_cli, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
@@ -96,24 +96,13 @@ def test_bf16_autocast_without_the_input_cast_and_with_recompute_keeps_less_and_
     against the same model with peft's input cast and everything kept: the same loss and gradients
     (SDPA's backward may sum in another order on a GPU: cosine > 0.9999), and autograd keeps 5H + F
     values a token and layer fewer (6H + F where o_proj's input is SDPA's own output in flash layout)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from domainlm.finetune.kernels import apply_kernels
     from domainlm.finetune.model import LossModel, keep_input_dtype
     from domainlm.pretrain.memory import saved_for_backward_bytes
 
     ids = torch.randint(4, 4000, (2, 48), generator=torch.Generator().manual_seed(0)).cuda()
 
     def run(ours: bool):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
-        apply_kernels(model)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        model = lora_model(base, dtype=torch.bfloat16, kernels=True, device="cuda")
         if ours:
             keep_input_dtype(model)
         lm = LossModel(model, fused=True, recompute=ours)

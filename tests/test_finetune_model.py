@@ -12,7 +12,7 @@ import torch
 from domainlm.finetune.batches import collate
 from domainlm.finetune.chat import IGNORE, ChatEncoder, pad_id
 from domainlm.finetune.model import LossModel
-from tests.conftest import triton_interpreter_env
+from tests.conftest import lora_model, triton_interpreter_env
 
 # peft reads `is_gradient_checkpointing`, which transformers 5 deprecates: a library-version notice.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -31,20 +31,6 @@ def samples(tokenizer_dir, pydoc_corpus):
     convs[2] = convs[2] + [{"role": "user", "content": "Thanks. Anything else?"},
                            {"role": "assistant", "content": "No."}]
     return enc.encode_many(convs), pad_id(tok)
-
-
-def lora_model(hf_dir, *, dropout=0.0, seed=0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
-    with torch.no_grad():            # B = 0 at init would hide every LoRA gradient path but B's own
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
 
 
 def loss_and_grads(model, loss_model, batches):
@@ -183,7 +169,6 @@ def test_bf16_lora_keeps_one_copy_of_each_input_and_recomputes_the_elementwise_o
     the MLP norm's: 3H values a token and layer fewer (eager attention here, whose output copy only
     o_proj reads; with SDPA's flash layout o_proj's copy goes too). With the kernels and
     recompute_elementwise, 2H + F fewer again. The gradients are bitwise the same in all four."""
-    from domainlm.finetune.kernels import apply_kernels
     from domainlm.finetune.model import keep_input_dtype
     from domainlm.pretrain.memory import saved_for_backward_bytes
     from tests.conftest import tiny_llama
@@ -192,18 +177,7 @@ def test_bf16_lora_keeps_one_copy_of_each_input_and_recomputes_the_elementwise_o
     ids = torch.randint(4, 256, (1, 9), generator=torch.Generator().manual_seed(1))
 
     def run(keep: bool, kernels: bool, recompute: bool):
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16, attn_implementation="eager")
-        if kernels:
-            apply_kernels(base)
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        model = lora_model(hf_dir, dtype=torch.bfloat16, attn="eager", kernels=kernels)
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
         if keep:
             assert keep_input_dtype(model) == 14                         # 7 projections x 2 layers
