@@ -176,8 +176,8 @@ class FusedLoraLinear(torch.nn.Module):
     """Mixin placed before peft's `lora.Linear`: base(x) + scaling * B(A(x)) with the adapter's
     product added inside one `torch.addmm` (scaling as its alpha), where peft writes B's output, then
     a scaled copy of it, then the sum: two passes over the [tokens, out] output fewer forward and
-    one fewer backward, for every adapted projection (on a GPU these passes cost about what the
-    rank-16 matmuls do). What autograd keeps is the same (A's output and the weights). Runs
+    one fewer backward, for every adapted projection (bench/lora_linear.py times both). What
+    autograd keeps is the same (A's output and the weights). Runs
     peft's own forward whenever this is not one plain adapter: adapters disabled or merged, several
     active, DoRA or another variant, dropout, a bias on B, extra arguments, or dtypes that only
     peft's casts reconcile (no autocast and the base's dtype is not the adapters')."""

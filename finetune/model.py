@@ -129,11 +129,12 @@ def keep_input_dtype(model) -> int:
     that always runs under autocast (bf16 training). peft casts the bf16 hidden states to the fp32
     adapters' dtype, then autocast casts them back to bf16 for the matmul: the values are the same,
     but each LoRA A keeps its own fresh copy for backward, so the one norm output read by q, k and v
-    is kept three times and the one read by gate and up twice (3H values a token and layer more
-    than needed, 12 KiB at the 1B shape; and the recomputation of finetune/kernels.py finds only
-    copies). Without the cast autocast gives the matmul the hidden states as they are. Plain LoRA
-    layers only: DoRA's variant does elementwise work on the input outside the matmuls, which the
-    cast keeps in fp32 (without it its loss moves by ~1e-4 relative). Returns how many layers it set."""
+    is kept three times, the one read by gate and up twice, and o_proj's input once more beside
+    SDPA's own output (4H values a token and layer more than needed, 16 KiB at the 1B shape,
+    bench/activations.py --lora; and the recomputation of finetune/kernels.py finds only copies).
+    Without the cast autocast gives the matmul the hidden states as they are. Plain LoRA layers
+    only: DoRA's variant does elementwise work on the input outside the matmuls, which the cast
+    keeps in fp32 (without it its loss moved by 5e-5 relative). Returns how many layers it set."""
     from peft.tuners.lora import LoraLayer
 
     n = 0
