@@ -24,15 +24,22 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (2048, 512), "gate_proj/up_proj": (2048, 8192),
-          "down_proj": (8192, 2048)}
 WAYS = ("peft", "no cast", "addmm")
-PER_LAYER = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1}
+
+
+def shapes(size: str = "1B") -> dict[str, tuple[int, int, int]]:
+    """Each projection kind of the model size (configs/model/SIZE.yaml): (in, out, how many a layer)."""
+    from domainlm.config import read_yaml
+
+    m = read_yaml(REPO / f"configs/model/{size}.yaml")["model"]
+    h, f = m["hidden_size"], m["ffn_hidden_size"]
+    kv = m["num_query_groups"] * h // m["num_attention_heads"]
+    return {"q_proj/o_proj": (h, h, 2), "k_proj/v_proj": (h, kv, 2), "gate_proj/up_proj": (h, f, 2),
+            "down_proj": (f, h, 1)}
 
 
 def layer(way: str, d_in: int, d_out: int, device, dtype):
@@ -72,7 +79,6 @@ def main() -> None:
     ns = ap.parse_args()
     import torch
 
-    sys.path.insert(0, str(REPO))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -103,7 +109,7 @@ def main() -> None:
     lines.append(header)
     print(header, flush=True)
     totals = {w: 0.0 for w in WAYS}
-    for proj, (d_in, d_out) in SHAPES.items():
+    for proj, (d_in, d_out, per_layer) in shapes().items():
         models = {w: layer(w, d_in, d_out, device, dtype) for w in WAYS}
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         times = {w: [] for w in WAYS}
@@ -115,7 +121,7 @@ def main() -> None:
                     times[w].append(t)
         med = {w: statistics.median(times[w]) for w in WAYS}
         for w in WAYS:
-            totals[w] += PER_LAYER[proj] * med[w]
+            totals[w] += per_layer * med[w]
         line = (f"{proj + f' ({d_in} -> {d_out})':28s}" + "".join(f"{med[w] * 1e3:10.3f}ms" for w in WAYS)
                 + f"   {med['addmm'] / med['peft']:10.3f}  {med['no cast'] / med['peft']:12.3f}")
         lines.append(line)
