@@ -261,6 +261,8 @@ def test_kept_documents_decode_to_their_normalized_text(runs, corpus, tokenizer_
         assert ids.dtype == np.uint16 and meta["tokens"] == len(ids)
         text = sp.decode(ids.tolist())
         assert text == normalize(corpus.text_at(meta["source"])), meta["source"]
+        # SentencePiece's own ids; runs["two"] (2 workers, one thread each: the segment cache) has these bytes
+        assert ids.tolist() == sp.encode(text), meta["source"]
         seen[meta["id"]] = text
     assert seen["norm"] == corpus.norm_expected == unicodedata.normalize("NFC", corpus.norm_expected)
     no_id = f"{corpus.jsonl}:{corpus.line['no-id']}"

@@ -2,7 +2,8 @@
 
 Tokenize: each document block looks up, in side inputs keyed by its chunk, the refs dropped as
 exact duplicates and the near-duplicate candidates to verify; the survivors are encoded in one
-batch call per block (`tokdir.DocumentEncoder`: SentencePiece, or an HF tokenizer.json through the
+batch call per block (`tokdir.DocumentEncoder.flat`: SentencePiece, through a cache of the segments
+no BPE merge crosses for the models that allow it, or an HF tokenizer.json through the
 `tokenizers` library; no bos/eos, the loader puts the eos between documents; the tokenizer's bytes
 travel with the DoFn and it is loaded once per worker, in setup), and each
 document gets its key, its .json member and its shard: hash(key) mod the split's number of
@@ -19,7 +20,6 @@ Nothing here depends on the worker count or the order elements arrive in.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections import Counter
 from json.encoder import encode_basestring
@@ -93,9 +93,7 @@ class Tokenize(beam.DoFn):
         if not keep.any():
             return
         idx = np.flatnonzero(keep)
-        encoded = self.encoder([block["texts"][i] for i in idx])
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(lengths.sum()))
+        tokens, lengths = self.encoder.flat([block["texts"][i] for i in idx], self.dtype)
         keys, keyhash, metas = self._describe(chunk, refs[idx], [block["ids"][i] for i in idx], lengths)
         self.report(documents=len(keys), tokens=int(lengths.sum()))
         shard_hash = salted(keyhash, self.cfg.seed, _SALT_SHARD)

@@ -1,0 +1,151 @@
+"""SentencePiece BPE encoding through a cache of segments, exact by construction (`data shard`).
+
+SentencePiece encodes a document as one sequence; on the 2-core VM that costs ~0.5-1 us a token,
+most of `data shard`'s CPU. Natural text repeats its words, and a BPE model splits a text at
+points no merge ever crosses, so the text's encoding is the concatenation of its segments'
+encodings: those are encoded once by SentencePiece itself and then looked up (the word cache
+that Hugging Face `tokenizers` and tiktoken keep, here on SentencePiece's own boundaries).
+
+Why the concatenation is exact, and when it applies (`segment_pattern` checks each condition on
+the model and returns None, no cache, where one fails):
+- Normalization is the identity and only escapes ' ' as '▁' (no charsmap, no dummy prefix, no
+  squeezing of whitespace, '▁' a prefix not a suffix): a segment normalizes alone as it does in
+  its text. `domainlm tokenizer train` writes such models; a text holding a literal '▁' is
+  encoded whole (it would normalize like a space).
+- BPE only merges two adjacent symbols into a piece of the vocabulary, so a symbol spanning the
+  point between characters a and b contains "ab". Where no piece contains a non-'▁' character
+  followed by '▁' (SentencePiece's split_by_whitespace), a run of spaces after another character
+  starts a new segment that no symbol crosses; where the only piece holding '\n' is '\n' itself
+  (our newline user-defined symbol), the newline is a segment of its own. User-defined symbols
+  are pieces too, so the same check covers their matching.
+- Inside a segment, BPE applies the same merges in the same order alone as in its text: the
+  next merge is the best-scored pair, ties to the left, and pairs never cross segments.
+  Byte fallback and the resegmentation of unused pieces act on one symbol at a time.
+- Unigram models are not cached: Viterbi adds float scores along the whole text, so a tie
+  within a segment could break differently in its text than alone.
+
+The cache holds at most `capacity` segments (first seen, then it stops growing, as `tokenizers`'
+BPE cache does; ~200 bytes each) of at most `MAX_KEY` characters; the rest are encoded each time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+from operator import contains, is_
+
+import numpy as np
+
+SPACE = "\u2581"
+CAPACITY = 1 << 18
+MAX_KEY = 64
+
+_chain = itertools.chain.from_iterable
+
+
+def _fields(buf: bytes) -> dict[int, list]:
+    """A protobuf message's fields by number (varints as ints, length-delimited as bytes): the
+    few the cache depends on, read without sentencepiece's generated module (see hf_export.py)."""
+    out: dict[int, list] = {}
+    i, n = 0, len(buf)
+
+    def varint() -> int:
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+
+    while i < n:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            size = varint()
+            value, i = buf[i:i + size], i + size
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def _last(fields: dict[int, list], number: int, default):
+    return fields[number][-1] if number in fields else default
+
+
+def segment_pattern(model_proto: bytes, pieces: list[str]) -> str | None:
+    """The regular expression that splits a text into segments SentencePiece encodes
+    independently, or None where the model gives no such guarantee (module docstring)."""
+    model = _fields(model_proto)
+    trainer = _fields(_last(model, 2, b""))
+    normalizer = _fields(_last(model, 3, b""))
+    if _last(trainer, 3, 1) != 2:                       # model_type: UNIGRAM = 1 (default), BPE = 2
+        return None
+    if _last(trainer, 24, 0):                           # treat_whitespace_as_suffix
+        return None
+    if (_last(normalizer, 2, b"") or _last(normalizer, 1, b"") not in (b"identity", b"")
+            or _last(normalizer, 3, 1) or _last(normalizer, 4, 1) or not _last(normalizer, 5, 1)):
+        return None                                     # charsmap, dummy prefix, squeezing, no escaping
+    if any(re.search(f"[^{SPACE}]{SPACE}", p) for p in pieces):
+        return None
+    # possessive quantifiers (Python 3.11): the same matches, a third faster than backtracking ones
+    if all(p == "\n" for p in pieces if "\n" in p):
+        return r" *+[^ \n]++|\n| ++"
+    return r" *+[^ ]++| ++"
+
+
+class SegmentCache:
+    """`flat(texts)` -> (tokens, lengths): the texts' ids concatenated and each text's count,
+    equal to `encode(texts)` (SentencePiece's batch encode, for a model `segment_pattern`
+    accepts). `segments` / `hits` count the lookups."""
+
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]], pattern: str, vocab_size: int,
+                 capacity: int = CAPACITY):
+        self.encode, self.capacity = encode, capacity
+        self.ints = list(range(vocab_size))
+        self.split = re.compile(pattern).findall
+        self.cache: dict[str, tuple[int, ...]] = {}
+        self.segments = self.hits = 0
+
+    def flat(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        cache = self.cache
+        segs = list(map(self.split, texts))
+        for i in itertools.compress(range(len(texts)), map(contains, texts, itertools.repeat(SPACE))):
+            segs[i] = [texts[i]]                        # a literal '▁': the whole text, encoded alone
+        flat = list(_chain(segs))
+        got = list(map(cache.get, flat))
+        self.segments += len(flat)
+        if None in got:
+            absent = list(map(is_, got, itertools.repeat(None)))
+            missing = list(dict.fromkeys(itertools.compress(flat, absent)))
+            fresh = dict(zip(missing, self.encode(missing)))
+            room = self.capacity - len(cache)
+            intern = self.ints.__getitem__
+            for key, ids in fresh.items():
+                if room <= 0:
+                    break
+                if len(key) <= MAX_KEY:
+                    cache[key] = tuple(map(intern, ids))   # one int object per id, not one per use
+                    room -= 1
+            self.hits += len(flat) - sum(absent)
+            got = list(map(fresh.get, flat, got))     # the fresh ids where missing, else the cached
+        else:
+            self.hits += len(flat)
+        per_segment = np.fromiter(map(len, got), dtype=np.int64, count=len(got))
+        ends = np.zeros(len(got) + 1, dtype=np.int64)
+        np.cumsum(per_segment, out=ends[1:])
+        bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, segs), dtype=np.int64, count=len(segs)), out=bounds[1:])
+        lengths = np.diff(ends[bounds])
+        tokens = np.fromiter(_chain(got), dtype=dtype, count=int(ends[-1]))
+        return tokens, lengths
