@@ -40,6 +40,15 @@ corpus tokens/s is the throughput. Each round also checks the two wrote the same
     .venv/bin/python bench/shard.py --runners --workers 2                  # pydoc and 200 MB
     .venv/bin/python bench/shard.py --runners --workers 2 --only big --size-mb 3 --repeats 1   # check it
 
+--encoders (issue 21) measures the tokenizing alone, one process, one thread, over the cleaned
+texts in the pipeline's blocks: SentencePiece encoding each text whole (the ceiling's way)
+against `DocumentEncoder.flat` through the segment cache (tokenizer/segment_cache.py, what each
+`data shard` worker runs), a fresh cache each round (every segment met for the first time once),
+interleaved rounds, medians; the hit rate, and a check that both give the same ids.
+
+    .venv/bin/python bench/shard.py --encoders                  # pydoc and 200 MB
+    .venv/bin/python bench/shard.py --cache-ab --only big       # `data shard` with / without the cache
+
 Work files go to bench/work/shard/ (gitignored); the results are printed and written to
 bench/results/shard.txt (or --out).
 """
@@ -68,11 +77,11 @@ WORK = HERE / "work" / "shard"
 EXE = [sys.executable, "-m", "domainlm.cli"]
 
 
-def sh(cmd: list[str], **kw) -> tuple[float, float]:
+def sh(cmd: list[str], env: dict | None = None, **kw) -> tuple[float, float]:
     """Run a command; (wall seconds, CPU seconds of the child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "DOMAINLM_PROGRESS": "0"}, **kw)
+    subprocess.run(cmd, check=True, env={**os.environ, "DOMAINLM_PROGRESS": "0", **(env or {})}, **kw)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -139,7 +148,7 @@ def texts_of(corpus: Path) -> list[str]:
 
 
 def run_shard(corpus: Path, tok: Path, workers: int, name: str, runner: str = "direct",
-              explicit: bool = True) -> dict:
+              explicit: bool = True, env: dict | None = None) -> dict:
     """One `data shard` run; runner "direct" (DirectRunner, `workers` processes; with
     `explicit` False no worker flag, the command's own choice as a user gets it) or "dask" (a
     local dask cluster of `workers` processes). "engine": what the command said it ran on."""
@@ -149,7 +158,7 @@ def run_shard(corpus: Path, tok: Path, workers: int, name: str, runner: str = "d
     log = WORK / f"out_{name}.log"
     with open(log, "w") as err:
         wall, cpu = sh(EXE + ["data", "shard", "--input", str(corpus), "--tokenizer", str(tok), "--output", str(out),
-                              "--overwrite", *how], stdout=subprocess.DEVNULL, stderr=err)
+                              "--overwrite", *how], env=env, stdout=subprocess.DEVNULL, stderr=err)
     engine = re.findall(r"Beam: ((?:DirectRunner|dask).*)", log.read_text())
     m = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in m["splits"].values())
@@ -242,6 +251,75 @@ def megatron(corpus: Path, tok: Path, workers: int) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def measure_cache_ab(name: str, corpus: Path, tok: Path, workers: int, repeats: int) -> list[str]:
+    """`data shard` as a user runs it with the segment cache (default) and without it
+    (DOMAINLM_SEGMENT_CACHE=0), interleaved, the order alternating; medians; the same shards?"""
+    runs: dict[str, list[dict]] = {"cache": [], "no cache": []}
+    same = True
+    for r in range(repeats):
+        for kind in (("cache", "no cache") if r % 2 == 0 else ("no cache", "cache")):
+            runs[kind].append(run_shard(corpus, tok, workers, name, explicit=False,
+                                        env={"DOMAINLM_SEGMENT_CACHE": "1" if kind == "cache" else "0"}))
+            print(f"  [{name} round {r + 1}/{repeats}] {kind:<8} {runs[kind][-1]['seconds']:6.1f} s wall, "
+                  f"{runs[kind][-1]['cpu_seconds']:6.1f} s CPU (load {os.getloadavg()[0]:.2f})", flush=True)
+        same = same and runs["cache"][-1]["shards"] == runs["no cache"][-1]["shards"]
+    wall = {k: _stats([x["seconds"] for x in v])[1] for k, v in runs.items()}
+    cpu = {k: _stats([x["cpu_seconds"] for x in v])[1] for k, v in runs.items()}
+    tokens = runs["cache"][0]["tokens"]
+    return [
+        f"{name}: `data shard` with and without the segment cache, {repeats} interleaved rounds, {tokens / 1e6:.2f}M tokens",
+        *[f"  {k:<9} {wall[k]:6.1f} s wall ({tokens / wall[k] / 1e6:.3f} M tokens/s), {cpu[k]:6.1f} s CPU median; runs "
+          + " ".join(f"{x['seconds']:.1f}" for x in runs[k]) for k in runs],
+        f"  cache / no cache: {wall['no cache'] / wall['cache']:.2f}x tokens/s, {cpu['cache'] / cpu['no cache']:.2f} of the CPU",
+        f"  the same shards (sha256) in every round: {'yes' if same else 'NO'}",
+    ]
+
+
+def measure_encoders(name: str, corpus: Path, tok: Path, repeats: int, block_bytes: int = 4_000_000) -> list[str]:
+    """Bare SentencePiece against the segment cache, `repeats` interleaved rounds, each cold."""
+    import numpy as np
+
+    from domainlm.tokenizer.tokdir import SENTENCEPIECE, DocumentEncoder
+
+    texts = texts_of(corpus)
+    blocks, at, size = [], 0, 0
+    for i, t in enumerate(texts):  # blocks of ~4 MB of text, as the read stage cuts them
+        size += len(t)
+        if size >= block_bytes:
+            blocks.append(texts[at:i + 1])
+            at, size = i + 1, 0
+    blocks.append(texts[at:])
+    blob = (tok / "tokenizer.model").read_bytes()
+    runs: dict[str, list[float]] = {"whole": [], "cached": []}
+    same, hit = True, []
+    for r in range(repeats):
+        for kind in (("whole", "cached") if r % 2 == 0 else ("cached", "whole")):
+            enc = DocumentEncoder(SENTENCEPIECE, blob, threads=1, cache=kind == "cached")
+            enc([])  # loaded outside the clock, as a worker does in setup
+            t0 = time.perf_counter()
+            out = [enc.flat(b, np.uint16) for b in blocks]
+            runs[kind].append(time.perf_counter() - t0)
+            if kind == "cached":
+                c = enc.segment_cache
+                hit.append(c.hits / c.segments)
+                cached = out
+            else:
+                whole = out
+        same = same and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(whole, cached))
+        print(f"  [{name} round {r + 1}/{repeats}] whole {runs['whole'][-1]:.2f} s, cached {runs['cached'][-1]:.2f} s",
+              flush=True)
+    tokens = sum(int(b[1].sum()) for b in whole)
+    med = {k: _stats(v)[1] for k, v in runs.items()}
+    return [
+        f"{name}: {len(texts):,} texts in {len(blocks)} blocks, {tokens / 1e6:.2f}M tokens; {repeats} interleaved rounds, "
+        f"one process, one thread, a fresh cache each round",
+        f"  SentencePiece, each text whole: {med['whole']:.2f} s median, {tokens / med['whole'] / 1e6:.3f} M tokens/s",
+        f"  segment cache (flat):           {med['cached']:.2f} s median, {tokens / med['cached'] / 1e6:.3f} M tokens/s "
+        f"= {med['whole'] / med['cached']:.2f}x; {hit[0]:.1%} of segments found in the cache",
+        f"  the same ids and counts in every round: {'yes' if same else 'NO'}",
+    ]
+
+
 def _stats(xs: list[float]) -> tuple[float, float]:
     import statistics
 
@@ -303,6 +381,10 @@ def main() -> None:
                                                 "shard_runners*.txt with --runners)")
     ap.add_argument("--runners", action="store_true",
                     help="compare the DirectRunner with dask (local:W) instead of the ceiling and Megatron")
+    ap.add_argument("--encoders", action="store_true",
+                    help="time the tokenizing alone: SentencePiece on whole texts against the segment cache")
+    ap.add_argument("--cache-ab", action="store_true",
+                    help="`data shard` with the segment cache against without it (DOMAINLM_SEGMENT_CACHE=0)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     workers = args.workers or len(os.sched_getaffinity(0))
@@ -317,6 +399,24 @@ def main() -> None:
              f"workers: {workers}; tokenizer: {tok}; load average at start (1, 5, 15 min): "
              + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (other processes share these cores when over 0)", ""]
     print("\n".join(lines), flush=True)
+    if args.cache_ab:
+        for name, corpus in corpora:
+            rows = measure_cache_ab(name, corpus, tok, workers, args.repeats)
+            print("\n".join(rows), flush=True)
+            lines += rows
+        out = Path(args.out or HERE / "results" / "shard_cache_ab.txt")
+        out.write_text("\n".join(lines) + "\n")
+        print(f"written to {out}")
+        return
+    if args.encoders:
+        for name, corpus in corpora:
+            rows = measure_encoders(name, corpus, tok, args.repeats)
+            print("\n".join(rows), flush=True)
+            lines += rows
+        out = Path(args.out or HERE / "results" / "shard_encoders.txt")
+        out.write_text("\n".join(lines) + "\n")
+        print(f"written to {out}")
+        return
     if args.runners:
         for name, corpus in corpora:
             rows = measure_runners(name, corpus, tok, workers, args.repeats)

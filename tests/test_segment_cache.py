@@ -78,12 +78,16 @@ def test_cached_encoding_equals_sentencepiece_cold_warm_and_full(tokenizer_dir, 
     assert enc(texts[:50]) == sp.encode(texts[:50])
 
 
-def test_several_threads_or_cache_false_encode_whole_texts(tokenizer_dir, pydoc_corpus):
+def test_several_threads_or_cache_false_encode_whole_texts(tokenizer_dir, pydoc_corpus, monkeypatch):
     blob = (tokenizer_dir / "tokenizer.model").read_bytes()
     sp = spm.SentencePieceProcessor(model_proto=blob)
     texts = _texts(tokenizer_dir, pydoc_corpus, 300)
     tokens, lengths = _reference(sp, texts)
-    for enc in (DocumentEncoder(SENTENCEPIECE, blob, threads=2), DocumentEncoder(SENTENCEPIECE, blob, cache=False)):
+    monkeypatch.setenv("DOMAINLM_SEGMENT_CACHE", "0")
+    off = DocumentEncoder(SENTENCEPIECE, blob)  # the switch bench/shard.py --cache-ab compares with
+    monkeypatch.delenv("DOMAINLM_SEGMENT_CACHE")
+    assert DocumentEncoder(SENTENCEPIECE, blob).segment_cache is not None
+    for enc in (DocumentEncoder(SENTENCEPIECE, blob, threads=2), DocumentEncoder(SENTENCEPIECE, blob, cache=False), off):
         assert enc.segment_cache is None
         got = _blocks(enc, texts, 64)
         assert np.array_equal(got[0], tokens) and np.array_equal(got[1], lengths)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ class DocumentEncoder:
     (`segment_cache.py`: the same ids, each segment encoded by SentencePiece once a process);
     `cache` False, several threads, or any other model, encodes every text whole."""
 
-    def __init__(self, kind: str, blob: bytes, threads: int = 1, cache: bool = True):
+    def __init__(self, kind: str, blob: bytes, threads: int = 1, cache: bool | None = None):
+        if cache is None:  # DOMAINLM_SEGMENT_CACHE=0 turns it off, to compare (bench/shard.py --cache-ab)
+            cache = os.environ.get("DOMAINLM_SEGMENT_CACHE", "1") != "0"
         self.kind, self.blob, self.threads, self.cache = kind, blob, threads, cache
         self._impl = self._segments = None
 
