@@ -399,32 +399,18 @@ def main() -> None:
              f"workers: {workers}; tokenizer: {tok}; load average at start (1, 5, 15 min): "
              + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (other processes share these cores when over 0)", ""]
     print("\n".join(lines), flush=True)
-    if args.cache_ab:
+    mode = ("cache_ab" if args.cache_ab else "encoders" if args.encoders else "runners" if args.runners else None)
+    if mode:
         for name, corpus in corpora:
-            rows = measure_cache_ab(name, corpus, tok, workers, args.repeats)
-            print("\n".join(rows), flush=True)
-            lines += rows
-        out = Path(args.out or HERE / "results" / "shard_cache_ab.txt")
-        out.write_text("\n".join(lines) + "\n")
-        print(f"written to {out}")
-        return
-    if args.encoders:
-        for name, corpus in corpora:
-            rows = measure_encoders(name, corpus, tok, args.repeats)
-            print("\n".join(rows), flush=True)
-            lines += rows
-        out = Path(args.out or HERE / "results" / "shard_encoders.txt")
-        out.write_text("\n".join(lines) + "\n")
-        print(f"written to {out}")
-        return
-    if args.runners:
-        for name, corpus in corpora:
-            rows = measure_runners(name, corpus, tok, workers, args.repeats)
+            rows = (measure_cache_ab(name, corpus, tok, workers, args.repeats) if mode == "cache_ab"
+                    else measure_encoders(name, corpus, tok, args.repeats) if mode == "encoders"
+                    else measure_runners(name, corpus, tok, workers, args.repeats))
             print("\n".join(rows), flush=True)
             lines += rows
         lines.append(f"load average at the end: {os.getloadavg()[0]:.2f}")
-        out = Path(args.out or HERE / "results" / ("shard_runners.txt" if args.size_mb == 200
-                                                   else f"shard_runners_{args.size_mb}mb.txt"))
+        default = {"cache_ab": "shard_cache_ab.txt", "encoders": "shard_encoders.txt",
+                   "runners": "shard_runners.txt" if args.size_mb == 200 else f"shard_runners_{args.size_mb}mb.txt"}
+        out = Path(args.out or HERE / "results" / default[mode])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines) + "\n")
         print(f"written to {out}")
