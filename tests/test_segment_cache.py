@@ -63,6 +63,8 @@ def test_cached_encoding_equals_sentencepiece_cold_warm_and_full(tokenizer_dir, 
         if rnd == 0:
             first = (cache.hits, cache.segments)
             assert 0.5 < first[0] / first[1] < 1
+            # a block's repeats of a new segment go to SentencePiece once; the cache holds each once
+            assert len(cache.cache) < cache.encoded < cache.segments - cache.hits
     hits, segments = cache.hits - first[0], cache.segments - first[1]
     too_long = sum(len(s) > MAX_KEY for t in texts for s in ([t] if SPACE in t else cache.split(t)))
     assert segments == first[1] and too_long > 0 and hits == segments - too_long
@@ -74,6 +76,11 @@ def test_cached_encoding_equals_sentencepiece_cold_warm_and_full(tokenizer_dir, 
     got = _blocks(small, texts, 64)
     assert np.array_equal(got[0], tokens) and np.array_equal(got[1], lengths)
     assert len(small.segment_cache.cache) == 500
+    got[0][0] += 1  # writable, like the arrays of the whole-text path
+    # another dtype starts a cache of its own (the cached bytes are of one dtype)
+    wide = small.flat(texts[:300], np.uint32)
+    assert wide[0].dtype == np.uint32 and np.array_equal(wide[0], tokens[:int(lengths[:300].sum())])
+    assert len(small.segment_cache.cache) <= 500 and small.segment_cache.dtype == np.uint32
     # and the list interface stays SentencePiece's own
     assert enc(texts[:50]) == sp.encode(texts[:50])
 

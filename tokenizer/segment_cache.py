@@ -25,7 +25,9 @@ the model and returns None, no cache, where one fails):
   within a segment could break differently in its text than alone.
 
 The cache holds at most `capacity` segments (first seen, then it stops growing, as `tokenizers`'
-BPE cache does; ~200 bytes each) of at most `MAX_KEY` characters; the rest are encoded each time.
+BPE cache does; ~150 bytes each, ~75 MB full) of at most `MAX_KEY` characters; the rest are
+encoded each time. 2^19 holds every segment of the 200 MB benchmark corpus (472,594 distinct);
+2^18 would have found 96.3% of its segments instead of 97.9%.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from operator import contains, is_
 import numpy as np
 
 SPACE = "\u2581"
-CAPACITY = 1 << 18
+CAPACITY = 1 << 19
 MAX_KEY = 64
 
 _chain = itertools.chain.from_iterable
@@ -105,19 +107,23 @@ def segment_pattern(model_proto: bytes, pieces: list[str]) -> str | None:
 
 
 class SegmentCache:
-    """`flat(texts)` -> (tokens, lengths): the texts' ids concatenated and each text's count,
-    equal to `encode(texts)` (SentencePiece's batch encode, for a model `segment_pattern`
-    accepts). `segments` / `hits` count the lookups."""
+    """`flat(texts, dtype)` -> (tokens, lengths): the texts' ids concatenated and each text's
+    count, equal to `encode(texts)` (SentencePiece's batch encode, for a model `segment_pattern`
+    accepts). The cache holds each segment's ids as the bytes of a `dtype` array, which one join
+    concatenates. `segments` / `hits` / `encoded` count the segments looked up, those found, and
+    those SentencePiece encoded (a block's repeats of a new segment are encoded once)."""
 
-    def __init__(self, encode: Callable[[list[str]], list[list[int]]], pattern: str, vocab_size: int,
-                 capacity: int = CAPACITY):
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]], pattern: str, capacity: int = CAPACITY):
         self.encode, self.capacity = encode, capacity
-        self.ints = list(range(vocab_size))
         self.split = re.compile(pattern).findall
-        self.cache: dict[str, tuple[int, ...]] = {}
-        self.segments = self.hits = 0
+        self.cache: dict[str, bytes] = {}
+        self.dtype = None
+        self.segments = self.hits = self.encoded = 0
 
     def flat(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        dtype = np.dtype(dtype)
+        if dtype != self.dtype:                         # the bytes are of one dtype
+            self.cache, self.dtype = {}, dtype
         cache = self.cache
         segs = list(map(self.split, texts))
         for i in itertools.compress(range(len(texts)), map(contains, texts, itertools.repeat(SPACE))):
@@ -128,24 +134,30 @@ class SegmentCache:
         if None in got:
             absent = list(map(is_, got, itertools.repeat(None)))
             missing = list(dict.fromkeys(itertools.compress(flat, absent)))
-            fresh = dict(zip(missing, self.encode(missing)))
+            fresh = dict(zip(missing, _as_bytes(self.encode(missing), dtype)))
             room = self.capacity - len(cache)
-            intern = self.ints.__getitem__
             for key, ids in fresh.items():
                 if room <= 0:
                     break
                 if len(key) <= MAX_KEY:
-                    cache[key] = tuple(map(intern, ids))   # one int object per id, not one per use
+                    cache[key] = ids
                     room -= 1
             self.hits += len(flat) - sum(absent)
+            self.encoded += len(missing)
             got = list(map(fresh.get, flat, got))     # the fresh ids where missing, else the cached
         else:
             self.hits += len(flat)
-        per_segment = np.fromiter(map(len, got), dtype=np.int64, count=len(got))
         ends = np.zeros(len(got) + 1, dtype=np.int64)
-        np.cumsum(per_segment, out=ends[1:])
+        np.cumsum(np.fromiter(map(len, got), dtype=np.int64, count=len(got)), out=ends[1:])
         bounds = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, segs), dtype=np.int64, count=len(segs)), out=bounds[1:])
-        lengths = np.diff(ends[bounds])
-        tokens = np.fromiter(_chain(got), dtype=dtype, count=int(ends[-1]))
-        return tokens, lengths
+        lengths = np.diff(ends[bounds]) // dtype.itemsize
+        return np.frombuffer(b"".join(got), dtype=dtype).copy(), lengths   # writable, as fromiter's
+
+
+def _as_bytes(encoded: list[list[int]], dtype: np.dtype) -> list[bytes]:
+    """Each list of ids as the bytes of a `dtype` array (one conversion for all of them)."""
+    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ends = np.cumsum(counts) * dtype.itemsize
+    buf = np.fromiter(_chain(encoded), dtype=dtype, count=int(counts.sum())).tobytes()
+    return [buf[a:b] for a, b in zip((ends - counts * dtype.itemsize).tolist(), ends.tolist())]

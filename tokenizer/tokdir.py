@@ -132,7 +132,7 @@ class DocumentEncoder:
             # segment seen once); with several threads SentencePiece encodes on every core, the cache on one
             use = self.cache and threads == 1
             pattern = segment_pattern(self.blob, [sp.id_to_piece(i) for i in range(n)]) if use else None
-            self._segments = SegmentCache(self._impl, pattern, n) if pattern else None
+            self._segments = SegmentCache(self._impl, pattern) if pattern else None
             return
         from tokenizers import Tokenizer
 
