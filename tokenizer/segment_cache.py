@@ -155,9 +155,15 @@ class SegmentCache:
         return np.frombuffer(b"".join(got), dtype=dtype).copy(), lengths   # writable, as fromiter's
 
 
+def concat(encoded: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (all of them in one `dtype` array, each list's count)."""
+    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    return np.fromiter(_chain(encoded), dtype=dtype, count=int(counts.sum())), counts
+
+
 def _as_bytes(encoded: list[list[int]], dtype: np.dtype) -> list[bytes]:
     """Each list of ids as the bytes of a `dtype` array (one conversion for all of them)."""
-    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    tokens, counts = concat(encoded, dtype)
     ends = np.cumsum(counts) * dtype.itemsize
-    buf = np.fromiter(_chain(encoded), dtype=dtype, count=int(counts.sum())).tobytes()
+    buf = tokens.tobytes()
     return [buf[a:b] for a, b in zip((ends - counts * dtype.itemsize).tolist(), ends.tolist())]

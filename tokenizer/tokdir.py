@@ -20,7 +20,6 @@ Stages after conversion never assume our SentencePiece tokenizer (DESIGN.md): th
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -101,19 +100,17 @@ class DocumentEncoder:
 
     def flat(self, texts: list[str], dtype) -> tuple["np.ndarray", "np.ndarray"]:
         """(all the texts' ids in order, each text's count), as `dtype` / int64 arrays."""
-        import numpy as np
+        from domainlm.tokenizer.segment_cache import concat
 
         if self._impl is None:
             self._load()
         if self._segments is not None:
             return self._segments.flat(texts, dtype)
-        encoded = self._impl(texts)
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        return np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
+        return concat(self._impl(texts), dtype)
 
     @property
     def segment_cache(self):
-        """The `SegmentCache` in use (its `segments` and `hits`), None without one."""
+        """The `SegmentCache` in use (its `segments`, `hits` and `encoded` counts), None without one."""
         if self._impl is None:
             self._load()
         return self._segments
@@ -128,8 +125,9 @@ class DocumentEncoder:
             threads = self.threads
             self._impl = lambda texts: sp.encode(texts, num_threads=threads)
             n = sp.get_piece_size()
-            # one thread: the cache's Python lookups beat SentencePiece (1.37x on the pydoc corpus, every
-            # segment seen once); with several threads SentencePiece encodes on every core, the cache on one
+            # one thread: the cache's Python lookups beat SentencePiece (1.17x on one pass over the pydoc
+            # corpus, `bench/shard.py --encoders`); with several threads SentencePiece encodes on every
+            # core, the cache on one
             use = self.cache and threads == 1
             pattern = segment_pattern(self.blob, [sp.id_to_piece(i) for i in range(n)]) if use else None
             self._segments = SegmentCache(self._impl, pattern) if pattern else None
