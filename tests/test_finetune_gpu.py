@@ -49,9 +49,6 @@ def sft(model, data, out, *extra):
 
 
 def test_compiled_kernels_in_hf_llama_bf16_match_the_torch_path(base):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from domainlm.finetune.batches import collate
     from domainlm.finetune.chat import IGNORE, Encoded
     from domainlm.finetune.kernels import apply_kernels
@@ -67,13 +64,7 @@ def test_compiled_kernels_in_hf_llama_bf16_match_the_torch_path(base):
     batches = [collate([[s] for s in enc[:2]], 0, packed=False), collate([enc[2:], enc[:1]], 0, packed=True)]
 
     def run(kernels: bool):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
+        model = lora_model(base, dtype=torch.bfloat16, device="cuda")
         if kernels:
             assert apply_kernels(model) == {"rms_norm": 5, "swiglu": 2, "rotary": 2, "lora_addmm": 14}
         lm = LossModel(model, fused=kernels)
