@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from domainlm.tokenizer.segment_cache import MAX_KEY, SPACE, _fields, segment_pattern
+from domainlm.tokenizer.segment_cache import MAX_KEY, SPACE, segment_pattern
+from domainlm.tokenizer.spm_proto import fields as _fields
 from domainlm.tokenizer.tokdir import SENTENCEPIECE, DocumentEncoder
 from tests.test_tokenizer import HARD_TEXTS
 

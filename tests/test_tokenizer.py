@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer
 
 from domainlm.tokenizer.config import TokenizerConfig
 from domainlm.tokenizer.report import is_heldout
+from domainlm.tokenizer.spm_proto import with_model_prefix
 from domainlm.tokenizer.train import Sampler, train
 from tests.conftest import run_cli
 
@@ -236,10 +238,26 @@ def test_sample_budget_bounds_training_text(tmp_path, pydoc_corpus):
     again = train(TokenizerConfig(input=[str(pydoc_corpus / "corpus.jsonl")], output=str(tmp_path / "t2"),
                                   vocab_size=1024, sample_bytes=300_000, heldout_fraction=0.05,
                                   heldout_max_bytes=100_000))
-    # Same sample, same vocabulary and scores (the .model file also records its training paths).
-    a, b = (spm.SentencePieceProcessor(model_file=str(tmp_path / d / "tokenizer.model")) for d in ("t", "t2"))
-    assert [(a.id_to_piece(i), a.get_score(i)) for i in range(1024)] == [(b.id_to_piece(i), b.get_score(i)) for i in range(1024)]
+    # Same sample, same model: byte for byte (the temporary path SentencePiece wrote to is not
+    # recorded in it), so the same sha256 in both manifests.
+    a, b = ((tmp_path / d / "tokenizer.model").read_bytes() for d in ("t", "t2"))
+    assert a == b and m["tokenizer"]["sha256"] == again["tokenizer"]["sha256"] == hashlib.sha256(a).hexdigest()
     assert again["fingerprint"] != m["fingerprint"]  # output path is part of the config
+    # The rewrite against sentencepiece's own protobuf module: the recorded prefix, every other
+    # field as trained, serialized as protobuf itself serializes it.
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    model.ParseFromString(a)
+    assert model.trainer_spec.model_prefix == "tokenizer"
+    assert model.trainer_spec.vocab_size == 1024 and model.trainer_spec.model_type == pb.TrainerSpec.BPE
+    model.trainer_spec.model_prefix = "/some/where/else/tokenizer"
+    assert with_model_prefix(a, "/some/where/else/tokenizer") == model.SerializeToString()
+    model.trainer_spec.ClearField("model_prefix")   # none recorded: one is added
+    again_model = pb.ModelProto()
+    again_model.ParseFromString(with_model_prefix(model.SerializeToString(), "tokenizer"))
+    model.trainer_spec.model_prefix = "tokenizer"
+    assert again_model == model
 
 
 def test_unigram_export_differs_at_most_in_tie_order(tmp_path, pydoc_corpus):

@@ -39,6 +39,8 @@ from operator import contains, is_
 
 import numpy as np
 
+from domainlm.tokenizer.spm_proto import NORMALIZER_SPEC, TRAINER_SPEC, fields, last
+
 SPACE = "\u2581"
 CAPACITY = 1 << 19
 MAX_KEY = 64
@@ -46,57 +48,18 @@ MAX_KEY = 64
 _chain = itertools.chain.from_iterable
 
 
-def _fields(buf: bytes) -> dict[int, list]:
-    """A protobuf message's fields by number (varints as ints, length-delimited as bytes): the
-    few the cache depends on, read without sentencepiece's generated module (see hf_export.py)."""
-    out: dict[int, list] = {}
-    i, n = 0, len(buf)
-
-    def varint() -> int:
-        nonlocal i
-        shift = value = 0
-        while True:
-            b = buf[i]
-            i += 1
-            value |= (b & 0x7F) << shift
-            if b < 0x80:
-                return value
-            shift += 7
-
-    while i < n:
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            size = varint()
-            value, i = buf[i:i + size], i + size
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        out.setdefault(number, []).append(value)
-    return out
-
-
-def _last(fields: dict[int, list], number: int, default):
-    return fields[number][-1] if number in fields else default
-
-
 def segment_pattern(model_proto: bytes, pieces: list[str]) -> str | None:
     """The regular expression that splits a text into segments SentencePiece encodes
     independently, or None where the model gives no such guarantee (module docstring)."""
-    model = _fields(model_proto)
-    trainer = _fields(_last(model, 2, b""))
-    normalizer = _fields(_last(model, 3, b""))
-    if _last(trainer, 3, 1) != 2:                       # model_type: UNIGRAM = 1 (default), BPE = 2
+    model = fields(model_proto)
+    trainer = fields(last(model, TRAINER_SPEC, b""))
+    normalizer = fields(last(model, NORMALIZER_SPEC, b""))
+    if last(trainer, 3, 1) != 2:                        # model_type: UNIGRAM = 1 (default), BPE = 2
         return None
-    if _last(trainer, 24, 0):                           # treat_whitespace_as_suffix
+    if last(trainer, 24, 0):                            # treat_whitespace_as_suffix
         return None
-    if (_last(normalizer, 2, b"") or _last(normalizer, 1, b"") not in (b"identity", b"")
-            or _last(normalizer, 3, 1) or _last(normalizer, 4, 1) or not _last(normalizer, 5, 1)):
+    if (last(normalizer, 2, b"") or last(normalizer, 1, b"") not in (b"identity", b"")
+            or last(normalizer, 3, 1) or last(normalizer, 4, 1) or not last(normalizer, 5, 1)):
         return None                                     # charsmap, dummy prefix, squeezing, no escaping
     if any(re.search(f"[^{SPACE}]{SPACE}", p) for p in pieces):
         return None

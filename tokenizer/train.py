@@ -32,6 +32,7 @@ from domainlm.tokenizer.config import TokenizerConfig
 from domainlm.corpus import corpus_files, jsonl_ranges, read_file, splittable
 from domainlm.tokenizer.hf_export import CHAT_END, CHAT_START, parity, write_hf_files
 from domainlm.tokenizer.report import Measurer, key_hashes
+from domainlm.tokenizer.spm_proto import with_model_prefix
 
 VOCAB_MULTIPLE = 128
 BYTE_PIECES = 256
@@ -370,6 +371,10 @@ def train(cfg: TokenizerConfig) -> dict:
         options = spm_options(cfg, None, out.tmp / "tokenizer", vocab_size)
         options["input_format"] = sentences.input_format
         t_train = train_spm(options, sentences)
+        # SentencePiece records the temporary path it wrote to (named after the host and the
+        # process): the file's own name instead, so identical trainings write identical models.
+        model_file = out.tmp / "tokenizer.model"
+        model_file.write_bytes(with_model_prefix(model_file.read_bytes(), "tokenizer"))
         lines = sentences.lines
         inputs = pending_inputs.result()
 
