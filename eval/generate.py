@@ -58,7 +58,11 @@ class Generator:
     """An HF causal LM (optionally with a PEFT adapter) ready to answer chat prompts."""
 
     def __init__(self, model_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fuse_lora: bool = True):
+        """`fuse_lora`: each LoRA projection computes base(x) + s * A(x) B^T with the adapter's
+        product inside one `torch.addmm` (finetune/kernels.py: FusedLoraLinear), where peft writes
+        B's output, a scaled copy and the sum; peft's own forward wherever the dtypes differ
+        (a bf16 base with fp32 adapters) or the adapter is not plain LoRA."""
         from transformers import AutoModelForCausalLM
 
         self.hf: HFDir = open_hf_dir(model_dir)
@@ -76,6 +80,10 @@ class Generator:
             ad.check_base(self.hf)
             model = PeftModel.from_pretrained(model, str(ad.path))
             self.adapter = ad
+            if fuse_lora:
+                from domainlm.finetune.kernels import fuse_lora as fuse
+
+                fuse(model)
         self.model = model.to(device).eval()
         self.device = device
         self.stops = stop_ids(self.tok)

@@ -259,22 +259,32 @@ def _swap(module: torch.nn.Module, mixin: type) -> None:
                             {"domainlm_original": cls, "__module__": __name__})
 
 
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Every plain peft `lora.Linear` of the model as a `FusedLoraLinear` (not peft's subclasses:
+    4-bit, ...); how many. Also what evaluation's generation runs adapters through (Generator):
+    in fp32 the same logits as peft's, bitwise on the AMD VM, with the prefill of 700-token prompts
+    1.2x faster (bench/compare_breakdown.py)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for m in model.modules():
+        if type(m) is LoraLinear or isinstance(m, FusedLoraLinear):
+            _swap(m, FusedLoraLinear)
+            n += 1
+    return n
+
+
 def apply_kernels(model: torch.nn.Module) -> dict[str, int]:
     """Put the kernels into every norm, MLP and attention of an HF Llama-family model.
 
     Returns how many modules of each kind now run them (the trainer logs it). Call it after
     peft's get_peft_model for its LoRA layers to be fused too (`lora_addmm`)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0, "lora_addmm": 0}
+    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0, "lora_addmm": fuse_lora(model)}
     rope_ok = all(float(getattr(m, "attention_scaling", 1.0)) == 1.0
                   for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
     for m in model.modules():
         name = type(m).__name__
-        if type(m) is LoraLinear or isinstance(m, FusedLoraLinear):      # not peft's subclasses (4-bit, ...)
-            _swap(m, FusedLoraLinear)
-            counts["lora_addmm"] += 1
-        elif name.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight"):
+        if name.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight"):
             _swap(m, TritonRMSNorm)
             counts["rms_norm"] += 1
         elif (name.endswith("MLP") and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))

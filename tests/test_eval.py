@@ -133,6 +133,36 @@ def test_batched_generation_equals_one_generate_per_question(tiny_hf_model):
         assert got.text == want and got.tokens_in == len(ids) and got.tokens_out == n
 
 
+def test_generation_with_the_adapter_fused_equals_peft(tiny_hf_model, tmp_path):
+    """Generator runs a LoRA adapter's projections through FusedLoraLinear (one addmm): the same
+    logits as peft's forward on a left-padded batch, and the same greedy answers."""
+    from domainlm.eval.generate import Generator
+    from domainlm.finetune.kernels import FusedLoraLinear
+    from tests.conftest import lora_model
+
+    adapter = tmp_path / "adapter"
+    lora_model(tiny_hf_model, seed=3).save_pretrained(str(adapter))
+    fused, plain = (Generator(tiny_hf_model, adapter, fuse_lora=f) for f in (True, False))
+    layers = fused.model.get_base_model().config.num_hidden_layers
+    assert sum(isinstance(m, FusedLoraLinear) for m in fused.model.modules()) == 7 * layers
+    assert not any(isinstance(m, FusedLoraLinear) for m in plain.model.modules())
+    prompts = [[{"role": "user", "content": q}] for q in
+               ["What does os.path.join do?", "Hi", "Explain the numpy dtype argument of zeros in some detail please",
+                "What is the signature of json.dumps?", "x"]]
+    encoded = [fused.prompt_ids(p) for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[fused.tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.inference_mode():
+        a, b = (g.model(input_ids=ids, attention_mask=mask).logits for g in (fused, plain))
+        with plain.model.disable_adapter():
+            base = plain.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    assert (a - base).abs().max() > 0.1 * base.abs().max()          # the adapter does act
+    got, want = (g.generate(prompts, max_new_tokens=12, batch_size=4) for g in (fused, plain))
+    assert [x.text for x in got] == [x.text for x in want] and [x.tokens_out for x in got] == [x.tokens_out for x in want]
+
+
 def test_perplexity_equals_stock_transformers_loss(tiny_hf_model, pydoc_corpus, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
