@@ -8,11 +8,11 @@ in compare's order: sorted by length, in compare's batch size) go through the sa
 as in compare, on --threads threads, batch by batch: once as the prompt's forward pass alone (the prefill,
 logits of the last position only, as `generate` computes them), once through the harness's
 `Generator.generate` (prefill + greedy decoding). The share of the prefill says what a faster
-decoder could save. For the adapter rows it also times the same prefills through peft's own LoRA
-forward (`Generator(fuse_lora=False)`; compare runs each adapter's product inside one addmm) and
-with the adapter merged into the weights (peft's `merge_and_unload`, what serving a merged model
-would run; not what compare does: merging moves the logits by ~1e-5 in fp32 and rounds the
-update away in bf16).
+decoder could save. For the adapter rows the same batches also go through peft's own LoRA forward
+(`Generator(fuse_lora=False)`; compare runs each adapter's product inside one addmm), prefill and
+generate, in rotating order batch by batch, the answers compared; and the prefill with the adapter
+merged into the weights (peft's `merge_and_unload`, what serving a merged model would run; not
+what compare does: merging moves the logits by ~1e-5 in fp32 and rounds the update away in bf16).
 Padding: the prompt tokens a batch computes over the prompts' own tokens.
 """
 
@@ -76,38 +76,39 @@ def main() -> None:
             prompts = sorted((r["prompt"] for r in recs), key=lambda p: len(gen.prompt_ids(p)))
             groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
             groups = groups[: ns.batches] if ns.batches else groups
-            pre, full, own, padded, merged_pre, peft_pre = 0.0, 0.0, 0, 0, None, None
-            batches = []
-            for group in groups:
+            sides = {"ours": gen}
+            if adapter:     # peft's own LoRA forward and the merged weights, batch by batch beside ours
+                sides["peft"] = Generator(inputs["model"], adapter, dtype=dtype, fuse_lora=False)
+                sides["merged"] = Generator(inputs["model"], adapter, dtype=dtype, fuse_lora=False)
+                sides["merged"].model = sides["merged"].model.merge_and_unload()
+            pre = dict.fromkeys(sides, 0.0)
+            full = dict.fromkeys(("ours", "peft") if adapter else ("ours",), 0.0)
+            same, own, padded = True, 0, 0
+            for b, group in enumerate(groups):
                 ids, mask = _batch(gen, group)
                 own += int(mask.sum())
                 padded += ids.numel()
-                batches.append((group, ids, mask))
-                t0 = time.perf_counter()
-                gen.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-                pre += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                gen.generate(group, max_new_tokens=gen_cfg["max_new_tokens"], batch_size=batch)
-                full += time.perf_counter() - t0
-            if adapter:
-                peft_gen = Generator(inputs["model"], adapter, dtype=dtype, fuse_lora=False)
-                merged = Generator(inputs["model"], adapter, dtype=dtype, fuse_lora=False).model.merge_and_unload()
-                peft_pre, merged_pre = 0.0, 0.0
-                for _, ids, mask in batches:
+                order = list(sides)[b % len(sides):] + list(sides)[: b % len(sides)]     # rotating
+                for side in order:
                     t0 = time.perf_counter()
-                    peft_gen.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-                    peft_pre += time.perf_counter() - t0
+                    sides[side].model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                    pre[side] += time.perf_counter() - t0
+                answers = {}
+                for side in [s for s in order if s in full]:
                     t0 = time.perf_counter()
-                    merged(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-                    merged_pre += time.perf_counter() - t0
-                del peft_gen, merged
+                    answers[side] = [g.text for g in sides[side].generate(group, max_new_tokens=gen_cfg["max_new_tokens"],
+                                                                         batch_size=batch)]
+                    full[side] += time.perf_counter() - t0
+                same = same and len({tuple(a) for a in answers.values()}) == 1
             line = (f"{name}: {len(groups)} batch(es), prompt tokens {own:,} ({padded / own:.3f}x with padding); "
-                    f"prefill {pre:.2f} s ({padded / pre:,.0f} tokens/s), generate {full:.2f} s, "
-                    f"prefill share {min(1.0, pre / full):.2f}")
-            if merged_pre is not None:
-                line += (f"; the prefill with peft's LoRA forward {peft_pre:.2f} s (ours, the adapter in one addmm: "
-                         f"{peft_pre / pre:.2f}x), with the adapter merged into the weights {merged_pre:.2f} s "
-                         f"({peft_pre / merged_pre:.2f}x)")
+                    f"prefill {pre['ours']:.2f} s ({padded / pre['ours']:,.0f} tokens/s), generate {full['ours']:.2f} s, "
+                    f"prefill share {min(1.0, pre['ours'] / full['ours']):.2f}")
+            if adapter:
+                line += (f"; through peft's LoRA forward: prefill {pre['peft']:.2f} s, generate {full['peft']:.2f} s "
+                         f"(ours, the adapter in one addmm: {pre['peft'] / pre['ours']:.2f}x and "
+                         f"{full['peft'] / full['ours']:.2f}x; the same answers: {same}); the adapter merged into "
+                         f"the weights: prefill {pre['merged']:.2f} s ({pre['peft'] / pre['merged']:.2f}x peft's)")
+            del sides
             emit(line)
     emit(f"load average at end: {os.getloadavg()[0]:.2f}")
     Path(ns.output).parent.mkdir(parents=True, exist_ok=True)

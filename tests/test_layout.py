@@ -45,6 +45,7 @@ PUBLIC = {
     },
     "finetune": {
         "domainlm.finetune.adapter",        # the adapter dir contract
+        "domainlm.finetune.kernels",        # fuse_lora: evaluation's generation runs adapters through it
     },
     "serve": {
         "domainlm.serve.index_dir",         # the index dir contract
