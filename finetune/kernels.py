@@ -262,8 +262,8 @@ def _swap(module: torch.nn.Module, mixin: type) -> None:
 def fuse_lora(model: torch.nn.Module) -> int:
     """Every plain peft `lora.Linear` of the model as a `FusedLoraLinear` (not peft's subclasses:
     4-bit, ...); how many. Also what evaluation's generation runs adapters through (Generator):
-    in fp32 the same logits as peft's, bitwise on the AMD VM, with the prefill of 700-token prompts
-    1.2x faster (bench/compare_breakdown.py)."""
+    in fp32 the same answers as peft's forward; on the 2-core VM 1.00-1.10x faster generation in
+    the demo's comparison, interleaved with peft's (bench/compare_breakdown.py)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
