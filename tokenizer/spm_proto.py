@@ -87,20 +87,17 @@ def with_model_prefix(model: bytes, prefix: str) -> bytes:
 
     SentencePiece records the path it was asked to write to; ours is a temporary directory named
     after the host and the process, so two identical trainings would write different files."""
-    out = bytearray()
+    field, out = _length_delimited(MODEL_PREFIX, prefix.encode("utf-8")), bytearray()
     for number, wire, value, start, end in records(model):
         if number == TRAINER_SPEC and wire == _LEN:
             spec, done = bytearray(), False
             for n, w, _, s, e in records(value):
                 if n == MODEL_PREFIX and w == _LEN:     # in its place, once
-                    if not done:
-                        spec += _length_delimited(MODEL_PREFIX, prefix.encode("utf-8"))
+                    spec += b"" if done else field
                     done = True
                 else:
                     spec += value[s:e]
-            if not done:
-                spec += _length_delimited(MODEL_PREFIX, prefix.encode("utf-8"))
-            out += _length_delimited(TRAINER_SPEC, bytes(spec))
+            out += _length_delimited(TRAINER_SPEC, bytes(spec if done else spec + field))
         else:
             out += model[start:end]
     return bytes(out)
