@@ -125,15 +125,18 @@ EOF
 
 device_invocation() {
     cat <<'EOF'
-device tool: run(command="bash bench/gpu_check.sh --part all", carry=["bench/work/gpu"], timeout_s=600)
-  (one call, ~8-9 min on one H100; the results come back in $OUT: gpu_check_*.txt, gpu_kernels_*.txt,
-  gpu_pretrain_*.txt. If it must be split: --part a, then --part b at once while the machine is warm.)
-device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=400)
-  (one call, ~3-5 min on one H100, step limits 45 + 20 + 235 + 40 s; back in $OUT: gpu_check_*.txt,
-  gpu_finetune_*.txt)
+In this order: a session's whole device time is 15 minutes, the machine's start included, so the
+parts whose figures are still unmeasured go first (d, then c); part "all" re-measures what issue 11
+measured and runs only if time is left.
 device tool, serving and the norms: run(command="bash bench/gpu_check.sh --part d", carry=["bench/work/gpu"], timeout_s=400)
   (one call, ~3-5 min, step limits 45 + 20 + 150 + 120 s; back in $OUT: gpu_check_*.txt, gpu_serve_*.txt,
   gpu_pretrain_*.txt)
+device tool, fine-tuning: run(command="bash bench/gpu_check.sh --part c", carry=["bench/work/gpu"], timeout_s=400)
+  (one call, ~3-5 min on one H100, step limits 45 + 20 + 235 + 40 s; back in $OUT: gpu_check_*.txt,
+  gpu_finetune_*.txt)
+device tool, if time is left: run(command="bash bench/gpu_check.sh --part all", carry=["bench/work/gpu"], timeout_s=600)
+  (one call, ~8-9 min on one H100; the results come back in $OUT: gpu_check_*.txt, gpu_kernels_*.txt,
+  gpu_pretrain_*.txt. If it must be split: --part a, then --part b at once while the machine is warm.)
 EOF
 }
 
