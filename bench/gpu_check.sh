@@ -37,7 +37,7 @@
 #                                  # Beam/datasets, part c's with TRL/datasets from the carried wheels
 #                                  # alone, and prints the device tool invocations
 # On the GPU machine:
-#   bash bench/gpu_check.sh [--part a|b|c|all]
+#   bash bench/gpu_check.sh [--part a|b|c|d|all]
 # Rehearsal of the GPU steps on a CPU machine (the GPU tests skip, the timings say they need CUDA):
 #   GPU_CHECK_REHEARSAL=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh --part a   (or c)
 set -uo pipefail
