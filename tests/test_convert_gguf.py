@@ -281,6 +281,50 @@ def test_gguf_converts_to_the_reference_logits(tiny, tmp_path, capsys, qtype):
         assert MEASURED["Q4_1"] > 4 * MEASURED["Q8_0"] > 4e-4
 
 
+def test_conversion_parses_the_file_once_and_writes_the_same_dir(tiny, tmp_path, capsys, monkeypatch):
+    """`reading_once`: transformers' loader (tokenizer, config, weights) and our header and
+    tokenizer checks share one gguf-py reader and one tensor-name map; the dir written is the one
+    written when each opens the file itself, byte for byte."""
+    import contextlib
+
+    import gguf
+
+    from domainlm.pretrain.convert import gguf as ours
+
+    reads, maps = Counter(), Counter()
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            reads[Path(path).name] += 1
+            super().__init__(path, mode)
+
+    name_map = gguf.get_tensor_name_map
+
+    def counting_map(arch, n_blocks):
+        maps[arch, n_blocks] += 1
+        return name_map(arch, n_blocks)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_map)
+    model, tok = tiny
+    src = tmp_path / "tiny.gguf"
+    write_gguf(src, model, tok, "Q8_0")
+    code, _, err = convert(capsys, src, tmp_path / "once", "--no-verify")
+    assert code == 0, err
+    assert reads == {"tiny.gguf": 1} and len(maps) == 1 and sum(maps.values()) == 1
+    assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is counting_map    # put back after
+
+    reads.clear()
+    maps.clear()
+    monkeypatch.setattr(ours, "reading_once", contextlib.nullcontext)                # each opens it itself
+    code, _, err = convert(capsys, src, tmp_path / "each", "--no-verify")
+    assert code == 0, err
+    assert reads["tiny.gguf"] >= 4 and sum(maps.values()) > 10
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "each" / name).read_bytes(), name
+
+
 def test_untied_bf16_and_a_given_chat_template(tiny, tmp_path, capsys):
     """An output.weight of its own -> lm_head written, tie false; --dtype bf16 within its
     tolerance; a GGUF without a template + --chat-template FILE -> that file's template."""

@@ -12,13 +12,16 @@ transformers' loader is used as is for what it does well (dequantization of ever
 llama.cpp's q/k permutation undone, the tokenizer rebuilt from the vocab and merges; what it gets
 wrong for a `llama` vocabulary is put right: `repair_tokenizer`); its model
 refuses `save_pretrained` ("quantized with gguf and is not serializable"), so the weights are
-written through the HF dir contract (`hfdir.write_safetensors`) instead.
+written through the HF dir contract (`hfdir.write_safetensors`) instead. Its readers and ours share
+one parse of the file within a conversion (`reading_once`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import struct
 import time
 from collections import Counter
@@ -169,6 +172,41 @@ def _value(f) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
+@contextlib.contextmanager
+def reading_once():
+    """Within the block, each GGUF file is parsed once and gguf-py's tensor-name map built once.
+
+    transformers' GGUF loader opens the file anew for the tokenizer, the config and the weights,
+    and gguf-py's reader decodes every metadata array each time (SmolLM2's 49k tokens and merges:
+    ~5 s a read on 2 cores); `read_header` and `repair_tokenizer` read it too. The loader also
+    builds a `TensorNameMap` for every module of the model, recursively (~400 for 30 layers). Both
+    are only read after they are built, so one of each serves every caller: the loader and ours
+    import them from `gguf` when called, which is where this block puts the caching versions."""
+    import gguf
+
+    reader_cls, name_map_fn = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+    maps: dict[tuple[Any, int], Any] = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map_fn(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map_fn
+        readers.clear()
+
+
 def read_header(path: Path) -> GGUFHeader:
     """Check magic, version and completeness; UserError (one line, naming the file) otherwise."""
     size = path.stat().st_size
@@ -257,6 +295,11 @@ def convert(cfg: FromGGUFConfig, stage: str = STAGE, recorded=None) -> dict[str,
     """Entry point of `domainlm convert from-gguf` (and of `convert base` for a GGUF, which names
     its own stage and `recorded` config: the manifest records the command that ran); returns the
     manifest."""
+    with reading_once():
+        return _convert(cfg, stage, recorded)
+
+
+def _convert(cfg: FromGGUFConfig, stage: str, recorded) -> dict[str, Any]:
     import torch
 
     from domainlm.pretrain.convert import hfdir

@@ -475,10 +475,11 @@ def verify(path: Path, reference, tok, vocab: Vocab, c: dict[str, Any], cfg: ToG
     """The GGUF read back by transformers (model dequantized to float32, tokenizer rebuilt) against
     the HF dir's model and tokenizer. The report has `convert to-hf`'s shape (`verify.describe`
     reads it), plus `tokenizer` and `config` sections."""
-    from domainlm.pretrain.convert.gguf import _load_model, _load_tokenizer, logit_rows, prompt_ids
+    from domainlm.pretrain.convert.gguf import _load_model, _load_tokenizer, logit_rows, prompt_ids, reading_once
 
-    back = _load_model(path)
-    btok = _load_tokenizer(path)
+    with reading_once():
+        back = _load_model(path)
+        btok = _load_tokenizer(path)
     config = _config_mismatches(back.config, c)
     tokenizer = compare_tokenizers(tok, btok, vocab, cfg.checks.texts)
     inputs = [(p, prompt_ids(tok, p), True) for p in cfg.checks.prompts]     # chat-rendered
