@@ -38,9 +38,10 @@ def inputs(cfg: ShardConfig) -> list[dict]:
 
 def shard(cfg: ShardConfig) -> dict:
     beam_worker.install()
-    from domainlm.data.beam.pipeline import (DEAD_LETTER, dask_local_workers, direct_workers, encode_threads,
-                                             for_input_size, is_dask, is_direct, run, session)
+    from domainlm.data.beam.pipeline import (DEAD_LETTER, check_options, dask_local_workers, direct_workers,
+                                             encode_threads, for_input_size, is_dask, is_direct, run, session)
 
+    check_options(cfg.beam)
     tok = load_tokenizer_dir(cfg.tokenizer)
     workers = (direct_workers(cfg.beam)[0] if is_direct(cfg.beam)
                else dask_local_workers(cfg.beam) if is_dask(cfg.beam) else 0)
@@ -56,7 +57,8 @@ def shard(cfg: ShardConfig) -> dict:
     dtype = token_dtype(tok.vocab_size).name
     t0 = time.perf_counter()
     remote = "://" in cfg.output
-    local_out = None if remote else StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite)  # checks it
+    local_out = None if remote else StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite,
+                                                     inputs=described)  # checks it
     # then the runner's engine (a dask cluster, or a refusal) before anything is written
     with session(cfg.beam) as engine, (local_out or RemoteOutput(cfg.output, cfg.overwrite)) as out:
         root = str(out.tmp)

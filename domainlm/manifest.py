@@ -186,6 +186,58 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _under(inner: Path, outer: Path) -> bool:
+    """`inner` is `outer` or inside it (both resolved; symlinks followed)."""
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _local(p: str | Path) -> bool:
+    return "://" not in str(p)
+
+
+def refuse_output_over_inputs(output: str | Path, inputs, what: str = "--output") -> None:
+    """UserError when the output path is one of the inputs or holds one: writing it would replace
+    (and so delete) what the command reads. `inputs`: paths, or `describe_inputs` entries."""
+    out = Path(output)
+    for p in inputs or ():
+        p = p.get("path") if isinstance(p, dict) else p
+        if p and _local(p) and _local(out) and _under(Path(p), out):
+            same = Path(p).resolve() == out.resolve()
+            raise UserError(f"{what} {str(out)!r} {'is' if same else 'holds'} the input {str(p)!r}: writing it would "
+                            f"replace the input; choose another {what}")
+
+
+def check_output_file(path: str | Path, *, inputs=(), ours=None, what: str = "--output") -> Path:
+    """A one-file output, checked before any work: not a directory, not one of the inputs (nor
+    inside one that is replaced), and, when `ours(text)` is given, an existing file only when it is
+    an earlier output of the same command (anything else is refused, not overwritten)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{what} {str(out)!r} is a directory; give a file path (e.g. {str(out / 'report.json')!r})")
+    for p in inputs or ():
+        if p and _local(p) and out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise UserError(f"{what} {str(out)!r} is the input {str(p)!r}: writing it would replace the input; "
+                            f"choose another {what}")
+    if ours is not None and out.is_file() and out.stat().st_size:
+        try:
+            text = out.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or not ours(text):
+            raise UserError(f"{what} {str(out)!r} already exists and is not an earlier output of this command; "
+                            "choose another path or remove that file")
+    return out
+
+
+def is_json_object(text: str) -> bool:
+    """`ours` for the JSON reports: an existing file that is one JSON object."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -211,13 +263,15 @@ class StageOutput:
         out.commit(manifest)
 
     The directory is refused if it holds anything but an earlier output of the same stage
-    (unless `overwrite`). Files go to a hidden sibling; `commit` writes the manifest and moves
+    (unless `overwrite`), and always if it is or holds one of the `inputs` (or, at `commit`, one of
+    the manifest's). Files go to a hidden sibling; `commit` writes the manifest and moves
     it into place; an exception removes it, so nothing half-written is left.
     """
 
-    def __init__(self, path: str | Path, stage: str, *, overwrite: bool = False):
+    def __init__(self, path: str | Path, stage: str, *, overwrite: bool = False, inputs=()):
         self.path = Path(path)
         self.stage = stage
+        refuse_output_over_inputs(self.path, inputs)   # the same check runs on the manifest's inputs at commit
         if self.path.exists():
             if not self.path.is_dir():
                 raise UserError(f"output {str(self.path)!r} is a file; choose a directory path")
@@ -262,6 +316,9 @@ class StageOutput:
         return removed
 
     def commit(self, manifest: dict[str, Any]) -> None:
+        # The last line of defence for a command that did not pass its inputs up front: replacing
+        # the directory would delete an input that lies in it.
+        refuse_output_over_inputs(self.path, manifest.get("inputs"))
         write_json(self.tmp / MANIFEST, manifest)
         if self.path.exists():
             old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"

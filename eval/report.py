@@ -20,20 +20,30 @@ from domainlm.errors import UserError
 from domainlm.eval.report_chart import bars_chart, curves_chart
 from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import html_table
-from domainlm.manifest import MANIFEST
+from domainlm.manifest import MANIFEST, check_output_file
 from domainlm.progress import summary
 
 
+PAGE_START = "<!doctype html><meta charset='utf-8'><title>domainlm run "
+"""How every page `report` writes starts: an existing --output file that does not is not replaced."""
+
+
 def _stage_dirs(run: Path) -> dict[str, list[Path]]:
+    """The run's stage outputs by stage; hidden dirs (a stage's unfinished `.NAME.tmp-*`) left out.
+    A manifest that is not a JSON object is a damaged output: named, not skipped."""
     found: dict[str, list[Path]] = {}
-    for d in sorted(p for p in run.iterdir() if p.is_dir()):
+    for d in sorted(p for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = d / MANIFEST
         if m.is_file():
             try:
-                stage = json.loads(m.read_text(encoding="utf-8")).get("stage")
-            except ValueError:
-                continue
-            found.setdefault(str(stage), []).append(d)
+                data = json.loads(m.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise UserError(f"{str(m)!r} is not valid JSON ({e}); that stage's output is damaged: "
+                                "run the stage again (or remove the directory) and then the report") from None
+            if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
+                raise UserError(f"{str(m)!r} is not a domainlm manifest (a JSON object with a 'stage'); that "
+                                "output is damaged: run the stage again (or remove the directory) and then the report")
+            found.setdefault(data["stage"], []).append(d)
     return found
 
 
@@ -195,7 +205,7 @@ def render(run: Path, out: Path) -> dict[str, Any]:
     missing = [s for s in ("tokenizer", "shards", "pretrain", "finetune", "compare") if s not in shown]
     if missing:
         sections.append("<h2>Not in this run</h2><p>" + ", ".join(missing) + "</p>")
-    page = ("<!doctype html><meta charset='utf-8'><title>domainlm run " + html.escape(str(run)) + "</title>"
+    page = (PAGE_START + html.escape(str(run)) + "</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;margin:1em 0}"
             "pre{overflow-x:auto;font-size:12px}td.num{text-align:right}th.group{background:#f3f3f3}"
@@ -210,7 +220,7 @@ def report(cfg) -> int:
     run = Path(cfg.run)
     if not run.is_dir():
         raise UserError(f"run {cfg.run!r} is not a directory; give a pipeline's workdir (e.g. runs/demo)")
-    out = Path(cfg.output) if cfg.output else run / "report.html"
+    out = check_output_file(cfg.output or run / "report.html", ours=lambda text: text.startswith(PAGE_START))
     info = render(run, out)
     summary("report", [("page", str(out)), ("sections", ", ".join(info["sections"]) or "none"),
                        ("charts", len(info["charts"])), ("not in this run", ", ".join(info["missing"]) or "-")])

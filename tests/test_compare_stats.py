@@ -294,6 +294,33 @@ def test_report_page_shows_the_verdict_and_the_worst_answers_escaped(tmp_path):
     assert all(r["exact_match"] < 1 for r in bad)
 
 
+def test_report_refuses_a_foreign_output_file_and_names_a_damaged_manifest(tmp_path, capsys):
+    """`report --output` that is a directory or a file the report did not write: one line, the file
+    kept; an earlier page is replaced. A stage's manifest.json that is not a manifest is named."""
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    (run / "tok").mkdir(parents=True)
+    (run / "tok" / "manifest.json").write_text(json.dumps({"stage": "tokenizer train"}))
+    (run / ".tok.tmp-host-1").mkdir()                                 # an unfinished stage's hidden dir
+    (run / ".tok.tmp-host-1" / "manifest.json").write_text("{")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out, needle in ((notes, "not an earlier output of this command"), (tmp_path, "is a directory")):
+        code, _, err = run_cli(["report", "--run", run, "--output", out], capsys)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+    assert notes.read_text() == "keep me"
+    page = tmp_path / "page.html"
+    for _ in range(2):
+        code, _, err = run_cli(["report", "--run", run, "--output", page], capsys)
+        assert code == 0, err
+    assert page.read_text().startswith("<!doctype html>")
+    for text, needle in (("[1, 2]", "is not a domainlm manifest"), ("{oops", "is not valid JSON")):
+        (run / "tok" / "manifest.json").write_text(text)
+        code, _, err = run_cli(["report", "--run", run, "--output", page], capsys)
+        assert code == 2 and needle in err and str(run / "tok" / "manifest.json") in err and "Traceback" not in err
+
+
 def test_the_verdict_names_the_margin_over_a_component_as_alone():
     rag = _column(100, 0.3, 4)
     better = [min(1.0, v + 0.3) for v in rag]

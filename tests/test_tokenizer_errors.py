@@ -152,3 +152,64 @@ def test_console_script_prints_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == (f"domainlm tokenizer train: error: input {str(tmp_path / 'x.jsonl')!r} does not exist; "
                                 "give a file, a glob or a directory of corpus files")
+
+
+def test_an_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(capsys, tmp_path, pydoc_corpus):
+    """--output equal to the input dir (or above an input file) would replace the corpus when the
+    output is moved into place: refused before any work, --overwrite or not, the corpus kept."""
+    import shutil
+
+    indir = tmp_path / "indir"
+    indir.mkdir()
+    shutil.copy(pydoc_corpus / "corpus.jsonl", indir / "corpus.jsonl")
+    before = (indir / "corpus.jsonl").read_bytes()
+    for out in (indir, tmp_path):
+        for extra in ([], ["--overwrite"]):
+            line = _fails(capsys, _train(indir, out, *extra), str(out), "holds the input", "choose another --output")
+            assert "corpus.jsonl" in line
+    assert (indir / "corpus.jsonl").read_bytes() == before and sorted(p.name for p in indir.iterdir()) == ["corpus.jsonl"]
+
+
+def test_the_commit_refuses_to_replace_a_directory_holding_an_input(tmp_path):
+    """The last line of defence for a command that did not name its inputs to StageOutput: the
+    manifest's inputs are checked before the output is moved into place."""
+    import pytest
+
+    from domainlm.errors import UserError
+    from domainlm.manifest import StageOutput
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data.jsonl").write_text("keep me")
+    with pytest.raises(UserError, match="holds the input"):
+        with StageOutput(out, "some stage", overwrite=True) as stage:
+            (stage.tmp / "result.txt").write_text("new")
+            stage.commit({"stage": "some stage", "inputs": [{"path": str(out / "data.jsonl")}]})
+    assert (out / "data.jsonl").read_text() == "keep me" and not list(tmp_path.glob(".out.*"))
+
+
+def test_tokenizer_report_output_file_checked_before_the_work(capsys, tmp_path, pydoc_corpus):
+    """A report --output that is a directory, the input corpus, or a file something else wrote is
+    refused in one line before any work, and the file is kept; an earlier report is replaced."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    code, _, err = run_cli(["tokenizer", "train", "--input", pydoc_corpus / "corpus.jsonl", "--output", tok,
+                            "--vocab-size", "512", "--sample-bytes", "200000", "--heldout-max-bytes", "20000"], capsys)
+    assert code == 0, err
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(pydoc_corpus / "corpus.jsonl", corpus)
+    before = corpus.read_bytes()
+    rep = ["tokenizer", "report", "--tokenizer", tok, "--input", corpus, "--split", "all", "--max-bytes", "20000"]
+    _fails(capsys, rep + ["--output", corpus], str(corpus), "is the input")
+    assert corpus.read_bytes() == before
+    _fails(capsys, rep + ["--output", tmp_path], "is a directory", "give a file path")
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes")
+    _fails(capsys, rep + ["--output", other], "not an earlier output of this command")
+    assert other.read_text() == "my notes"
+    out = tmp_path / "report.json"
+    for _ in range(2):                                   # the second run replaces the first's report
+        code, _, err = run_cli(rep + ["--output", out], capsys)
+        assert code == 0, err
+        assert json.loads(out.read_text())["results"][0]["bytes"] > 0

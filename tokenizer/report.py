@@ -135,6 +135,11 @@ def read_texts(cfg: ReportConfig) -> list[str]:
 
 
 def report(cfg: ReportConfig) -> dict:
+    from domainlm.manifest import check_output_file, is_json_object
+
+    if cfg.output:          # checked before any work: not a directory, not an input, not a foreign file
+        check_output_file(cfg.output, inputs=[*corpus_files(cfg.input), cfg.tokenizer, *cfg.compare],
+                          ours=is_json_object)
     texts = read_texts(cfg)
     rows = [Measurer(cfg.tokenizer).measure(texts)] + [Measurer(p).measure(texts) for p in cfg.compare]
     result = {"split": cfg.split, "inputs": describe_inputs(corpus_files(cfg.input)), "results": rows}

@@ -352,7 +352,7 @@ def inputs(cfg: TokenizerConfig) -> list[dict]:
 def train(cfg: TokenizerConfig) -> dict:
     vocab_size = check_vocab(cfg)
     files = corpus_files(cfg.input)
-    with StageOutput(cfg.output, stages.TOKENIZER_TRAIN, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stages.TOKENIZER_TRAIN, overwrite=cfg.overwrite, inputs=files) as out:
         t0 = time.perf_counter()
         data = sample_corpus(cfg, files)
         # SentencePiece's BPE trainer runs on one core with the GIL released: what the manifest

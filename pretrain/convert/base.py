@@ -90,7 +90,7 @@ def _from_hf_dir(cfg: BaseConfig) -> dict[str, Any]:
                         "chat_template); the comparison, fine-tuning and serving need one: give --chat-template "
                         "FILE.jinja (e.g. the template of the model's instruct version, or ChatML)")
     inputs_ = inputs(cfg)
-    with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite, inputs=inputs_) as out:
         linked = 0
         for f in sorted(src.path.iterdir()):
             if f.is_file() and f.name != "manifest.json" and not f.name.startswith("."):

@@ -66,7 +66,8 @@ def to_hf(cfg: ConvertToHFConfig) -> dict:
     info = meg.read_checkpoint_dir(cfg.checkpoint, cfg.iteration)
     max_shard = parse_size(cfg.max_shard_size, "max_shard_size")
     described = inputs_to_hf(cfg)
-    with StageOutput(cfg.output, TO_HF, overwrite=cfg.overwrite) as out, meg.single_process():
+    with StageOutput(cfg.output, TO_HF, overwrite=cfg.overwrite, inputs=described) as out, \
+            meg.single_process():
         log.info("convert: loading %s (%s layers, width %d)", info.iter_dir, info.model.num_layers,
                  info.model.hidden_size)
         model = meg.build(info.model, info.padded_vocab, info.seq_len)
@@ -151,7 +152,7 @@ def from_hf(cfg: ConvertFromHFConfig) -> dict:
     _check_layout(m, cfg.tp, cfg.pp)
     hfdir.weight_files(src)                        # pickle-only / missing weights: refused before any work
     described = inputs_from_hf(cfg)
-    with StageOutput(cfg.output, FROM_HF, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, FROM_HF, overwrite=cfg.overwrite, inputs=described) as out:
         tok_entry = hf.import_tokenizer(src, out.tmp / "tokenizer")
         vocab, hf_rows = tok_entry["vocab_size"], int(hf_cfg["vocab_size"])
         if vocab > hf_rows:

@@ -313,7 +313,7 @@ def _convert(cfg: FromGGUFConfig, stage: str, recorded) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     inputs = describe_inputs(cfg, src)
     timing: dict[str, float] = {}
-    with StageOutput(cfg.output, stage, overwrite=cfg.overwrite) as out:
+    with StageOutput(cfg.output, stage, overwrite=cfg.overwrite, inputs=inputs) as out:
         log.info("convert: reading %s (%s, %s, %d tensors: %s)", src.path, header.architecture, header.name or "?",
                  header.tensor_count, _types(header))
         t = time.perf_counter()
