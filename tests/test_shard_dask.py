@@ -214,3 +214,27 @@ def test_runner_names_and_flags():
     # the spill files only where the workers certainly share this disk
     assert spill_directory(cfg("local:3"), "/tmp/out") == "/tmp/out/.spill"
     assert spill_directory(cfg("tcp://host:8786"), "/tmp/out") is None
+
+
+def test_a_runner_or_option_beam_does_not_know_is_one_line_before_any_work(corpus, tokenizer_dir, tmp_path,
+                                                                           capsys):
+    """Beam itself raises on an unknown runner after the inputs are read, only warns on an unknown
+    option (and runs without it) and prints its whole usage for a bad value: each is one line here."""
+    out = tmp_path / "out"
+    cases = [(("--beam.runner", "Bogus"), ["--beam.runner Bogus", "Valid values are", "DirectRunner"]),
+             (("--beam.options=--direct_num_workers=abc",), ["--direct_num_workers", "invalid int value: 'abc'"]),
+             (("--beam.runner", "FlinkRunner", "--beam.options=--flink_mastr=jm:8081"),
+              ["no option --flink_mastr", "did you mean --flink_master?"]),
+             (("--beam.options=--foo=bar",), ["no option --foo", "DirectRunner"])]
+    for extra, needles in cases:
+        code, _, err = run_cli(_args(corpus, tokenizer_dir, out, *extra), capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    from domainlm.data.beam.pipeline import check_options
+    from domainlm.data.config import BeamArgs
+
+    check_options(BeamArgs(runner="dask", options=["--dask_npartitions=8"]))   # the runner's own options pass
+    check_options(BeamArgs(runner="FlinkRunner", options=["--flink_master=jm:8081 --parallelism=4"]))

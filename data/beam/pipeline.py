@@ -119,6 +119,49 @@ def pipeline_flags(b: BeamArgs) -> list[str]:
     return flags
 
 
+def check_options(b: BeamArgs) -> None:
+    """--beam.runner and --beam.options, checked before any work: a runner Beam does not know, an
+    option it does not know (Beam itself only warns and runs without it: a typo in --flink_master
+    would run elsewhere than meant) and a value its parser refuses are one-line UserErrors."""
+    import difflib
+    import io
+
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    if not (is_direct(b) or is_dask(b)):
+        from apache_beam.runners.runner import create_runner
+
+        try:
+            create_runner(runner_name(b.runner))      # imports the runner's module: its options register
+        except (ValueError, ImportError) as e:
+            raise UserError(f"--beam.runner {b.runner}: {str(e).splitlines()[0]}") from None
+    elif is_dask(b):
+        with contextlib.suppress(ImportError):      # its DaskOptions (--dask_npartitions ...) register
+            import apache_beam.runners.dask.dask_runner  # noqa: F401
+    flags = pipeline_flags(b)
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in PipelineOptions.__subclasses__():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - how PipelineOptions itself builds its parser
+    known = sorted(o for a in parser._actions for o in a.option_strings)  # noqa: SLF001
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            _, unknown = parser.parse_known_args(flags)
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        why = next((line.split("error: ", 1)[1] for line in reversed(lines) if "error: " in line),
+                   lines[-1] if lines else "refused by Beam's option parser")
+        raise UserError(f"--beam.options: {why}") from None
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        raise UserError(f"--beam.options: Beam knows no option {name}" + (f" (did you mean {close[0]}?)" if close else "")
+                        + f" for --beam.runner {b.runner}; see `python -m apache_beam.examples.wordcount --help` "
+                        "for the options Beam takes")
+
+
 def shares_disk(b: BeamArgs) -> bool:
     """Whether every worker certainly runs on this machine: the DirectRunner's, a local:N dask
     cluster's."""
