@@ -148,7 +148,10 @@ def coerce(value: Any, tp: Any, key: str, *, from_string: bool = False) -> Any:
     if origin in (list, tuple):
         (item_tp,) = get_args(tp)[:1]
         if from_string and isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [value]
+            try:
+                value = yaml.safe_load(value) if value.startswith("[") else [value]
+            except yaml.YAMLError as e:
+                raise bad(f" (not a YAML list: {e.__class__.__name__}; e.g. [a, b])") from None
         if not isinstance(value, (list, tuple)):
             raise bad()
         return [coerce(v, item_tp, f"{key}[{i}]", from_string=from_string) for i, v in enumerate(value)]
@@ -248,6 +251,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """Read a YAML mapping, with a one-line error for a missing file or a syntax error."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {str(p)!r} is a directory; give a YAML file")
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} not found")
     try:

@@ -94,6 +94,10 @@ def load_pipeline(path: str, extra: list[str] | None = None, variables: list[str
     from domainlm.cli import find_command, resolve
 
     raw = read_yaml(path)
+    for name, spec in (raw.get("stages") or {}).items() if isinstance(raw.get("stages"), dict) else ():
+        if isinstance(spec, dict) and not spec.get("command"):
+            raise UserError(f"{path}: stage {name!r} has no command; give the domainlm command it runs, e.g. "
+                            "`command: tokenizer train`")
     pipe = from_dict(PipelineConfig, raw, source=path)
     for item in variables or []:
         name, eq, value = item.partition("=")
@@ -140,6 +144,15 @@ def load_pipeline(path: str, extra: list[str] | None = None, variables: list[str
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         resolved.append((name, cmd, cfg))
+    writers: dict[Path, str] = {}
+    for name, cmd, cfg in resolved:
+        out = output_dir(cfg)
+        if out is None:
+            continue
+        other = writers.setdefault(out.resolve(), name)
+        if other != name:
+            raise UserError(f"{path}: stages {other!r} and {name!r} both write {str(out)!r}; each would replace the "
+                            "other's output on every run: give one of them another output")
     return pipe, resolved
 
 

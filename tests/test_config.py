@@ -72,6 +72,8 @@ def test_unknown_key_names_key_and_lists_valid_ones(tmp_path):
     ("train.max_steps", "ten", r"'train.max_steps': expected int, got 'ten'"),
     ("train.schedule", "linear", r"'train.schedule': 'linear' is not one of 'cosine', 'wsd'"),
     ("resume", "maybe", r"'resume': expected bool"),
+    ("tags", "[broken", r"'tags': expected list\[str\], got '\[broken' \(not a YAML list"),
+    ("weights", "{x: ", r"'weights': expected dict"),
 ])
 def test_wrong_type_names_key_and_type(key, value, expect):
     with pytest.raises(UserError, match=expect):

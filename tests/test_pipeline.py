@@ -78,6 +78,17 @@ def test_pipeline_errors(tmp_path, capsys):
     cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
     code, _, err = run_cli(["run", cfg, "--only", "tokenzer"], capsys)
     assert code == 2 and "no stage 'tokenzer'" in err
+    code, _, err = run_cli(["run", cfg, "--dry-run", "--set", "tokenizer.input=[broken"], capsys)
+    assert code == 2 and "'input'" in err and "not a YAML list" in err and "Traceback" not in err
+    cfg.write_text("stages:\n  a:\n    set: {output: o}\n")
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 2 and "stage 'a' has no command" in err and "--stages" not in err
+    two = "    command: tokenizer train\n    set: {input: [x.jsonl], output: '${workdir}/tok'}\n"
+    cfg.write_text(f"workdir: {tmp_path / 'w'}\nstages:\n  a:\n{two}  b:\n{two}")
+    code, _, err = run_cli(["run", cfg, "--dry-run"], capsys)
+    assert code == 2 and "stages 'a' and 'b' both write" in err
+    code, _, err = run_cli(["run", tmp_path], capsys)
+    assert code == 2 and "is a directory; give a YAML file" in err
 
 
 def test_a_stage_that_stops_before_it_finishes_stops_the_pipeline(tmp_path, capsys, monkeypatch):
