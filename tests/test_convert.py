@@ -503,3 +503,25 @@ def test_a_failed_verification_leaves_nothing(ckpt, tmp_path, capsys, monkeypatc
 
 if __name__ == "__main__":
     _resave_pp2(*sys.argv[1:3])
+
+
+def test_a_truncated_safetensors_file_is_named_before_anything_loads(tmp_path):
+    """A weights file cut short (a download or a copy) is one line naming it, whether the cut falls
+    in the tensors' bytes or in the header, through the HF dir contract every stage opens models by."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from domainlm.errors import UserError
+    from domainlm.pretrain.convert.hfdir import check_safetensors, weight_files
+
+    f = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(64, 64), "b": torch.ones(10)}, str(f))
+    full = f.read_bytes()
+    check_safetensors(f)
+    assert weight_files(tmp_path) == [f]
+    for cut, needle in ((len(full) - 1, "truncated safetensors file"), (len(full) // 2, "truncated safetensors file"),
+                        (40, "header does not parse"), (4, "header does not parse"), (0, "header does not parse")):
+        f.write_bytes(full[:cut])
+        with pytest.raises(UserError, match=needle) as e:
+            weight_files(tmp_path)
+        assert str(f) in str(e.value) and "again" in str(e.value)

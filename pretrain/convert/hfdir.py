@@ -120,8 +120,35 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise UserError(f"{cfg}: not valid JSON ({e})") from None
 
 
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header reads and whose tensors' bytes are all in the file (reads the
+    header only); UserError naming the file otherwise (a download or a copy cut short)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        header, end = None, 0
+    if header is None:
+        raise UserError(f"{path}: not a readable safetensors file ({size:,} bytes; its header does not parse): "
+                        "damaged or cut short, copy or download it again")
+    if 8 + n + end > size:
+        raise UserError(f"{path}: truncated safetensors file: its tensors need {8 + n + end:,} bytes, the file has "
+                        f"{size:,}; copy or download it again")
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of an HF model dir; UserError for pickle-only or missing weights."""
+    """The safetensors files of an HF model dir, each with a complete header and data; UserError
+    for pickle-only, missing or truncated weights."""
+    files = _weight_files(model_dir)
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX
     if index.is_file():
         try:
