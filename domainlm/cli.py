@@ -242,6 +242,8 @@ def _refuse_unknown(sub: argparse.ArgumentParser, unknown: list[str]) -> None:
             name = word.partition("=")[0]
             close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else f"; see `{sub.prog} --help`"
+            if not close and sub.prog.split()[1:2] == ["launch"]:
+                hint = f"; the stage's own arguments go after --: `{sub.prog} [options] -- {name} ...`"
             sub.error(f"unrecognized argument {name}{hint}")
     sub.error(f"unrecognized arguments: {' '.join(unknown)}")
 

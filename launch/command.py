@@ -191,8 +191,34 @@ def launch_finetune(ns: argparse.Namespace) -> int:
     return launch(ns, "finetune")
 
 
+def check_stage_args(stage: str, args: list[str]) -> None:
+    """The stage's own arguments parsed and its config resolved here, as each rank would: a mistake
+    in them is one line from this command, not a usage text per rank and torchrun's traceback."""
+    import contextlib
+    import io
+
+    from domainlm.cli import _refuse_unknown, build_parser, config_from_args, normalize_argv, resolve
+
+    argv = normalize_argv([*STAGE_COMMANDS[stage], *args])
+    parser = build_parser(argv)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns, unknown = parser.parse_known_args(argv)
+            if unknown:
+                _refuse_unknown(getattr(ns, "_parser", None) or parser, unknown)
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        why = next((line.split("error: ", 1)[1] for line in reversed(lines) if "error: " in line),
+                   lines[-1] if lines else "refused")
+        raise UserError(f"after --: {why}") from None
+    config_from_args(resolve(ns._command.config), ns)   # noqa: SLF001 - the command argparse chose
+
+
 def launch(ns: argparse.Namespace, stage: str) -> int:
     cmd, env = build_command(ns, stage)
+    if not ns.slurm:            # (a Slurm job's nodes may see other paths than this login node)
+        check_stage_args(stage, cmd[cmd.index("domainlm.cli") + 1 + len(STAGE_COMMANDS[stage]):])
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"{shown + ' ' if shown else ''}{shlex.join(cmd)}", flush=True)
     if ns.nodes > 1 and not ns.slurm:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 from tests.test_pretrain import args, losses, shards  # noqa: F401 (fixture)
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -202,3 +202,19 @@ def test_bad_layout_flags_are_refused_in_one_line(kw, stage, message):
 def test_launch_scripts_parse():
     for script in ("torchrun_single.sh", "torchrun_multinode.sh", "slurm.sbatch", "gpus_per_node.sh"):
         assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0, script
+
+
+def test_a_mistake_in_the_stage_arguments_is_one_line_before_torchrun_starts(capsys, tmp_path):
+    """The stage's arguments are parsed and its config resolved by `launch` itself: one line, exit
+    2, and no torchrun (whose output would be a usage text per rank and its own traceback)."""
+    for args, needles in ((["--", "--bogus-flag", "3"], ["after --: unrecognized argument --bogus-flag"]),
+                          (["--", "--model.size", "huge"], ["'huge'", "tiny"])):
+        code, out, err = run_cli(["launch", "pretrain", "--cpu", "--gpus-per-node", "2", *args], capsys)
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err and "torch.distributed.run" not in out, err
+        for n in needles:
+            assert str(n) in lines[0], (n, lines[0])
+    with pytest.raises(SystemExit) as e:              # a stage flag before --: argparse's error, with the hint
+        run_cli(["launch", "pretrain", "--cpu", "--tokenizer", "tok"], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized argument --tokenizer; the stage's own arguments go after --" in err
