@@ -377,12 +377,16 @@ def test_parquet_txt_gzip_and_datasets_inputs(tmp_path, tokenizer_dir, capsys):
                                               "another row of the saved datasets directory"]})
     ds.save_to_disk(str(d / "nested" / "ds"))  # found inside the input directory, read as a dataset
     out = tmp_path / "out"
-    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
-                            "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
+    code, text, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                               "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert c["unreadable_files"] == 1 and 0 < c["records"] - 7 < 2000
+    # the cut file is named in the summary and in a warning, not only counted in the manifest
+    row = next(line for line in text.splitlines() if line.strip().startswith("UNREADABLE"))
+    assert f"1 file(s) cut short or corrupt ({d / 'cut.jsonl.gz'})" in row
+    assert "cut short or corrupt" in err
     assert c["records"] == c["kept"] + sum(m["dropped"].values())
     assert m["dropped"]["not_a_string"] == 1 and m["dropped"]["invalid_utf8"] == 1
     ds_dir = d / "nested" / "ds"

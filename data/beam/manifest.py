@@ -7,7 +7,7 @@ import json
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.progress import human_bytes, human_count, summary
+from domainlm.progress import human_bytes, human_count, log, summary
 from domainlm.data.beam.read import MALFORMED, Plan
 from domainlm.data.config import ShardConfig
 from domainlm.data.shards import SPLITS
@@ -77,7 +77,33 @@ def print_summary(cfg: ShardConfig, f: dict, seconds: float) -> None:
               for split, s in sp.items()],
             ("dead letters", f"{c['dead_letters']:,} in {cfg.output}/dead_letter.jsonl"),
             ("time", f"{seconds:.1f}s, {human_count(tokens / max(seconds, 1e-9))} tokens/s")]
+    if c["unreadable_files"]:
+        names = unreadable_files(f"{cfg.output}/dead_letter.jsonl", 3)
+        shown = ", ".join(names) + (", ..." if c["unreadable_files"] > len(names) else "")
+        note = (f"{c['unreadable_files']:,} file(s) cut short or corrupt ({shown}): their records after the damage "
+                "are missing; repair or copy them again and rerun")
+        log.warning("data shard: %s", note)
+        rows.insert(3, ("UNREADABLE", note))
     summary("domainlm data shard", rows)
+
+
+def unreadable_files(dead_path: str, limit: int) -> list[str]:
+    """The first `limit` files the dead letters name as unreadable (a truncated gzip, a corrupt
+    Parquet file)."""
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    out: list[str] = []
+    with FileSystems.open(dead_path, compression_type="uncompressed") as fh:
+        for line in fh:
+            if b'"unreadable_file"' in line:
+                rec = json.loads(line)
+                if rec.get("reason") == "unreadable_file" and rec.get("file") not in out:
+                    out.append(rec.get("file"))
+                    if len(out) >= limit:
+                        break
+    return out
 
 
 class RemoteOutput:
