@@ -213,3 +213,10 @@ def test_tokenizer_report_output_file_checked_before_the_work(capsys, tmp_path, 
         code, _, err = run_cli(rep + ["--output", out], capsys)
         assert code == 0, err
         assert json.loads(out.read_text())["results"][0]["bytes"] > 0
+
+
+def test_special_tokens_that_share_a_text_are_refused_by_name(capsys, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "one"}\n')
+    _fails(capsys, _train(f, tmp_path / "o", "--special.pad", "<|unk|>"), "special.unk and special.pad", "<|unk|>")
+    _fails(capsys, _train(f, tmp_path / "o", "--special.eos", " "), "special.eos is empty")

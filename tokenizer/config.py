@@ -81,6 +81,14 @@ class TokenizerConfig:
             raise UserError(f"character_coverage must be in [0.9, 1], got {self.character_coverage}")
         if self.special.reserved < 0:
             raise UserError("special.reserved must be >= 0")
+        names = {k: getattr(self.special, k) for k in ("unk", "bos", "eos", "pad")}
+        for k, v in names.items():
+            if not v.strip():
+                raise UserError(f"special.{k} is empty; give the token's text, e.g. <|{k}|>")
+            same = [o for o in names if o != k and names[o] == v]
+            if same:
+                raise UserError(f"special.{k} and special.{same[0]} are both {v!r}; each special token needs its own "
+                                "text (its own id)")
 
 
 @dataclass(kw_only=True, slots=True)
