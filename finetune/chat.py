@@ -101,6 +101,21 @@ class ChatEncoder:
         return Encoded(list(ids), labels)
 
 
+def check_template(template: str, where: str, fix: str = "fix the template") -> None:
+    """UserError naming `where` and the line of a Jinja syntax error, before any model loads
+    (compiled as transformers' apply_chat_template compiles it, so `{% generation %}` is known)."""
+    from jinja2 import TemplateSyntaxError
+
+    try:        # transformers' own compiler (private: a transformers without it skips this early check)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{where}, line {e.lineno}: Jinja syntax error ({e.message}); {fix}") from None
+
+
 def end_token_ids(tok) -> list[int]:
     """Ids that end an assistant turn (for generation): the chat end tokens the vocab has, and eos."""
     vocab = tok.get_vocab()

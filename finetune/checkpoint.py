@@ -46,16 +46,17 @@ def _options(full: bool):
 
 
 def inspect(root: Path, fingerprint: str, overwrite: bool, rank: int) -> int | None:
-    """The step to resume from, or None for a fresh run; refuses a dir of another run."""
+    """The step to resume from, or None for a fresh run; refuses a dir with checkpoints of another
+    run (one that failed before its first checkpoint left nothing to resume: it is reset)."""
     run = root / RUN
     if run.is_file():
         saved = json.loads(run.read_text()).get("fingerprint")
         if saved != fingerprint:
-            if not overwrite:
+            if not overwrite and any(root.glob("step_*")):
                 raise UserError(f"checkpoint dir {str(root)!r} holds checkpoints of another run (other config or "
                                 "inputs); rerun with the same arguments to resume it, or pass --overwrite to start afresh")
             if rank == 0:
-                shutil.rmtree(root, ignore_errors=True)
+                _reset(root)
             return None
     elif root.is_dir() and any(root.iterdir()):
         # Not a run dir of ours: never written into (it is deleted when the run ends), --overwrite or not.
@@ -65,6 +66,17 @@ def inspect(root: Path, fingerprint: str, overwrite: bool, rank: int) -> int | N
     if latest.is_file() and (root / latest.read_text().strip()).is_dir():
         return int(latest.read_text().strip().removeprefix("step_"))
     return None
+
+
+def _reset(root: Path) -> None:
+    """Delete a run dir, run.json last: another process inspecting it meanwhile (under torchrun)
+    sees either that run or an empty dir, never a dir without run.json."""
+    for p in root.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name != RUN:
+            p.unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def prepare(root: Path, fingerprint: str) -> None:

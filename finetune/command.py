@@ -54,12 +54,14 @@ def _train(trainer) -> int:
 def merge(cfg: MergeConfig) -> dict:
     """Entry point of `domainlm finetune merge`."""
     from domainlm.finetune import merge as m
-    from domainlm.finetune.adapter import open_adapter_dir
+    from domainlm.finetune.adapter import ADAPTER_WEIGHTS, open_adapter_dir
+    from domainlm.pretrain.convert.hfdir import check_safetensors
     from domainlm.pretrain.convert.verify import describe
 
     t0 = time.perf_counter()
     refuse_full(cfg.adapter)
     ad = open_adapter_dir(cfg.adapter)
+    check_safetensors(ad.path / ADAPTER_WEIGHTS)
     hf = m.resolve_base(cfg, ad)
     quantized = ad.method == "qlora"
     if quantized:

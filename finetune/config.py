@@ -237,22 +237,35 @@ class SFTConfig:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if not self.lora.target_modules:
             raise UserError("lora.target_modules: give 'all-linear' or module names such as q_proj v_proj")
-        if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0 or o.clip_grad < 0:
-            raise UserError("optim.lr must be > 0, optim.min_lr_ratio in [0, 1] and optim.clip_grad >= 0")
+        if not o.lr > 0:
+            raise UserError(f"optim.lr must be > 0, got {o.lr}")
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+        if not o.clip_grad >= 0:
+            raise UserError(f"optim.clip_grad must be >= 0 (0 turns clipping off), got {o.clip_grad}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(o, name) < 1.0:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+        if not o.eps > 0:
+            raise UserError(f"optim.eps must be > 0, got {o.eps}")
+        if not o.weight_decay >= 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise UserError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.schedule.warmup_steps is not None and self.schedule.warmup_steps < 0:
-            raise UserError("schedule.warmup_steps must be >= 0")
+            raise UserError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
         e = self.eval
-        if e.every < 0 or e.valid_batches <= 0 or e.qa_max <= 0 or e.new_tokens <= 0 or e.batch_size <= 0:
-            raise UserError("eval.every must be >= 0; eval.valid_batches, qa_max, new_tokens, batch_size > 0")
-        if e.forgetting_tokens <= 0:
-            raise UserError("eval.forgetting_tokens must be positive")
+        if e.every < 0:
+            raise UserError(f"eval.every must be >= 0 (0: only before and after training), got {e.every}")
+        for name in ("valid_batches", "qa_max", "new_tokens", "batch_size", "forgetting_tokens"):
+            if getattr(e, name) <= 0:
+                raise UserError(f"eval.{name} must be positive, got {getattr(e, name)}")
         if self.log.every <= 0:
             raise UserError(f"log.every must be positive, got {self.log.every}")
         c = self.checkpoint
-        if c.save_every < 0 or c.keep_last < 0:
-            raise UserError("checkpoint.save_every and checkpoint.keep_last must be >= 0")
+        for name in ("save_every", "keep_last"):
+            if getattr(c, name) < 0:
+                raise UserError(f"checkpoint.{name} must be >= 0, got {getattr(c, name)}")
 
     def run_dir(self) -> str:
         """The checkpoint dir: checkpoint.dir, or OUTPUT.run beside the output."""

@@ -62,6 +62,9 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
                 f"max_position_embeddings {max_positions})" if dropped.get("too_long") else "")
         raise UserError(f"no usable training record in {', '.join(cfg.data + ([cfg.points] if cfg.points else []))}: "
                         f"{read} read, dropped: {why}{hint}; see the formats in `domainlm finetune sft --help`")
+    if cfg.valid_data and not valid_kept:
+        refuse_empty_valid(cfg, valid_stats, "record", limit, max_positions, "see the formats in `domainlm finetune "
+                           "sft --help`")
     return Prepared(train=train, valid=valid_kept, points=points, stats=entry,
                     readers=[train_stats, valid_stats, point_stats])
 
@@ -73,6 +76,17 @@ def split_valid(cfg, examples: list, valid_stats: ReadStats, convert=None) -> tu
         return examples, read_examples(cfg.valid_data, valid_stats, "valid_data", convert=convert)
     held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
     return [ex for ex, h in zip(examples, held) if not h], [ex for ex, h in zip(examples, held) if h]
+
+
+def refuse_empty_valid(cfg, stats: ReadStats, unit: str, limit: int, max_positions: int | None, formats: str) -> None:
+    """An explicit --valid-data with nothing usable is an error, as --data's is (never a run
+    that silently skips validation)."""
+    why = ", ".join(f"{k} {v}" for k, v in sorted(stats.dropped.items())) or "none"
+    what = "each side" if unit == "pair" else "samples"
+    hint = (f"; {what} may hold at most {limit} tokens (train.seq_len {cfg.train.seq_len}, the model's "
+            f"max_position_embeddings {max_positions})" if stats.dropped.get("too_long") else "")
+    raise UserError(f"no usable validation {unit} in --valid-data {', '.join(cfg.valid_data)}: {stats.records} read, "
+                    f"dropped: {why}{hint}; {formats}, or drop --valid-data to hold out --valid-fraction of --data")
 
 
 def valid_source(cfg, valid_stats: ReadStats) -> dict[str, Any]:

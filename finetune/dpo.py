@@ -90,15 +90,21 @@ class DPOTrainer(Trainer):
         """The starting adapter's template (what it was trained with), else the model's."""
         self.start_adapter = None
         if self.cfg.adapter:
-            from domainlm.finetune.adapter import open_adapter_dir
+            from domainlm.finetune.adapter import ADAPTER_WEIGHTS, open_adapter_dir
+            from domainlm.pretrain.convert.hfdir import check_safetensors
 
             ad = open_adapter_dir(self.cfg.adapter)
+            check_safetensors(ad.path / ADAPTER_WEIGHTS)
             ad.check_base(self.hf)
             if ad.method not in ("lora", "dora"):
                 raise UserError(f"adapter {self.cfg.adapter!r} is a {ad.method} adapter; finetune dpo continues LoRA "
                                 "or DoRA adapters (merge it first and give the merged dir as --model)")
             self.start_adapter = ad
             if ad.chat_template and not self.cfg.chat_template:
+                from domainlm.finetune.chat import check_template
+
+                check_template(ad.chat_template, f"the chat template of adapter {self.cfg.adapter!r}",
+                               "fix it, or give a template file with --chat-template")
                 return ad.chat_template
         return super()._chat_template()
 

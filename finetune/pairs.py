@@ -109,7 +109,7 @@ class PreparedPairs:
 
 def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> PreparedPairs:
     """The run's train and validation pairs, tokenized; UserError when no pair is usable."""
-    from domainlm.finetune.dataset import split_valid, valid_source
+    from domainlm.finetune.dataset import refuse_empty_valid, split_valid, valid_source
     from domainlm.finetune.points import read_points
 
     train_stats, valid_stats, point_stats = ReadStats(), ReadStats(), ReadStats()
@@ -132,6 +132,9 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
         raise UserError(f"no usable preference pair in {', '.join(cfg.data)}: {train_stats.records} read{held}, "
                         f"dropped: {why}{hint}; a pair is {{\"prompt\" | \"messages\", \"chosen\", \"rejected\"}} "
                         "(see `domainlm finetune dpo --help`)")
+    if cfg.valid_data and not valid_enc:
+        refuse_empty_valid(cfg, valid_stats, "pair", limit, max_positions, "a pair is {\"prompt\" | \"messages\", "
+                           "\"chosen\", \"rejected\"}")
     return PreparedPairs(train=train, valid=valid_enc, points=points, stats=entry,
                          readers=[train_stats, valid_stats, point_stats])
 

@@ -149,6 +149,8 @@ class Trainer:
                                            cfg.eval.valid_batches) if self.data.valid else []
 
     def _chat_template(self) -> str:
+        from domainlm.finetune.chat import check_template
+
         if self.cfg.chat_template:
             p = Path(self.cfg.chat_template)
             if not p.is_file():
@@ -157,8 +159,12 @@ class Trainer:
             if "messages" not in text:
                 raise UserError(f"chat_template: {self.cfg.chat_template!r} is not a Jinja chat template "
                                 "(it never reads `messages`)")
+            check_template(text, f"chat_template: {self.cfg.chat_template!r}")
             return text
-        return self.hf.require_chat_template("finetune sft")
+        text = self.hf.require_chat_template("finetune sft")
+        check_template(text, f"the chat template of model {self.cfg.model!r}",
+                       "fix it, or give a template file with --chat-template")
+        return text
 
     def _init_distributed(self) -> None:
         if self.world == 1 or dist.is_initialized():

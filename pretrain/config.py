@@ -303,8 +303,20 @@ class PretrainConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                             f"train.micro_batch_size={t.micro_batch_size}")
-        if not 0 <= self.optim.min_lr <= self.optim.lr:
-            raise UserError(f"optim.min_lr={self.optim.min_lr} must be in [0, optim.lr={self.optim.lr}]")
+        o = self.optim
+        if not o.lr >= 0:       # 0 keeps the initialization (a checkpoint of the weights as made)
+            raise UserError(f"optim.lr must be >= 0, got {o.lr}")
+        if not 0 <= o.min_lr <= o.lr:
+            raise UserError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(o, name) < 1.0:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+        if not o.eps > 0:
+            raise UserError(f"optim.eps must be > 0, got {o.eps}")
+        if not o.weight_decay >= 0:
+            raise UserError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        if not o.clip_grad >= 0:
+            raise UserError(f"optim.clip_grad must be >= 0 (0 turns clipping off), got {o.clip_grad}")
         s = self.schedule
         decay = s.decay_steps or t.max_steps
         if s.warmup_steps >= decay and s.style != "constant":
@@ -313,8 +325,9 @@ class PretrainConfig:
         if s.wsd_decay_steps is not None and not 0 < s.wsd_decay_steps <= decay:
             raise UserError(f"schedule.wsd_decay_steps={s.wsd_decay_steps} must be in [1, {decay}]")
         p = self.parallel
-        if p.tensor < 1 or p.pipeline < 1 or p.virtual_pipeline < 1:
-            raise UserError("parallel.tensor, parallel.pipeline and parallel.virtual_pipeline must be >= 1")
+        for name in ("tensor", "pipeline", "virtual_pipeline"):
+            if getattr(p, name) < 1:
+                raise UserError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
         if p.pipeline > m.num_layers:
             raise UserError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={m.num_layers}")
         if m.num_layers % p.pipeline:
@@ -335,12 +348,15 @@ class PretrainConfig:
                 "each TP rank must hold whole heads")
         if m.ffn_hidden_size % p.tensor:
             raise UserError(f"parallel.tensor={p.tensor} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
-        if self.eval.every < 0 or self.eval.batches <= 0:
-            raise UserError("eval.every must be >= 0 and eval.batches > 0")
+        if self.eval.every < 0:
+            raise UserError(f"eval.every must be >= 0 (0 turns validation off), got {self.eval.every}")
+        if self.eval.batches <= 0:
+            raise UserError(f"eval.batches must be positive, got {self.eval.batches}")
         if self.log.every <= 0:
             raise UserError(f"log.every must be positive, got {self.log.every}")
-        if self.checkpoint.save_every < 0 or self.checkpoint.keep_last < 0:
-            raise UserError("checkpoint.save_every and checkpoint.keep_last must be >= 0")
+        for name in ("save_every", "keep_last"):
+            if getattr(self.checkpoint, name) < 0:
+                raise UserError(f"checkpoint.{name} must be >= 0, got {getattr(self.checkpoint, name)}")
 
     def check_layout(self, world_size: int, device: str) -> int:
         """Check the TP/PP/DP layout against the world size and device; returns DP size."""
@@ -462,7 +478,7 @@ def resolve_model(m):
     if missing:
         raise UserError(f"model: {', '.join('model.' + k for k in missing)} not set; give model.size "
                         f"(one of {', '.join(sorted(sizes()))}) or set them")
-    for k in REQUIRED + ("num_query_groups", "make_vocab_size_divisible_by"):
-        if values[k] <= 0:
+    for k in REQUIRED + ("num_query_groups", "make_vocab_size_divisible_by", "rotary_base", "norm_eps", "init_std"):
+        if not values[k] > 0:
             raise UserError(f"model.{k} must be positive, got {values[k]}")
     return ModelArgs(**values)

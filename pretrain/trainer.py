@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import os
 import signal
 import socket
@@ -436,6 +437,12 @@ class Trainer:
         stopped = False
         while self.step < t.max_steps:
             loss, grad_norm = self.train_step()
+            # Every rank holds the same (all-reduced) loss and grad norm; a NaN grad norm made NaN weights.
+            bad = next((f"{name} is {v}" for name, v in (("loss", loss), ("grad norm", grad_norm))
+                        if v is not None and not math.isfinite(v)), None)
+            if bad:
+                raise UserError(f"{bad} at step {self.step}; training diverged (this step is not saved): "
+                                "lower optim.lr, raise schedule.warmup_steps or check the model.* values")
             last = self.step == t.max_steps
             rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
                    "lr": self.optimizer.param_groups[0]["lr"]}

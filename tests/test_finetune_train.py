@@ -417,20 +417,52 @@ def _not_hf(root: Path) -> Path:
 def _qwen2(root: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from domainlm.finetune.model import quiet_transformers
+
+    quiet_transformers()        # its "Writing model shards" bar would land in the captured stderr
     d = root / "qwen2"
     Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                  num_key_value_heads=1, vocab_size=128)).save_pretrained(str(d))
     return d
 
 
+# Mistakes in values, each refused at load time, alone and with its value (none reaches torch).
+BAD_VALUES = {
+    "beta1": (["--optim.beta1", 2], "optim.beta1 must be in [0, 1), got 2.0"),
+    "beta2": (["--optim.beta2", 1], "optim.beta2 must be in [0, 1), got 1.0"),
+    "eps": (["--optim.eps", -1], "optim.eps must be > 0, got -1.0"),
+    "weight_decay": (["--optim.weight-decay", -1], "optim.weight_decay must be >= 0, got -1.0"),
+    "clip_grad": (["--optim.clip-grad", -1], "optim.clip_grad must be >= 0 (0 turns clipping off), got -1.0"),
+    "min_lr_ratio": (["--optim.min-lr-ratio", 2], "optim.min_lr_ratio must be in [0, 1], got 2.0"),
+    "eval_batch_size": (["--eval.batch-size", 0], "eval.batch_size must be positive, got 0"),
+    "keep_last": (["--checkpoint.keep-last", -1], "checkpoint.keep_last must be >= 0, got -1"),
+}
+
+
 @pytest.mark.parametrize("case", ["not_hf", "not_llama", "no_usable_record", "qlora_on_cpu", "output_taken",
-                                  "missing_data"])
+                                  "missing_data", "no_usable_valid_record", "template_syntax", "truncated_weights",
+                                  *sorted(BAD_VALUES)])
 def test_bad_input_is_one_line_and_loses_nothing(case, model_dir, qa32, bad_records, tmp_path, capsys):
     model, data, out, extra = model_dir, [qa32], tmp_path / "out", []
     expect = {"not_hf": "has no config.json", "not_llama": "supports Llama-family models",
               "no_usable_record": "no usable training record", "qlora_on_cpu": "method qlora needs a CUDA GPU",
-              "output_taken": "already holds something else", "missing_data": "does not exist"}[case]
-    if case == "not_hf":
+              "output_taken": "already holds something else", "missing_data": "does not exist",
+              "no_usable_valid_record": f"no usable validation record in --valid-data {bad_records}: 5 read, dropped: ",
+              "template_syntax": f"chat_template: '{tmp_path / 'bad.jinja'}', line 2: Jinja syntax error (",
+              "truncated_weights": f"{tmp_path / 'cut/model.safetensors'}: truncated safetensors file",
+              **{k: v[1] for k, v in BAD_VALUES.items()}}[case]
+    if case in BAD_VALUES:
+        extra = BAD_VALUES[case][0]
+    elif case == "no_usable_valid_record":
+        extra = ["--valid-data", bad_records]
+    elif case == "template_syntax":
+        (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+        extra = ["--chat-template", tmp_path / "bad.jinja"]
+    elif case == "truncated_weights":
+        model = tmp_path / "cut"
+        shutil.copytree(model_dir, model)
+        os.truncate(model / "model.safetensors", 5000)
+    elif case == "not_hf":
         model = _not_hf(tmp_path)
     elif case == "not_llama":
         model = _qwen2(tmp_path)
@@ -452,3 +484,37 @@ def test_bad_input_is_one_line_and_loses_nothing(case, model_dir, qa32, bad_reco
     else:
         assert not out.exists()
     assert not Path(f"{out}.run").exists()
+
+
+def test_a_failed_setup_does_not_block_the_corrected_rerun(model_dir, qa32, tmp_path, capsys):
+    """A mistake found once the run dir is written (here: a module the model does not have) is one
+    line, leaves no checkpoint, and the corrected command runs (it is not "another run")."""
+    out, run = tmp_path / "out", Path(f"{tmp_path / 'out'}.run")
+    code, _, err = run_cli(sft(model_dir, [qa32], out, "--train.max-steps", 1, "--lora.target-modules", "q_prj"), capsys)
+    assert code == 2 and "lora: Target modules {'q_prj'} not found" in err, err
+    assert "Traceback" not in err and not out.exists() and not list(run.glob("step_*"))
+    code, _, err = run_cli(sft(model_dir, [qa32], out, "--train.max-steps", 1), capsys)
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").is_file() and not run.exists()
+
+
+def test_a_run_dir_with_checkpoints_of_another_run_is_still_refused(model_dir, qa32, tmp_path, capsys):
+    out, run = tmp_path / "out", Path(f"{tmp_path / 'out'}.run")
+    common = ["--train.max-steps", 2, "--checkpoint.save-every", 1, "--checkpoint.keep-dir", "true"]
+    code, _, err = run_cli(sft(model_dir, [qa32], out, *common), capsys)
+    assert code == 0, err
+    shutil.rmtree(out)
+    code, _, err = run_cli(sft(model_dir, [qa32], out, *common, "--optim.lr", 1e-3), capsys)
+    assert code == 2 and "holds checkpoints of another run" in err, err
+    assert (run / "step_0000001").is_dir() and not out.exists()
+
+
+def test_merge_of_a_truncated_adapter_is_one_line(lora_run, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run, adapter)
+    os.truncate(adapter / "adapter_model.safetensors", 1000)
+    out = tmp_path / "merged"
+    code, _, err = run_cli(["finetune", "merge", "--adapter", adapter, "--output", out], capsys)
+    assert code == 2, err
+    assert f"{adapter / 'adapter_model.safetensors'}: not a readable safetensors file" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and not out.exists()

@@ -263,6 +263,18 @@ BAD = {
     "pp_layers": (["--parallel.pipeline", "3"], "parallel.pipeline=3 exceeds model.num_layers=2"),
     "bf16_cpu": (["--train.precision", "bf16"], "train.precision=bf16 needs a GPU"),
     "size": (["--model.size", "13B"], "model.size: no size '13B'; named sizes: 125M, 1B, 350M, 3B, 7B, tiny"),
+    # Optimizer values torch would refuse with a traceback (or take silently), each named with its value.
+    "beta1": (["--optim.beta1", "2"], "optim.beta1 must be in [0, 1), got 2.0"),
+    "beta2": (["--optim.beta2", "1.5"], "optim.beta2 must be in [0, 1), got 1.5"),
+    "eps": (["--optim.eps", "-1"], "optim.eps must be > 0, got -1.0"),
+    "weight_decay": (["--optim.weight-decay", "-1"], "optim.weight_decay must be >= 0, got -1.0"),
+    "clip_grad": (["--optim.clip-grad", "-1"], "optim.clip_grad must be >= 0 (0 turns clipping off), got -1.0"),
+    "lr": (["--optim.lr", "-1"], "optim.lr must be >= 0, got -1.0"),
+    # Values that trained to a NaN loss (and saved it) or failed in torch's init.
+    "rotary_base": (["--model.rotary-base", "0"], "model.rotary_base must be positive, got 0.0"),
+    "norm_eps": (["--model.norm-eps", "-1"], "model.norm_eps must be positive, got -1.0"),
+    "init_std": (["--model.init-std", "-0.02"], "model.init_std must be positive, got -0.02"),
+    "eval_batches": (["--eval.batches", "0"], "eval.batches must be positive, got 0"),
 }
 
 
@@ -275,6 +287,24 @@ def test_bad_config_is_refused_before_compute(case, tokenizer_dir, shards, tmp_p
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "ck").exists() and not dist.is_initialized()
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving_that_step(tokenizer_dir, shards, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A diverged step (here: its loss made NaN from step 2 on) ends the run with one line and exit 2;
+    the checkpoints before it stay, the diverged state is never saved."""
+    from domainlm.pretrain.trainer import Trainer
+
+    mean_loss = Trainer._mean_loss
+    monkeypatch.setattr(Trainer, "_mean_loss",
+                        lambda self, store: float("nan") if self.step >= 2 else mean_loss(self, store))
+    ckpt = tmp_path / "ck"
+    code, _, err = run_cli(args(tokenizer_dir, shards, ckpt, "--train.max-steps", 3, "--checkpoint.save-every", 1),
+                           capsys)
+    assert code == 2 and "error: loss is nan at step 2; training diverged (this step is not saved)" in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000001"
 
 
 def test_batch_not_divisible_by_micro_times_dp(tokenizer_dir, shards, tmp_path, capsys, monkeypatch):
