@@ -13,12 +13,11 @@ from domainlm.progress import log, summary
 from domainlm.qa import read_qa, sample, split_spec
 
 
-def device_of(choice: str) -> str:
-    import torch
+def device_of(choice: str, option: str = "--gen.device") -> str:
+    """auto as cuda or cpu; cuda where there is none refused (the check serve and index build make)."""
+    from domainlm.serve.config import resolve_device
 
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda: no CUDA device here; use --gen.device cpu (or auto)")
-    return "cuda" if choice == "auto" and torch.cuda.is_available() else ("cpu" if choice == "auto" else choice)
+    return resolve_device(choice, option)
 
 
 def library_path(cfg_path: str) -> str:
@@ -75,6 +74,9 @@ def qa(cfg) -> int:
         rows += [("gold retrieved", f"{result['gold_retrieved']:.3f}"),
                  ("citation correct", f"{result['citation_correct']:.3f}"),
                  ("faithfulness", f"{result['faithfulness']:.3f}")]
+    if result["truncated"]:
+        rows.append(("prompts cut to fit the context", f"{result['truncated']} (kept their end; "
+                                                        f"truncated in results.jsonl)"))
     rows += [("wall / CPU s", f"{cost['wall_s']:.1f} / {cost['cpu_s']:.1f}"),
              ("per-question results", str(Path(cfg.output) / "results.jsonl"))]
     summary(f"eval qa: {cfg.mode}", rows)
@@ -90,7 +92,7 @@ def ppl(cfg) -> int:
 
     hf = open_hf_dir(cfg.model)
     tok = hf.tokenizer()
-    device = device_of(cfg.device)
+    device = device_of(cfg.device, "--device")
     model = AutoModelForCausalLM.from_pretrained(str(hf.path))
     if cfg.adapter:
         from peft import PeftModel
@@ -98,13 +100,21 @@ def ppl(cfg) -> int:
         ad = open_adapter_dir(cfg.adapter)
         ad.check_base(hf)
         model = PeftModel.from_pretrained(model, str(ad.path))
+    seq_len = cfg.seq_len
+    if hf.max_positions and seq_len > hf.max_positions:
+        seq_len = hf.max_positions
+        log.warning("eval ppl: windows are held to %d tokens, the model's context (max_position_embeddings), not "
+                    "--seq-len %d", seq_len, cfg.seq_len)
     stream, source = token_stream(hf.path, tok, shards=cfg.shards, split=cfg.split, inputs=cfg.input,
-                                  max_tokens=cfg.max_tokens)
-    result = {**perplexity(model.to(device).eval(), stream, cfg.seq_len, device), **source}
+                                  max_tokens=cfg.max_tokens, text_field=cfg.text_field)
+    result = {**perplexity(model.to(device).eval(), stream, seq_len, device), "seq_len": seq_len, **source}
     if cfg.output:
         write_json(cfg.output, result)
     summary("eval ppl", [("model", cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")),
-                         ("scored", f"{result['tokens']:,} tokens of {result['documents']:,} documents"),
+                         ("scored", f"{result['tokens']:,} tokens of {result['documents']:,} documents in "
+                                    f"{result['windows']:,} windows of {seq_len}"
+                                    + (f" (the model's context; --seq-len {cfg.seq_len} held to it)"
+                                       if seq_len < cfg.seq_len else "")),
                          ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.2f}")])
     return 0
 

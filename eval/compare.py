@@ -102,6 +102,8 @@ def inputs(cfg: CompareConfig) -> list[dict]:
 
 
 def check_inputs(cfg: CompareConfig) -> None:
+    """Every input of every approach is there, and every adapter is for its base model: refused
+    before the first approach answers, not after."""
     for a in cfg.approaches:
         fam, approach = family_of(a)
         section = f"{fam or 'inputs'}"
@@ -115,6 +117,20 @@ def check_inputs(cfg: CompareConfig) -> None:
                                 f"{BUILT_BY[need]}")
     if not cfg.qa.test or not cfg.qa.train:
         raise UserError("qa.train and qa.test: give the QA train and test files (e.g. qa.jsonl:train, qa.jsonl:test)")
+    from domainlm.finetune.adapter import open_adapter_dir
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    models: dict[str, Any] = {}
+    for a in cfg.approaches:
+        fin = family_inputs(cfg, family_of(a)[0])
+        model, *rest = NEEDS[family_of(a)[1]]
+        path = getattr(fin, model)
+        if path not in models:
+            models[path] = open_hf_dir(path)
+            models[path].require_chat_template("evaluation")
+        for need in rest:
+            if need != "index":
+                open_adapter_dir(getattr(fin, need)).check_base(models[path])
 
 
 def split_dev(train: list[QA], n: int, seed: int) -> tuple[list[QA], list[QA]]:
@@ -191,6 +207,8 @@ def run(cfg: CompareConfig) -> int:
     from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.report_chart import compare_chart
 
+    library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
+    library.template(cfg.prompt.template)
     if cfg.pipeline:
         from domainlm.pipeline import run_pipeline
 
@@ -204,7 +222,6 @@ def run(cfg: CompareConfig) -> int:
         raise UserError(f"{len(leaked)} test question(s) are in the training data, e.g. {leaked[0]!r}; the QA split "
                         "must keep every test question out of SFT (split by document/symbol)")
     dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
-    library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     device = device_of(cfg.gen.device)
     retriever = None
     if any("rag" in family_of(a)[1] for a in cfg.approaches):
@@ -267,9 +284,11 @@ def run(cfg: CompareConfig) -> int:
             k: {"exact_match": v["exact_match"], "f1": v["f1"]} for k, v in results.items()}))
     print(table)
     best = report["best"]
+    cut = ", ".join(f"{n} {r['truncated']}" for n, r in results.items() if r.get("truncated"))
     summary("compare", [("questions", len(test)), ("best by F1", f"{best} ({results[best]['f1']:.3f})"),
-                        ("verdict", report["verdict"]),
-                        ("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
+                        ("verdict", report["verdict"])]
+            + ([("prompts cut to fit the context", f"{cut} (kept their end)")] if cut else [])
+            + [("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
     return 0
 
 

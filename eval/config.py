@@ -50,6 +50,17 @@ class GenArgs:
     second thread waits on the first at every op (a 3M-parameter model answered 18x slower)."""
 
 
+def _check_gen(g: GenArgs) -> None:
+    if g.batch_size < 1 or g.max_new_tokens < 1:
+        raise UserError("gen.batch_size and gen.max_new_tokens must be >= 1")
+    if g.threads < 0:
+        raise UserError(f"gen.threads must be >= 0 (0: torch's default, every core), got {g.threads}")
+    if g.temperature < 0:
+        raise UserError(f"gen.temperature must be >= 0 (0: greedy), got {g.temperature}")
+    if not 0.0 < g.top_p <= 1.0:
+        raise UserError(f"gen.top_p must be in (0, 1], got {g.top_p}")
+
+
 @dataclass(kw_only=True, slots=True)
 class RagArgs:
     """Retrieval for the RAG modes (through the index's own retriever, as the server does)."""
@@ -124,6 +135,7 @@ class EvalQAConfig:
             raise UserError("mode few-shot needs --prompt.few-shot-data QA_TRAIN_FILE (never the test split)")
         if self.limit < 0 or self.gen.batch_size < 1 or self.gen.max_new_tokens < 1:
             raise UserError("limit must be >= 0, gen.batch_size and gen.max_new_tokens >= 1")
+        _check_gen(self.gen)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -140,8 +152,11 @@ class EvalPplConfig:
     """Which split of the shards dir."""
     input: list[str] = field(default_factory=list, metadata=INPUT)
     """Or corpus files (any format the corpus reader reads)."""
+    text_field: str = "text"
+    """JSON / Parquet / datasets field holding the document text (--input)."""
     seq_len: int = 512
-    """Tokens per scored window (documents are concatenated with eos, cut into windows)."""
+    """Tokens per scored window (documents are concatenated with eos, cut into windows); held to
+    the model's context (max_position_embeddings) where that is shorter."""
     max_tokens: int = 200_000
     """Score at most this many tokens."""
     output: str | None = field(default=None, metadata=OUTPUT)
@@ -271,6 +286,7 @@ class PairsConfig:
             raise UserError(f"rejected_below must be in (0, 1], got {self.rejected_below}")
         if self.samples and self.temperature <= 0:
             raise UserError("temperature must be > 0 to sample answers (or set --samples 0)")
+        _check_gen(self.gen)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -366,6 +382,21 @@ class CompareConfig:
                             f"each also as scratch/<approach>")
         if not self.approaches:
             raise UserError("approaches: give at least one")
+        twice = sorted({a for a in self.approaches if self.approaches.count(a) > 1})
+        if twice:
+            raise UserError(f"approaches: {', '.join(map(repr, twice))} given twice; list each approach once")
+        q = self.qa
+        if q.limit < 0:
+            raise UserError(f"qa.limit must be >= 0 (0: every test question), got {q.limit}")
+        if q.dev < 1:
+            raise UserError(f"qa.dev must be >= 1 (the dev questions the prompt template is picked on), got {q.dev}")
+        if min(self.consistency_questions, self.consistency_seeds, self.latency_questions) < 0:
+            raise UserError(f"consistency_questions, consistency_seeds and latency_questions must be >= 0, got "
+                            f"{self.consistency_questions}, {self.consistency_seeds} and {self.latency_questions}")
+        if self.consistency_questions and self.consistency_seeds < 2:
+            raise UserError(f"consistency_seeds must be >= 2 (agreement across seeds compares two answers or more), "
+                            f"got {self.consistency_seeds}; or set --consistency-questions 0 to skip the checks")
+        _check_gen(self.gen)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,6 +27,9 @@ class Generation:
     tokens_out: int
     seconds: float
     """Wall time of the batch this answer was decoded in."""
+    truncated: bool = False
+    """The prompt did not fit the context next to max_new_tokens: only its last tokens were kept
+    (the question's end and the generation prompt; the system prompt and what came first lost)."""
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -105,8 +108,9 @@ class Generator:
         """Answers to `prompts` (chat message lists), in their order."""
         encoded = [self.prompt_ids(m) for m in prompts]
         limit = self.max_positions - max_new_tokens
+        cut = [len(ids) > limit for ids in encoded]
         for i, ids in enumerate(encoded):
-            if len(ids) > limit:   # keep the end: the question and the generation prompt
+            if cut[i]:   # keep the end: the question and the generation prompt
                 encoded[i] = ids[-limit:]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out: list[Generation | None] = [None] * len(encoded)
@@ -138,5 +142,6 @@ class Generator:
                     while n and toks[n - 1] == pad:
                         n -= 1
                 text = self.tok.decode([t for t in toks[:n] if t not in self.stops], skip_special_tokens=True)
-                out[i] = Generation(text=text.strip(), tokens_in=len(encoded[i]), tokens_out=n, seconds=seconds)
+                out[i] = Generation(text=text.strip(), tokens_in=len(encoded[i]), tokens_out=n, seconds=seconds,
+                                    truncated=cut[i])
         return out  # type: ignore[return-value]

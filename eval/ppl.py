@@ -21,7 +21,7 @@ from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
 
 
 def token_stream(model_dir: Path, tok, *, shards: str | None, split: str, inputs: list[str],
-                 max_tokens: int) -> tuple[np.ndarray, dict]:
+                 max_tokens: int, text_field: str = "text") -> tuple[np.ndarray, dict]:
     """Up to max_tokens+1 ids (eos after each document) and where they came from."""
     eos = tok.eos_token_id
     parts, n, docs = [], 0, 0
@@ -34,7 +34,8 @@ def token_stream(model_dir: Path, tok, *, shards: str | None, split: str, inputs
         docs_iter = (ids for _, ids, _ in sd.documents(split))
     else:
         source = {"input": inputs}
-        docs_iter = (np.asarray(tok.encode(d.text, add_special_tokens=False), np.int64) for d in read_documents(inputs))
+        docs_iter = (np.asarray(tok.encode(d.text, add_special_tokens=False), np.int64)
+                     for d in read_documents(inputs, text_field))
     for ids in docs_iter:
         parts.append(np.asarray(ids, np.int64))
         parts.append(np.asarray([eos], np.int64))

@@ -13,6 +13,7 @@ from typing import Any
 from domainlm.eval import metrics
 from domainlm.eval.generate import Generator
 from domainlm.eval.prompts import PromptLibrary, pick_examples
+from domainlm.progress import log
 from domainlm.qa import QA
 
 
@@ -105,11 +106,16 @@ def answer_and_score(gen: Generator, items: list[QA], approach: Approach, librar
                                   tok=gen.tok, room=gen.room(max_new_tokens))
     outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     cost = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+    cut = sum(o.truncated for o in outs)
+    if cut:
+        log.warning("%d of %d prompts (%s) are longer than the model's context of %d tokens less max_new_tokens %d: "
+                    "cut to their last %d tokens (the system prompt and the start of the question lost)", cut,
+                    len(outs), approach.mode, gen.max_positions, max_new_tokens, gen.max_positions - max_new_tokens)
     records = []
     for qa, prompt, h, o in zip(items, prompts, hits, outs):
         rec = {"id": qa.id, "question": qa.question, "gold": qa.answer, "doc_id": qa.doc_id, "answer": o.text,
                **score(qa, o.text, h, approach.mode == "rag"), "tokens_in": o.tokens_in, "tokens_out": o.tokens_out,
-               "prompt": prompt}
+               "truncated": o.truncated, "prompt": prompt}
         if approach.mode == "rag":
             rec["sources"] = [{"n": i + 1, "id": x.id, "doc_id": x.doc_id, "context": getattr(x, "context", ""),
                                "source": x.source, "score": round(x.score, 5), "text": x.text}
@@ -135,6 +141,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             for name, part in (("present", present), ("absent", absent))}
     out["tokens_in"] = metrics.mean(r["tokens_in"] for r in records)
     out["tokens_out"] = metrics.mean(r["tokens_out"] for r in records)
+    out["truncated"] = sum(bool(r.get("truncated")) for r in records)
     return out
 
 

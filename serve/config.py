@@ -14,6 +14,32 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
 Mode = Literal["hybrid", "bm25", "dense"]
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def check_device(device: str, option: str) -> None:
+    """Refuse a device other than auto, cpu, cuda, cuda:N (light: no torch)."""
+    if not DEVICE.match(device):
+        raise UserError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(device: str, option: str) -> str:
+    """The torch device for `option`'s value: auto is cuda when present, else cpu; cuda or cuda:N
+    where there is no such CUDA device is refused (one line, before anything loads)."""
+    check_device(device, option)
+    if device == "cpu":
+        return device
+    import torch  # heavy: only where a model is loaded
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UserError(f"{option} {device}: no CUDA device here; use {option} cpu (or auto)")
+    n = int(device.partition(":")[2] or 0)
+    if n >= torch.cuda.device_count():
+        raise UserError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 @dataclass(kw_only=True, slots=True)
@@ -102,6 +128,7 @@ class IndexBuildConfig:
                             f"{self.chunk_tokens}")
         if self.dense.hnsw_above < 1 or self.dense.hnsw_m < 4 or self.dense.batch_size < 1 or self.block_chunks < 1:
             raise UserError("dense.hnsw_above, dense.batch_size and block_chunks must be >= 1, dense.hnsw_m >= 4")
+        check_device(self.dense.device, "--dense.device")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -343,3 +370,6 @@ class ServeConfig:
             raise UserError("smoke: give at least one question and max_tokens >= 1")
         if self.engine.max_batch < 1:
             raise UserError(f"engine.max_batch must be >= 1, got {self.engine.max_batch}")
+        if self.engine.threads < 0:
+            raise UserError(f"engine.threads must be >= 0 (0: torch's default), got {self.engine.threads}")
+        check_device(self.engine.device, "--engine.device")

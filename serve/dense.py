@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from domainlm.errors import UserError
 from domainlm.manifest import write_json
 
 
@@ -93,7 +94,11 @@ class DenseIndex:
     def __init__(self, path: Path, ef_search: int = 128):
         import faiss
 
-        self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        try:
+            self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:  # faiss raises RuntimeError for a file it cannot read
+            why = next((line.split(": ", 1)[-1] for line in str(e).splitlines() if line.strip()), "")
+            raise UserError(f"{path}: not a faiss index ({why}); the index is damaged, rebuild it") from None
         if hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = ef_search
         self.dim = self.index.d

@@ -67,18 +67,34 @@ def resolve_embedder(spec: str) -> EmbedderRef:
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise UserError(f"embedder {str(path)!r} has no modules.json or config.json, so it is not a "
                         "sentence-transformers model directory")
+    if not (path / "modules.json").is_file():
+        causal = [a for a in _architectures(path / "config.json") if a.endswith("ForCausalLM")]
+        if causal:
+            raise UserError(f"embedder {str(path)!r} is a causal language model ({causal[0]}), not an embedder "
+                            "(a sentence-transformers model, with modules.json, that turns a text into one vector); "
+                            "give such a directory or 'all-MiniLM-L6-v2' (the packaged default)")
     if not list(path.rglob("*.safetensors")):
         raise UserError(f"embedder {str(path)!r} has no *.safetensors weights (domainlm reads safetensors only: "
                         "unpickling can run code); re-save it with SentenceTransformer(DIR).save(NEW_DIR)")
     return EmbedderRef(name=name, path=path, sha256=dir_sha256(path))
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch  # heavy: only where a model is loaded
+def _architectures(config: Path) -> list[str]:
+    """config.json's `architectures` (empty when unreadable: sentence-transformers then judges the dir)."""
+    import json
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(a) for a in archs] if isinstance(archs, list) else []
+
+
+def pick_device(device: str, option: str = "device") -> str:
+    """auto as cuda or cpu; a device that is not here refused (serve.config.resolve_device)."""
+    from domainlm.serve.config import resolve_device
+
+    return resolve_device(device, option)
 
 
 class Embedder:

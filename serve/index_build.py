@@ -13,7 +13,7 @@ from domainlm.corpus import Document, corpus_files, read_documents
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, sha256_json
 from domainlm.progress import human_count, log, progress, summary
-from domainlm.serve.config import IndexBuildConfig
+from domainlm.serve.config import IndexBuildConfig, resolve_device
 from domainlm.serve.index_dir import BM25, CHUNKS, STAGE, VECTORS, write_chunks
 
 HEADER_TOKENS = 32
@@ -34,9 +34,10 @@ def build(cfg: IndexBuildConfig) -> dict:
     t0 = time.perf_counter()
     described = inputs(cfg)
     ref = resolve_embedder(cfg.embedder)
-    with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite) as out:
+    device = resolve_device(cfg.dense.device, "--dense.device")
+    with StageOutput(cfg.output, STAGE, overwrite=cfg.overwrite, inputs=described) as out:
         log.info("index: loading embedder %s (%s)", ref.name, ref.path)
-        emb = Embedder(ref, cfg.dense.device)
+        emb = Embedder(ref, device)
         window = min(cfg.chunk_tokens, emb.window - HEADER_TOKENS)
         chunks, empty, dup_ids = [], 0, 0
         per_doc: dict[str, int] = {}        # chunks so far per document id

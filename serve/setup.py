@@ -20,6 +20,8 @@ class Checked:
     """embedder.EmbedderRef the index was built with."""
     backend_models: list[dict] | None = None
     """The backend's /v1/models cards."""
+    device: str = "cpu"
+    """--engine.device resolved (auto: cuda or cpu), checked to be here."""
 
 
 def check(cfg: ServeConfig) -> Checked:
@@ -41,6 +43,10 @@ def check(cfg: ServeConfig) -> Checked:
         from domainlm.serve.backend import Backend
 
         out.backend_models = Backend.check(cfg.backend, _backend_key(cfg))
+    if cfg.model or cfg.index:
+        from domainlm.serve.config import resolve_device
+
+        out.device = resolve_device(cfg.engine.device, "--engine.device")
     return out
 
 
@@ -70,7 +76,7 @@ def load(cfg: ServeConfig, c: Checked):
 
         log.info("serve: loading index %s (%s chunks) and embedder %s", cfg.index, c.index.counts.get("chunks"),
                  c.embedder.name)
-        s.retriever = Retriever(c.index, Embedder(c.embedder, cfg.engine.device), cfg.rag.retrieval)
+        s.retriever = Retriever(c.index, Embedder(c.embedder, c.device), cfg.rag.retrieval)
     if c.plan is not None:
         from domainlm.serve.engine import Engine
         from domainlm.serve.generation import Runner
@@ -78,7 +84,7 @@ def load(cfg: ServeConfig, c: Checked):
 
         log.info("serve: loading model %s%s", c.plan.hf.path,
                  f" with adapters {', '.join(c.plan.adapters)}" if c.plan.adapters else "")
-        s.loaded = load_models(c.plan, cfg.engine.device, cfg.engine.dtype)
+        s.loaded = load_models(c.plan, c.device, cfg.engine.dtype)
         s.model_name, s.adapters = c.plan.name, set(c.plan.adapters)
         engine = Engine(s.loaded.model, s.loaded.tokenizer, s.loaded.stop_ids, max_batch=cfg.engine.max_batch,
                         device=s.loaded.device, adapters=bool(c.plan.adapters))

@@ -186,3 +186,83 @@ def test_compare_rows_of_dpo_adapters_from_their_own_pairs(compare_inputs, capsy
         assert r["training"]["train_seconds"] == pytest.approx(sft + pairs["seconds"] + dpo["training"]["seconds"])
     assert "sources" in json.loads((out / "approaches" / record_file("sft+rag+dpo")).read_text().splitlines()[0])
     assert "sources" not in json.loads((out / "approaches" / record_file("sft+dpo")).read_text().splitlines()[0])
+
+
+def test_compare_bad_numbers_duplicates_and_templates_are_one_line(tmp_path, capsys):
+    """Refused by the config check (or, for the template, before anything runs): one line each,
+    never a ValueError/KeyError from deep inside, never a silently doubled row."""
+    base = ["compare", "--output", tmp_path / "out", "--inputs.model", tmp_path / "m", "--qa.train",
+            tmp_path / "qa.jsonl:train", "--qa.test", tmp_path / "qa.jsonl:test", "--approaches", "zero-shot"]
+    cases = [(["--qa.limit", -1], "qa.limit must be >= 0 (0: every test question), got -1"),
+             (["--qa.dev", -1], "qa.dev must be >= 1"),
+             (["--qa.dev", 0], "qa.dev must be >= 1"),
+             (["--consistency-seeds", -1], "consistency_seeds and latency_questions must be >= 0, got 32, -1 and 16"),
+             (["--consistency-seeds", 1], "consistency_seeds must be >= 2"),
+             (["--latency-questions", -2], "must be >= 0"),
+             (["--gen.threads", -1], "gen.threads must be >= 0"),
+             (["--gen.temperature", -0.5], "gen.temperature must be >= 0"),
+             (["--approaches", "zero-shot", "rag", "zero-shot"], "approaches: 'zero-shot' given twice"),
+             (["--prompt.template", "nope"], "no template 'nope'; templates: plain, direct")]
+    for extra, message in cases:
+        code, _, err = run_cli([*base, *extra], capsys)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli([*base, "--consistency-seeds", 1, "--consistency-questions", 0], capsys)
+    assert "consistency_seeds" not in err          # unused when the checks are off: the next check speaks
+
+
+def _short_model_and_qa(tokenizer_dir, pydoc_corpus, tmp_path, seed: int = 0):
+    from tests.conftest import tiny_llama
+
+    return (tiny_llama(tmp_path / "short", tokenizer_dir, seed=seed, max_position_embeddings=64),
+            f"{pydoc_corpus / 'qa.jsonl'}:train", f"{pydoc_corpus / 'qa.jsonl'}:test")
+
+
+def test_compare_refuses_an_adapter_for_another_base_before_answering(tiny_hf_model, tokenizer_dir, pydoc_corpus,
+                                                                     tmp_path, capsys, monkeypatch):
+    """An adapter trained on another base is refused before the first question is answered (it
+    used to fail after every zero-shot answer was made, losing them)."""
+    from domainlm.eval.generate import Generator
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+    from tests.conftest import lora_model
+
+    other, train, test = _short_model_and_qa(tokenizer_dir, pydoc_corpus, tmp_path, seed=5)
+    adapter = tmp_path / "adapter"
+    lora_model(other).save_pretrained(str(adapter))
+    (adapter / "manifest.json").write_text(json.dumps({"stage": "finetune sft", "base_model": {
+        "path": str(other), "weights_sha256": open_hf_dir(other).weights_sha256()}}))
+    calls = []
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: calls.append(1) or [])
+    code, _, err = run_cli(["compare", "--output", tmp_path / "out", "--inputs.model", tiny_hf_model, "--inputs.sft",
+                            adapter, "--approaches", "zero-shot", "sft", "--qa.train", train, "--qa.test", test,
+                            "--qa.limit", 4, "--qa.dev", 4], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and f"adapter {str(adapter)!r} was trained on" in errors[0]
+    assert "give the base model it was trained on" in errors[0]
+    assert calls == [] and "approach zero-shot" not in err and not (tmp_path / "out").exists()
+
+
+def test_compare_counts_prompts_cut_to_the_context(tokenizer_dir, pydoc_corpus, tmp_path, capsys):
+    """Few-shot prompts longer than a 64-token context keep their end (the numbers stay those of
+    before) and are counted per row: compare.json, the summary and the table's footnote."""
+    model, train, test = _short_model_and_qa(tokenizer_dir, pydoc_corpus, tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["compare", "--output", out, "--inputs.model", model, "--approaches", "zero-shot",
+                                 "few-shot", "--qa.train", train, "--qa.test", test, "--qa.limit", 6, "--qa.dev", 4,
+                                 "--gen.max-new-tokens", 4, "--consistency-questions", 0, "--latency-questions", 1],
+                                capsys)
+    assert code == 0, err[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    cuts = {}
+    for name, r in report["approaches"].items():
+        recs = [json.loads(x) for x in (out / "approaches" / record_file(name)).read_text().splitlines()]
+        assert r["truncated"] == sum(x["truncated"] for x in recs)
+        assert all(x["tokens_in"] == 64 - 4 for x in recs if x["truncated"])
+        cuts[name] = r["truncated"]
+    assert cuts["few-shot"] > 0
+    said = ", ".join(f"{n} {c}" for n, c in cuts.items() if c)
+    assert "prompts cut to fit the context" in stdout and f"{said} (kept their end)" in stdout
+    assert f"Prompts cut to fit the model's context (their end kept, the start lost): {said}." in \
+        (out / "compare.md").read_text()
+    assert "prompts (few-shot) are longer than the model's context of 64 tokens" in err

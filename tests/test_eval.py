@@ -227,6 +227,83 @@ def test_qa_files_with_missing_fields_are_one_line_errors(tmp_path):
         read_qa([str(f)])
 
 
+def test_eval_bad_numbers_and_devices_are_one_line(tiny_hf_model, pydoc_corpus, tmp_path, capsys, monkeypatch):
+    """Negative threads or temperature, a CUDA device where there is none: one line, exit 2, nothing written."""
+    qa = f"{pydoc_corpus / 'qa.jsonl'}:test"
+    base = ["eval", "qa", "--model", tiny_hf_model, "--data", qa, "--limit", 2, "--output", tmp_path / "out"]
+    code, _, err = run_cli([*base, "--gen.threads", -1], capsys)
+    assert code == 2 and "gen.threads must be >= 0" in err and "got -1" in err and "Traceback" not in err
+    code, _, err = run_cli([*base, "--gen.temperature", -1], capsys)
+    assert code == 2 and "gen.temperature must be >= 0" in err and "got -1" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli([*base, "--gen.device", "cuda"], capsys)
+    assert code == 2 and "--gen.device cuda: no CUDA device here; use --gen.device cpu" in err
+    code, _, err = run_cli(["eval", "ppl", "--model", tiny_hf_model, "--input", pydoc_corpus / "corpus.jsonl",
+                            "--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda: no CUDA device here; use --device cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_ppl_holds_windows_to_the_context_and_names_its_text_field(tokenizer_dir, pydoc_corpus, tmp_path,
+                                                                        capsys):
+    """--seq-len above max_position_embeddings: the windows are the model's context, said in the
+    summary and the JSON; a file without a `text` field names --text-field, which eval ppl takes."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tmp_path / "short", tokenizer_dir, max_position_embeddings=64)
+    out = tmp_path / "ppl.json"
+    code, stdout, err = run_cli(["eval", "ppl", "--model", model, "--input", pydoc_corpus / "corpus.jsonl",
+                                 "--max-tokens", 2000, "--output", out], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["seq_len"] == 64 and r["windows"] == 2000 // 64 and r["tokens"] == 64 * (2000 // 64)
+    assert "windows of 64 (the model's context; --seq-len 512 held to it)" in stdout
+    code, _, err = run_cli(["eval", "ppl", "--model", model, "--input", pydoc_corpus / "qa.jsonl"], capsys)
+    assert code == 2 and "no 'text' field" in err and "--text-field NAME" in err
+    code, stdout, err = run_cli(["eval", "ppl", "--model", model, "--input", pydoc_corpus / "qa.jsonl",
+                                 "--text-field", "answer", "--seq-len", 32, "--max-tokens", 320], capsys)
+    assert code == 0 and "windows of 32" in stdout and "held to it" not in stdout, err
+
+
+def test_prompts_longer_than_the_context_are_counted_with_the_same_answers(tokenizer_dir, pydoc_corpus, tmp_path,
+                                                                           capsys):
+    """A prompt that does not fit the context keeps its end, as before, and is now counted: per
+    answer (truncated), in summary.json, in the summary printed and in a warning."""
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.eval.generate import Generator
+    from domainlm.pretrain.convert.hfdir import stop_ids
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tmp_path / "short", tokenizer_dir, max_position_embeddings=64)
+    gen = Generator(model)
+    prompts = [[{"role": "system", "content": "You answer questions about the Python API documentation. " * 4},
+                {"role": "user", "content": "What does os.path.join do?"}],
+               [{"role": "user", "content": "Hi"}]]
+    got = gen.generate(prompts, max_new_tokens=8, batch_size=2)
+    assert [g.truncated for g in got] == [True, False] and got[0].tokens_in == 64 - 8
+    stock = AutoModelForCausalLM.from_pretrained(str(model)).eval()
+    for p, g in zip(prompts, got):   # the kept tokens are the prompt's last 56, as before the count
+        ids = gen.prompt_ids(p)[-(64 - 8):]
+        out = stock.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                             eos_token_id=stop_ids(gen.tok), pad_token_id=gen.tok.pad_token_id)[0, len(ids):].tolist()
+        n = next((i + 1 for i, t in enumerate(out) if t in gen.stops), len(out))
+        assert g.text == gen.tok.decode([t for t in out[:n] if t not in gen.stops], skip_special_tokens=True).strip()
+
+    out = tmp_path / "qa"
+    code, stdout, err = run_cli(["eval", "qa", "--model", model, "--data", f"{pydoc_corpus / 'qa.jsonl'}:test",
+                                 "--mode", "few-shot", "--prompt.few-shot-data", f"{pydoc_corpus / 'qa.jsonl'}:train",
+                                 "--prompt.shots", 2, "--limit", 6, "--gen.max-new-tokens", 8, "--output", out], capsys)
+    assert code == 0, err
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    summ = json.loads((out / "summary.json").read_text())
+    cut = sum(r["truncated"] for r in recs)
+    assert cut > 0 and summ["truncated"] == cut
+    assert all(r["tokens_in"] == 64 - 8 for r in recs if r["truncated"])
+    assert "prompts cut to fit the context" in stdout and f" {cut} (kept their end" in stdout
+    assert f"{cut} of 6 prompts (few-shot) are longer than the model's context of 64 tokens" in err
+
+
 # -- the ecosystem: lm-evaluation-harness ---------------------------------------------------------
 
 

@@ -376,3 +376,42 @@ def test_bm25_only_index_retrieves_as_the_full_index_bm25_mode(pydoc_index, tmp_
         assert got == want
     with pytest.raises(UserError, match="has no dense vectors"):
         only.retrieve("what?", 4, "dense")
+
+
+def test_bad_device_and_a_causal_lm_as_embedder_are_refused(tiny_hf_model, tmp_path, capsys, monkeypatch):
+    """--dense.device must be a device that is here (not an embedder failing to load); a causal LM
+    dir is no embedder (its 'index' would be noise) and is refused before anything is written."""
+    import torch
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "json.dumps serializes an object to a JSON string."}\n', encoding="utf-8")
+    build = ["index", "build", "--input", corpus, "--output", tmp_path / "i"]
+    code, _, err = run_cli([*build, "--dense.device", "gpu"], capsys)
+    assert code == 2 and "--dense.device 'gpu': use auto, cpu, cuda or cuda:N" in err
+    assert "does not load in sentence-transformers" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli([*build, "--dense.device", "cuda"], capsys)
+    assert code == 2 and "--dense.device cuda: no CUDA device here; use --dense.device cpu" in err
+    code, _, err = run_cli([*build, "--embedder", tiny_hf_model], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and str(tiny_hf_model) in errors[0]
+    assert "is a causal language model (LlamaForCausalLM), not an embedder" in errors[0]
+    assert "sentence-transformers" in errors[0]
+    assert not (tmp_path / "i").exists()
+
+
+def test_a_damaged_vectors_file_is_one_line(tmp_path, capsys):
+    """vectors.faiss that faiss cannot read: 'the index is damaged, rebuild it', as for chunks.jsonl."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Function f{i} returns the number {i}."}) + "\n"
+                              for i in range(3)), encoding="utf-8")
+    code, _, err = run_cli(["index", "build", "--input", corpus, "--output", tmp_path / "i"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["index", "query", "--index", tmp_path / "i", "What does f1 return?"], capsys)
+    assert code == 0 and "d1" in out, err
+    for damage in (b"garbage!" * 8, b""):
+        (tmp_path / "i" / "vectors.faiss").write_bytes(damage)
+        code, _, err = run_cli(["index", "query", "--index", tmp_path / "i", "What does f1 return?"], capsys)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err
+        assert "vectors.faiss: not a faiss index" in errors[0] and "the index is damaged, rebuild it" in errors[0]

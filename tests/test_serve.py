@@ -554,3 +554,18 @@ def test_bad_input_one_line_each(stack, tmp_path, tokenizer_dir, capsys, monkeyp
     line = _one_line(capsys, ["--model", stack.model, "--index", stack.index, "--rag.max-source-tokens",
                               str(CONTEXT), "--port", "0"])
     assert f"rag.max_source_tokens is {CONTEXT} tokens, but the model's context is {CONTEXT}" in line
+
+
+def test_engine_threads_and_device_are_one_line_before_loading(tiny_hf_model, capsys, monkeypatch):
+    """A negative thread count, a device torch does not know, CUDA where there is none: refused in
+    one line before the model loads, not a torch traceback from inside it."""
+    import torch
+
+    line = _one_line(capsys, ["--model", tiny_hf_model, "--engine.threads", "-1", "--smoke.run"])
+    assert "engine.threads must be >= 0" in line and "got -1" in line
+    line = _one_line(capsys, ["--model", tiny_hf_model, "--engine.device", "gpu", "--smoke.run"])
+    assert "--engine.device 'gpu': use auto, cpu, cuda or cuda:N" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        line = _one_line(capsys, ["--model", tiny_hf_model, "--engine.device", device, "--port", "0", "--smoke.run"])
+        assert f"--engine.device {device}: no CUDA device here; use --engine.device cpu (or auto)" in line
