@@ -217,7 +217,7 @@ def check_stage_args(stage: str, args: list[str]) -> None:
 
 def launch(ns: argparse.Namespace, stage: str) -> int:
     cmd, env = build_command(ns, stage)
-    if not ns.slurm:            # (a Slurm job's nodes may see other paths than this login node)
+    if not (ns.slurm or ns.dry_run):   # (a dry run, or a Slurm job's nodes, may see other paths than here)
         check_stage_args(stage, cmd[cmd.index("domainlm.cli") + 1 + len(STAGE_COMMANDS[stage]):])
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"{shown + ' ' if shown else ''}{shlex.join(cmd)}", flush=True)
