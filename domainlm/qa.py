@@ -69,6 +69,15 @@ def read_qa(paths: list[str] | str, split: str | None = None) -> list[QA]:
     return out
 
 
+def refuse_test_split(items: list[QA], option: str, purpose: str) -> None:
+    """UserError when QA records meant for training, prompts or pairs hold test-split records
+    (a file given without :train that holds both splits)."""
+    test = sum(qa.split == "test" for qa in items)
+    if test:
+        raise UserError(f"{option}: {test:,} of the {len(items):,} QA records are the test split; {purpose} come "
+                        "from the train split only: give FILE:train (e.g. qa.jsonl:train)")
+
+
 def sample(items: list[QA], n: int, seed: int = 0) -> list[QA]:
     """n items drawn with a seeded generator, kept in file order (all of them when n is 0 or more
     than there are): a subset spread over the whole file, not its first documents."""

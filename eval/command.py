@@ -10,7 +10,7 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
-from domainlm.qa import read_qa, sample, split_spec
+from domainlm.qa import read_qa, refuse_test_split, sample, split_spec
 
 
 def device_of(choice: str, option: str = "--gen.device") -> str:
@@ -45,6 +45,7 @@ def qa(cfg) -> int:
     library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     library.template(cfg.prompt.template)
     pool = read_qa(cfg.prompt.few_shot_data) if cfg.mode == "few-shot" else []
+    refuse_test_split(pool, "prompt.few_shot_data", "few-shot examples")
     retriever = None
     if cfg.mode == "rag":
         from domainlm.serve.retrieve import open_retriever
@@ -169,9 +170,7 @@ def rag_data(cfg) -> int:
     from domainlm.serve.retrieve import open_retriever
 
     items = read_qa(cfg.data)
-    if any(qa.split == "test" for qa in items):
-        raise UserError("data: these QA records are the test split; SFT+RAG data comes from the train split "
-                        "(e.g. qa.jsonl:train)")
+    refuse_test_split(items, "data", "SFT+RAG samples")
     items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8

@@ -18,7 +18,7 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.manifest import StageOutput, make_manifest
 from domainlm.progress import log, summary
-from domainlm.qa import QA, read_qa, sample, token_f1
+from domainlm.qa import QA, read_qa, refuse_test_split, sample, token_f1
 
 
 def choose(qa: QA, answers: list[str], chosen: str, below: float) -> tuple[dict[str, Any] | None, str]:
@@ -47,9 +47,7 @@ def pairs(cfg) -> int:
 
     t0 = time.perf_counter()
     items = read_qa(cfg.data)
-    if any(qa.split == "test" for qa in items):
-        raise UserError("data: these QA records are the test split; preference pairs come from the train split "
-                        "(e.g. qa.jsonl:train)")
+    refuse_test_split(items, "data", "preference pairs")
     items = sample(items, cfg.limit, cfg.seed)
     if not items:
         raise UserError(f"data: no QA record in {', '.join(cfg.data)}")

@@ -108,14 +108,15 @@ def read_examples(specs: list[str], stats: ReadStats, what: str = "data", conver
             seen_splits: set[str] = set()
             before = stats.kept
             stats.files.append({"path": str(f), "split": split, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
-            for ex in _read_file(f, split, stats, seen_splits, convert):
+            for ex in _read_file(f, split, stats, seen_splits, convert, what):
                 out.append(ex)
             if split is not None and seen_splits and split not in seen_splits and stats.kept == before:
                 raise UserError(f"{what}: {f}: no record with split {split!r} (splits: {', '.join(sorted(seen_splits))})")
     return out
 
 
-def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set[str], convert) -> Iterator:
+def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set[str], convert,
+               what: str = "data") -> Iterator:
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -134,6 +135,9 @@ def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set
                     stats.records -= 1
                     stats.other_split += 1
                     continue
+                if split is None and str(rec_split) == "test":
+                    raise UserError(f"{what}: {path} line {line_no} is a record of the test split (\"split\": \"test\"); "
+                                    f"fine-tuning never sees the test split: give {path}:train to keep its train records")
                 item, fmt = convert(rec, f"{path}:{line_no}")
             except Bad as bad:
                 stats.drop(str(path), line_no, bad.reason, bad.message, raw)

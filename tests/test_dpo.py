@@ -362,6 +362,8 @@ def test_eval_pairs_refusals_are_one_line(tmp_path, capsys, model_dir, sft_adapt
     code, _, err = run_cli(base + ["--data", f"{pydoc_corpus / 'qa.jsonl'}:test", "--output", tmp_path / "a"], capsys)
     assert code == 2 and "test split" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+    code, _, err = run_cli(base + ["--data", pydoc_corpus / "qa.jsonl", "--output", tmp_path / "a"], capsys)
+    assert code == 2 and " of the " in err and "QA records are the test split" in err and "FILE:train" in err
     index, _ = pydoc_index
     code, _, err = run_cli(base + ["--data", f"{pydoc_corpus / 'qa.jsonl'}:train", "--index", index,
                                    "--rag.max-source-tokens", 4096, "--output", tmp_path / "b"], capsys)

@@ -189,6 +189,9 @@ def test_perplexity_equals_stock_transformers_loss(tiny_hf_model, pydoc_corpus, 
 
 def test_eval_qa_zero_and_few_shot_write_scores_that_recompute(tiny_hf_model, pydoc_corpus, tmp_path, capsys):
     qa = f"{pydoc_corpus / 'qa.jsonl'}"
+    code, _, err = run_cli(["eval", "qa", "--model", tiny_hf_model, "--data", f"{qa}:test", "--mode", "few-shot",
+                            "--limit", 2, "--output", tmp_path / "mixed", "--prompt.few-shot-data", qa], capsys)
+    assert code == 2 and "prompt.few_shot_data" in err and "QA records are the test split" in err, err
     for mode in ("zero-shot", "few-shot"):
         out = tmp_path / mode
         code, stdout, err = run_cli(["eval", "qa", "--model", tiny_hf_model, "--data", f"{qa}:test", "--mode", mode,
