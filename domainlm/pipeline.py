@@ -236,6 +236,10 @@ def run_pipeline(path: str, *, set_values: list[str] = (), var_values: list[str]
     for n in (only or []) + (force or []):
         if n not in names:
             raise UserError(f"no stage {n!r} in {path}{did_you_mean(n, names)}; stages: {', '.join(names)}")
+    left_out = [n for n in force or [] if only and n not in only]
+    if left_out:
+        raise UserError(f"--force {' '.join(left_out)}: not among --only {' '.join(only)}, so it would not run; add it "
+                        "to --only or drop it from --force")
     rows = []
     t_all = time.perf_counter()
     for name, cmd, cfg in stages:

@@ -231,6 +231,11 @@ class SFTConfig:
             raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
         if t.max_steps is None and t.epochs <= 0:
             raise UserError(f"train.epochs must be positive, got {t.epochs}")
+        if self.method == "full" and self.lora != LoraArgs():
+            from domainlm.progress import log
+
+            changed = [k for k in LoraArgs.__dataclass_fields__ if getattr(self.lora, k) != getattr(LoraArgs(), k)]
+            log.warning("method full trains every weight: lora.%s set but not used", ", lora.".join(changed))
         if self.method != "full" and (self.lora.r <= 0 or self.lora.alpha <= 0):
             raise UserError(f"lora.r and lora.alpha must be positive, got r={self.lora.r} alpha={self.lora.alpha}")
         if not 0.0 <= self.lora.dropout < 1.0:

@@ -285,3 +285,16 @@ def test_example_points_file_for_pydoc_parses():
     pts = read_points(str(REPO / "configs/points/pydoc.yaml"), stats := ReadStats())
     assert len(pts) >= 3 and not stats.dropped
     assert all(p.tests and p.examples for p in pts)
+
+
+def test_lora_options_with_method_full_are_named_as_unused(caplog):
+    import logging
+
+    from domainlm.finetune.config import LoraArgs, SFTConfig
+
+    with caplog.at_level(logging.WARNING, logger="domainlm"):
+        SFTConfig(model="m", data=["d"], output="o", method="full", lora=LoraArgs(r=8, alpha=16)).validate()
+        SFTConfig(model="m", data=["d"], output="o", method="full").validate()
+        SFTConfig(model="m", data=["d"], output="o", lora=LoraArgs(r=8)).validate()
+    warned = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert warned == ["method full trains every weight: lora.r, lora.alpha set but not used"]

@@ -78,6 +78,8 @@ def test_pipeline_errors(tmp_path, capsys):
     cfg.write_text(PIPELINE.format(workdir=tmp_path / "w"))
     code, _, err = run_cli(["run", cfg, "--only", "tokenzer"], capsys)
     assert code == 2 and "no stage 'tokenzer'" in err
+    code, _, err = run_cli(["run", cfg, "--only", "corpus", "--force", "tokenizer"], capsys)
+    assert code == 2 and "--force tokenizer: not among --only corpus" in err
     code, _, err = run_cli(["run", cfg, "--dry-run", "--set", "tokenizer.input=[broken"], capsys)
     assert code == 2 and "'input'" in err and "not a YAML list" in err and "Traceback" not in err
     cfg.write_text("stages:\n  a:\n    set: {output: o}\n")
