@@ -68,7 +68,7 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None, kind: str = "corpus files") -> list[Path]:
     """Files named by paths, globs and directories (searched recursively), sorted, unique.
 
     A directory that holds a manifest or a saved `datasets` dir is kept whole (the caller reads
@@ -96,7 +96,7 @@ def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None) 
             what = "matches no file" if globlib.has_magic(pat) else "does not exist"
             if Path(pat).is_dir():
                 what = f"is a directory with no {'/'.join(suffixes) if suffixes else ''} files"
-            raise UserError(f"input {pat!r} {what}; give a file, a glob or a directory of corpus files")
+            raise UserError(f"input {pat!r} {what}; give a file, a glob or a directory of {kind}")
     seen: set[Path] = set()
     unique = []
     for p in out:

@@ -10,7 +10,7 @@ from domainlm.finetune.config import DPOConfig, MergeConfig, SFTConfig
 from domainlm.manifest import describe_inputs
 
 
-def _paths(specs: list[str], suffixes: tuple[str, ...] | None = None) -> list[Path]:
+def _paths(specs: list[str], suffixes: tuple[str, ...] | None = None, kind: str = "JSON lines files") -> list[Path]:
     from domainlm.manifest import expand_inputs
     from domainlm.qa import split_spec
 
@@ -18,7 +18,7 @@ def _paths(specs: list[str], suffixes: tuple[str, ...] | None = None) -> list[Pa
     for spec in specs:
         path, _ = split_spec(spec)
         try:
-            out += expand_inputs([path], suffixes)
+            out += expand_inputs([path], suffixes, kind)
         except UserError as e:
             raise UserError(f"{spec!r}: {e}") from None
     return out
@@ -33,11 +33,14 @@ def inputs(cfg: SFTConfig) -> list[dict]:
 
     read_config(Path(cfg.model))
     paths = [Path(cfg.model)] + _paths(cfg.data, DATA_SUFFIXES) + _paths(cfg.valid_data, DATA_SUFFIXES)
-    for extra in (cfg.points, cfg.chat_template):
+    for name, extra, kind in (("points", cfg.points, "a points YAML file"),
+                              ("chat_template", cfg.chat_template, "a Jinja chat template file")):
         if extra:
-            paths += _paths([extra])
+            if not Path(extra).is_file():
+                raise UserError(f"{name} {extra!r}: no such file; give {kind}")
+            paths.append(Path(extra))
     for spec in cfg.forgetting_data:     # a shards dir is named by its manifest's fingerprint
-        paths += [Path(spec)] if (Path(spec) / "manifest.json").is_file() else _paths([spec], CORPUS_SUFFIXES)
+        paths += [Path(spec)] if (Path(spec) / "manifest.json").is_file() else _paths([spec], CORPUS_SUFFIXES, "corpus files")
     paths += _paths(cfg.eval.qa, QA_SUFFIXES)
     return describe_inputs(paths)
 

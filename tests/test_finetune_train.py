@@ -441,7 +441,7 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("case", ["not_hf", "not_llama", "no_usable_record", "qlora_on_cpu", "output_taken",
                                   "missing_data", "no_usable_valid_record", "template_syntax", "truncated_weights",
-                                  "test_split", *sorted(BAD_VALUES)])
+                                  "test_split", "missing_points", *sorted(BAD_VALUES)])
 def test_bad_input_is_one_line_and_loses_nothing(case, model_dir, qa32, bad_records, tmp_path, capsys, pydoc_corpus):
     model, data, out, extra = model_dir, [qa32], tmp_path / "out", []
     expect = {"not_hf": "has no config.json", "not_llama": "supports Llama-family models",
@@ -450,6 +450,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case, model_dir, qa32, bad_reco
               "no_usable_valid_record": f"no usable validation record in --valid-data {bad_records}: 5 read, dropped: ",
               "template_syntax": f"chat_template: '{tmp_path / 'bad.jinja'}', line 2: Jinja syntax error (",
               "truncated_weights": f"{tmp_path / 'cut/model.safetensors'}: truncated safetensors file",
+              "missing_points": f"points '{tmp_path / 'nope.yaml'}': no such file; give a points YAML file",
               "test_split": f"{tmp_path / 'mixed.jsonl'} line 33 is a record of the test split",
               **{k: v[1] for k, v in BAD_VALUES.items()}}[case]
     if case in BAD_VALUES:
@@ -477,6 +478,8 @@ def test_bad_input_is_one_line_and_loses_nothing(case, model_dir, qa32, bad_reco
         (out / "precious.txt").write_text("keep me")
     elif case == "missing_data":
         data = [tmp_path / "nope.jsonl"]
+    elif case == "missing_points":
+        extra = ["--points", tmp_path / "nope.yaml"]
     elif case == "test_split":             # a QA file holding both splits, given without :train
         test = next(x for x in (pydoc_corpus / "qa.jsonl").read_text().splitlines() if '"split": "test"' in x)
         (tmp_path / "mixed.jsonl").write_text(qa32.read_text() + test + "\n")
