@@ -8,7 +8,7 @@ from pathlib import Path
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.manifest import StageOutput, describe_inputs, make_manifest, write_json
+from domainlm.manifest import StageOutput, check_output_file, describe_inputs, is_json_object, make_manifest, write_json
 from domainlm.progress import log, summary
 from domainlm.qa import read_qa, refuse_test_split, sample, split_spec
 
@@ -91,6 +91,9 @@ def ppl(cfg) -> int:
     from domainlm.finetune.adapter import open_adapter_dir
     from domainlm.pretrain.convert.hfdir import open_hf_dir
 
+    if cfg.output:           # before the work: not a directory, not an input, not a file of something else
+        check_output_file(cfg.output, inputs=[*(cfg.input or []), *([cfg.shards] if cfg.shards else [])],
+                          ours=is_json_object)
     hf = open_hf_dir(cfg.model)
     tok = hf.tokenizer()
     device = device_of(cfg.device, "--device")
@@ -125,6 +128,8 @@ def retrieval(cfg) -> int:
     from domainlm.serve.prompt import check_budget, token_counter
     from domainlm.serve.retrieve import open_retriever
 
+    if cfg.output:
+        check_output_file(cfg.output, inputs=[split_spec(d)[0] for d in cfg.data], ours=is_json_object)
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
     retriever = open_retriever(cfg.index, settings=cfg.retrieval)

@@ -266,6 +266,15 @@ def test_eval_ppl_holds_windows_to_the_context_and_names_its_text_field(tokenize
     code, stdout, err = run_cli(["eval", "ppl", "--model", model, "--input", pydoc_corpus / "qa.jsonl",
                                  "--text-field", "answer", "--seq-len", 32, "--max-tokens", 320], capsys)
     assert code == 0 and "windows of 32" in stdout and "held to it" not in stdout, err
+    corpus = tmp_path / "corpus.jsonl"                      # --output over the input, or a directory: refused
+    corpus.write_bytes((pydoc_corpus / "corpus.jsonl").read_bytes())
+    for bad, needle in ((corpus, "is the input"), (tmp_path, "is a directory")):
+        code, _, err = run_cli(["eval", "ppl", "--model", model, "--input", corpus, "--output", bad], capsys)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+    assert corpus.read_bytes() == (pydoc_corpus / "corpus.jsonl").read_bytes()
+    code, _, err = run_cli(["eval", "ppl", "--model", model, "--input", corpus, "--max-tokens", 200,
+                            "--output", out], capsys)             # an earlier report is replaced
+    assert code == 0, err
 
 
 def test_prompts_longer_than_the_context_are_counted_with_the_same_answers(tokenizer_dir, pydoc_corpus, tmp_path,

@@ -305,6 +305,9 @@ def test_qa_items_about_unknown_documents_are_counted_and_named(tmp_path, capsys
     code, out, err = run_cli(["eval", "retrieval", "--index", idx, "--data", qa, "--modes", "bm25",
                               "--output", tmp_path / "r2.json"], capsys)
     assert code == 2 and "names a document of the index" in err and not (tmp_path / "r2.json").exists()
+    code, _, err = run_cli(["eval", "retrieval", "--index", idx, "--data", qa, "--modes", "bm25", "--output", qa],
+                           capsys)
+    assert code == 2 and "is the input" in err and qa.read_text() == json.dumps(rows[1]) + "\n"
 
 
 def test_a_budget_larger_than_the_context_is_refused(tmp_path, capsys, tiny_hf_model, pydoc_corpus):
