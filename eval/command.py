@@ -37,6 +37,7 @@ def _inputs(*paths: str | None) -> list[dict]:
 def qa(cfg) -> int:
     from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
     from domainlm.eval.prompts import load_library
+    from domainlm.eval.config import decoding
     from domainlm.eval.qa import Approach, answer_and_score, summarize
     from domainlm.serve.prompt import check_budget
 
@@ -47,11 +48,11 @@ def qa(cfg) -> int:
     pool = read_qa(cfg.prompt.few_shot_data) if cfg.mode == "few-shot" else []
     refuse_test_split(pool, "prompt.few_shot_data", "few-shot examples")
     retriever = None
+    device = device_of(cfg.gen.device)
     if cfg.mode == "rag":
         from domainlm.serve.retrieve import open_retriever
 
-        retriever = open_retriever(cfg.index)
-    device = device_of(cfg.gen.device)
+        retriever = open_retriever(cfg.index, device=device)     # the embedder where the model runs (--gen.device)
     gen = Generator(cfg.model, cfg.adapter, device=device, dtype=torch_dtype(cfg.gen.dtype, device))
     approach = Approach(mode=cfg.mode, template=cfg.prompt.template, shots=cfg.prompt.shots, top_k=cfg.rag.top_k,
                         retrieval_mode=cfg.rag.mode, max_source_tokens=cfg.rag.max_source_tokens)
@@ -60,16 +61,19 @@ def qa(cfg) -> int:
     with StageOutput(cfg.output, stages.EVAL_QA, overwrite=cfg.overwrite) as out, cpu_threads(cfg.gen.threads):
         log.info("answering %d questions (%s)", len(items), cfg.mode)
         records, cost = answer_and_score(gen, items, approach, library, pool=pool, retriever=retriever,
-                                         seed=cfg.prompt.seed, max_new_tokens=cfg.gen.max_new_tokens,
-                                         batch_size=cfg.gen.batch_size)
+                                         seed=cfg.prompt.seed, **decoding(cfg.gen))
         with open(out.tmp / "results.jsonl", "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        result = {**summarize(records), **cost, "library_version": library.version}
+        result = {**summarize(records), **cost, "library_version": library.version,
+                  "decoding": {"temperature": cfg.gen.temperature, "top_p": cfg.gen.top_p, "seed": cfg.prompt.seed}}
         write_json(out.tmp / "summary.json", result)
         out.commit(make_manifest(stages.EVAL_QA, cfg, _inputs(cfg.model, cfg.adapter, cfg.index, *cfg.data),
                                  summary=result))
-    rows = [("questions", result["questions"]), ("exact match", f"{result['exact_match']:.3f}"),
+    rows = [("questions", result["questions"]),
+            ("decoding", "greedy" if cfg.gen.temperature <= 0 else
+             f"sampled: temperature {cfg.gen.temperature:g}, top_p {cfg.gen.top_p:g}, seed {cfg.prompt.seed}"),
+            ("exact match", f"{result['exact_match']:.3f}"),
             ("token F1", f"{result['f1']:.3f}"), ("contains", f"{result['contains']:.3f}")]
     if "citation_correct" in result:
         rows += [("gold retrieved", f"{result['gold_retrieved']:.3f}"),

@@ -35,7 +35,7 @@ from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.eval import metrics
 from domainlm.eval.command import device_of, library_path
-from domainlm.eval.config import CompareConfig, Inputs
+from domainlm.eval.config import CompareConfig, Inputs, decoding
 from domainlm.eval.prompts import PromptLibrary, load_library
 from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
 from domainlm.eval.stats import add_statistics, record_file
@@ -152,14 +152,14 @@ def pick_prompt(gen, library: PromptLibrary, dev: list[QA], pool: list[QA], cfg:
     """The template (zero-shot) and the number of shots (few-shot) that score best on dev."""
     scores: dict[str, dict] = {}
     for name in library.templates:
-        recs, _ = answer_and_score(gen, dev, Approach("zero-shot", name), library, max_new_tokens=cfg.gen.max_new_tokens,
-                                   batch_size=cfg.gen.batch_size)
+        recs, _ = answer_and_score(gen, dev, Approach("zero-shot", name), library, seed=cfg.qa.seed,
+                                   **decoding(cfg.gen))
         scores[name] = summarize(recs)
     best = max(scores, key=lambda t: (scores[t]["exact_match"], scores[t]["f1"], -list(library.templates).index(t)))
     shot_scores: dict[int, dict] = {}
     for k in library.shots or [cfg.prompt.shots]:
         recs, _ = answer_and_score(gen, dev, Approach("few-shot", best, shots=k), library, pool=pool,
-                                   seed=cfg.qa.seed, max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
+                                   seed=cfg.qa.seed, **decoding(cfg.gen))
         shot_scores[k] = summarize(recs)
     best_k = max(shot_scores, key=lambda k: (shot_scores[k]["exact_match"], shot_scores[k]["f1"], -k))
     return {"template": best, "shots": best_k, "dev_questions": len(dev), "library_version": library.version,
@@ -257,14 +257,14 @@ def run(cfg: CompareConfig) -> int:
                 log.info("approach %s: %d questions", name, len(test))
                 gen, approach = _approach(family_of(name)[1], fin, choice, base, device, cfg.rag, dtype)
                 recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever,
-                                              seed=cfg.qa.seed, max_new_tokens=cfg.gen.max_new_tokens,
-                                              batch_size=cfg.gen.batch_size)
+                                              seed=cfg.qa.seed, **decoding(cfg.gen))
                 records[name] = recs
                 with open(out.tmp / "approaches" / record_file(name), "w", encoding="utf-8") as f:
                     for r in recs:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
-                              max_new_tokens=cfg.gen.max_new_tokens)
+                              max_new_tokens=cfg.gen.max_new_tokens, temperature=cfg.gen.temperature,
+                              top_p=cfg.gen.top_p)
                 cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
                                    retriever=retriever) if cfg.consistency_questions else {}
                 unit = "gpu_s" if device == "cuda" else "cpu_s"

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from domainlm.config import INPUT, OUTPUT, RUNTIME
 from domainlm.errors import UserError
@@ -35,7 +35,8 @@ class GenArgs:
     batch_size: int = 16
     """Questions decoded together (left-padded into one `generate` call)."""
     temperature: float = 0.0
-    """0: greedy (the default for scoring); > 0 samples (used for the consistency-across-seeds check)."""
+    """0: greedy (the default for scoring); > 0 samples every answer scored, from the seed (`eval qa`:
+    prompt.seed, `compare`: qa.seed), so a rerun gives the same answers."""
     top_p: float = 1.0
     """Nucleus sampling mass when temperature > 0."""
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
@@ -48,6 +49,12 @@ class GenArgs:
     """CPU threads for torch while generating; 0 leaves torch's default (every core). 1 by default:
     a small model's ops are too short to split across threads, and on a busy 2-core machine a
     second thread waits on the first at every op (a 3M-parameter model answered 18x slower)."""
+
+
+def decoding(g: GenArgs) -> dict[str, Any]:
+    """The keyword arguments of `answer_and_score` that `g` sets: how answers are decoded."""
+    return {"max_new_tokens": g.max_new_tokens, "batch_size": g.batch_size, "temperature": g.temperature,
+            "top_p": g.top_p}
 
 
 def _check_gen(g: GenArgs) -> None:
@@ -92,7 +99,7 @@ class PromptArgs:
     few_shot_data: list[str] = field(default_factory=list, metadata=INPUT)
     """QA files the few-shot examples are drawn from (the train split, never the test split)."""
     seed: int = 0
-    """Seed of the few-shot draw."""
+    """Seed of the few-shot draw, and of sampling when gen.temperature > 0."""
 
 
 @dataclass(kw_only=True, slots=True)

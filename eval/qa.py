@@ -99,12 +99,15 @@ def score(qa: QA, answer: str, hits: list[Any], rag: bool = False) -> dict[str, 
 
 def answer_and_score(gen: Generator, items: list[QA], approach: Approach, library: PromptLibrary, *,
                      pool: list[QA] = (), retriever=None, seed: int = 0, max_new_tokens: int = 48,
-                     batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Per-question records and the cost of producing them (wall and process CPU seconds)."""
+                     batch_size: int = 16, temperature: float = 0.0,
+                     top_p: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-question records and the cost of producing them (wall and process CPU seconds). Greedy
+    unless `temperature` > 0; sampling then starts from `seed`, so a rerun gives the same answers."""
     t0, c0 = time.perf_counter(), time.process_time()
     prompts, hits = build_prompts(items, approach, library, pool=pool, retriever=retriever, seed=seed,
                                   tok=gen.tok, room=gen.room(max_new_tokens))
-    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                        top_p=top_p, seed=seed)
     cost = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     cut = sum(o.truncated for o in outs)
     if cut:
@@ -146,13 +149,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def latency(gen: Generator, items: list[QA], approach: Approach, library: PromptLibrary, *, pool=(),
-            retriever=None, max_new_tokens: int = 48) -> dict[str, float]:
+            retriever=None, max_new_tokens: int = 48, temperature: float = 0.0,
+            top_p: float = 1.0) -> dict[str, float]:
     """p50/p95 seconds of answering one question at a time (retrieval included), as a user waits."""
     times = []
     for i, qa in enumerate(items):
         t0 = time.perf_counter()
         prompts, _ = build_prompts([qa], approach, library, pool=pool, retriever=retriever, seed=i, tok=gen.tok,
                                    room=gen.room(max_new_tokens))
-        gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=1)
+        gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=1, temperature=temperature, top_p=top_p, seed=i)
         times.append(time.perf_counter() - t0)
     return {"p50_s": metrics.percentile(times, 50), "p95_s": metrics.percentile(times, 95), "n": len(times)}

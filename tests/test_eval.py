@@ -215,6 +215,29 @@ def test_eval_qa_zero_and_few_shot_write_scores_that_recompute(tiny_hf_model, py
     assert code == 2 and "no record with split 'nosuch' (splits: test, train)" in err
 
 
+def test_eval_qa_samples_when_asked_with_the_seed_given(tiny_hf_model, pydoc_corpus, tmp_path, capsys):
+    """--gen.temperature/--gen.top-p reach the decoding: the answers are what `Generator.generate`
+    samples from the same prompts and seed, a rerun gives them again, and greedy ones differ."""
+    from domainlm.eval.generate import Generator
+
+    qa = f"{pydoc_corpus / 'qa.jsonl'}:test"
+    base = ["eval", "qa", "--model", tiny_hf_model, "--data", qa, "--limit", 6, "--gen.max-new-tokens", 8]
+    runs = {}
+    for name, extra in (("greedy", []), ("a", ["--gen.temperature", 1.0, "--gen.top-p", 0.9, "--prompt.seed", 3]),
+                        ("b", ["--gen.temperature", 1.0, "--gen.top-p", 0.9, "--prompt.seed", 3])):
+        code, stdout, err = run_cli([*base, *extra, "--output", tmp_path / name], capsys)
+        assert code == 0, err
+        runs[name] = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+    summ = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summ["decoding"] == {"temperature": 1.0, "top_p": 0.9, "seed": 3}
+    assert "sampled: temperature 1, top_p 0.9, seed 3" in stdout
+    answers = {k: [r["answer"] for r in v] for k, v in runs.items()}
+    assert answers["a"] == answers["b"] and answers["a"] != answers["greedy"]
+    ref = Generator(str(tiny_hf_model), device="cpu").generate([r["prompt"] for r in runs["a"]], max_new_tokens=8,
+                                                              temperature=1.0, top_p=0.9, seed=3)
+    assert answers["a"] == [g.text for g in ref]
+
+
 def test_qa_files_with_missing_fields_are_one_line_errors(tmp_path):
     from domainlm.qa import read_qa
 
