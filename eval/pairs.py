@@ -76,13 +76,19 @@ def pairs(cfg) -> int:
         log.info("eval pairs: %d questions x %d answers (greedy + %d sampled)", len(items), 1 + cfg.samples,
                  cfg.samples)
         kw = dict(max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
-        answers = [[g.text for g in gen.generate(prompts, **kw)]]
+        greedy = gen.generate(prompts, **kw)
+        answers = [[g.text for g in greedy]]
+        cut = sum(g.truncated for g in greedy)
+        if cut:
+            log.warning("%d of %d prompts are longer than the model's context of %d tokens less gen.max_new_tokens "
+                        "%d: answered from their last %d tokens (the start of the prompt lost)", cut, len(prompts),
+                        gen.max_positions, cfg.gen.max_new_tokens, gen.max_positions - cfg.gen.max_new_tokens)
         for s in range(1, cfg.samples + 1):
             answers.append([g.text for g in gen.generate(prompts, temperature=cfg.temperature, top_p=cfg.top_p,
                                                          seed=cfg.seed * 1_000_003 + s, **kw)])
         rows, counts = [], {"questions": len(items), "answers": len(items) * (1 + cfg.samples), "pairs": 0,
                             "greedy_wrong": 0, "all_right": 0, "no_wrong_answer": 0, "rejected_equals_chosen": 0,
-                            "doc_id_not_in_index": len(unknown)}
+                            "doc_id_not_in_index": len(unknown), "prompts_cut_to_context": cut}
         for i, qa in enumerate(items):
             chosen = cited_answer(qa, hits[i]) if cfg.index else qa.answer
             pair, why = choose(qa, [a[i] for a in answers], chosen, cfg.rejected_below)
@@ -109,6 +115,8 @@ def pairs(cfg) -> int:
                   f"{counts['pairs'] - counts['greedy_wrong']:,}; wrong = F1 < {cfg.rejected_below:g})"),
         ("no pair", f"all answers right {counts['all_right']:,}, rejected = chosen {counts['rejected_equals_chosen']:,}"
                     + (f", document not in the index {len(unknown):,}" if unknown else "")),
+        *([("prompts cut to fit the context", f"{cut:,} (answered from their end; lower rag.max_source_tokens or "
+                                               f"gen.max_new_tokens)")] if cut else []),
         ("written", str(Path(cfg.output) / "pairs.jsonl")), ("time", f"{seconds:.1f}s"),
         ("next", f"domainlm finetune dpo --model {cfg.model}" + (f" --adapter {cfg.adapter}" if cfg.adapter else "")
                  + f" --data {Path(cfg.output) / 'pairs.jsonl'} --output OUT")])

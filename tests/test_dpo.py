@@ -292,7 +292,9 @@ def test_choose_prefers_the_greedy_failure():
 
 def test_eval_pairs_from_an_adapter(tmp_path, capsys, model_dir, sft_adapter, qa):
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({**r}) + "\n" for r in qa[:8]))
+    # the 9th question is longer than the model's context (512): answered from its end, and counted
+    long = {**qa[8], "question": "Which of these words " + "again " * 600 + "is it?"}
+    data.write_text("".join(json.dumps({**r}) + "\n" for r in [*qa[:8], long]))
     out = tmp_path / "pairs"
     code, stdout, err = run_cli(["eval", "pairs", "--model", model_dir, "--adapter", sft_adapter, "--data",
                                  f"{data}:train", "--output", out, "--samples", 1, "--gen.max-new-tokens", 12], capsys)
@@ -300,8 +302,10 @@ def test_eval_pairs_from_an_adapter(tmp_path, capsys, model_dir, sft_adapter, qa
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
-    assert c["questions"] == 8 and c["answers"] == 16 and c["pairs"] == len(rows) > 0
-    assert c["pairs"] + c["all_right"] + c["no_wrong_answer"] + c["rejected_equals_chosen"] == 8
+    assert c["questions"] == 9 and c["answers"] == 18 and c["pairs"] == len(rows) > 0
+    assert c["pairs"] + c["all_right"] + c["no_wrong_answer"] + c["rejected_equals_chosen"] == 9
+    assert c["prompts_cut_to_context"] == 1 and "prompts cut to fit the context  1 (" in " ".join(stdout.split("│"))
+    assert "1 of 9 prompts are longer than the model's context of 512 tokens" in err
     for r in rows:
         assert r["messages"][-1]["role"] == "user" and r["chosen"] == r["gold"] and r["rejected"] != r["chosen"]
         assert r["rejected_f1"] < 0.5
