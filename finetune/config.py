@@ -242,8 +242,9 @@ class SFTConfig:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if not self.lora.target_modules:
             raise UserError("lora.target_modules: give 'all-linear' or module names such as q_proj v_proj")
-        if not o.lr > 0:
-            raise UserError(f"optim.lr must be > 0, got {o.lr}")
+        if not 0 < o.lr <= 1:
+            raise UserError(f"optim.lr must be in (0, 1] (AdamW; fine-tuning usually takes 1e-5 to 2e-4, "
+                            f"LoRA 1e-4 to 1e-3), got {o.lr}")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         if not o.clip_grad >= 0:

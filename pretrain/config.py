@@ -304,8 +304,9 @@ class PretrainConfig:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                             f"train.micro_batch_size={t.micro_batch_size}")
         o = self.optim
-        if not o.lr >= 0:       # 0 keeps the initialization (a checkpoint of the weights as made)
-            raise UserError(f"optim.lr must be >= 0, got {o.lr}")
+        if not 0 <= o.lr <= 1:       # 0 keeps the initialization (a checkpoint of the weights as made)
+            raise UserError(f"optim.lr must be in [0, 1] (AdamW; pretraining usually takes 1e-4 to 3e-3), "
+                            f"got {o.lr}")
         if not 0 <= o.min_lr <= o.lr:
             raise UserError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
         for name in ("beta1", "beta2"):

@@ -431,6 +431,8 @@ BAD_VALUES = {
     "beta1": (["--optim.beta1", 2], "optim.beta1 must be in [0, 1), got 2.0"),
     "beta2": (["--optim.beta2", 1], "optim.beta2 must be in [0, 1), got 1.0"),
     "eps": (["--optim.eps", -1], "optim.eps must be > 0, got -1.0"),
+    "lr": (["--optim.lr", 0], "optim.lr must be in (0, 1]"),
+    "lr_huge": (["--optim.lr", 1e38], "optim.lr must be in (0, 1]"),
     "weight_decay": (["--optim.weight-decay", -1], "optim.weight_decay must be >= 0, got -1.0"),
     "clip_grad": (["--optim.clip-grad", -1], "optim.clip_grad must be >= 0 (0 turns clipping off), got -1.0"),
     "min_lr_ratio": (["--optim.min-lr-ratio", 2], "optim.min_lr_ratio must be in [0, 1], got 2.0"),

@@ -269,7 +269,8 @@ BAD = {
     "eps": (["--optim.eps", "-1"], "optim.eps must be > 0, got -1.0"),
     "weight_decay": (["--optim.weight-decay", "-1"], "optim.weight_decay must be >= 0, got -1.0"),
     "clip_grad": (["--optim.clip-grad", "-1"], "optim.clip_grad must be >= 0 (0 turns clipping off), got -1.0"),
-    "lr": (["--optim.lr", "-1"], "optim.lr must be >= 0, got -1.0"),
+    "lr": (["--optim.lr", "-1"], "optim.lr must be in [0, 1] (AdamW; pretraining usually takes 1e-4 to 3e-3), got -1.0"),
+    "lr_huge": (["--optim.lr", "1e38"], "optim.lr must be in [0, 1]"),     # overflowed in the schedule
     # Values that trained to a NaN loss (and saved it) or failed in torch's init.
     "rotary_base": (["--model.rotary-base", "0"], "model.rotary_base must be positive, got 0.0"),
     "norm_eps": (["--model.norm-eps", "-1"], "model.norm_eps must be positive, got -1.0"),
