@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
 import sys
 
@@ -108,6 +109,19 @@ def test_thirteen_gram_overlap_is_found_and_short_items_are_matched_whole():
 
 
 # -- generation and perplexity on a tiny model ----------------------------------------------------
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    """bf16 on the CPU (fine-tuning, generation) only with AVX512-BF16 or AMX: an AVX512 CPU
+    without them emulates bf16 (4x an fp32 matmul), though oneDNN calls it supported."""
+    from domainlm.devices import cpu_has_bf16
+    from domainlm.eval.generate import torch_dtype
+
+    flags = set(next(x for x in open("/proc/cpuinfo") if x.startswith("flags")).split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_has_bf16() == native
+    assert torch_dtype("bf16", "cpu") == (torch.bfloat16 if native else torch.float32)
 
 
 def test_batched_generation_equals_one_generate_per_question(tiny_hf_model):
