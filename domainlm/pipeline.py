@@ -106,6 +106,10 @@ def load_pipeline(path: str, extra: list[str] | None = None, variables: list[str
         if name != "workdir" and name not in pipe.vars:
             raise UserError(f"--var {item!r}: {path} has no variable {name!r}{did_you_mean(name, pipe.vars)}; "
                             f"variables: {', '.join(['workdir', *pipe.vars])}")
+        if not value.strip():   # an empty path is the current directory: a workdir or corpus of the whole tree
+            default = pipe.workdir if name == "workdir" else pipe.vars[name]
+            raise UserError(f"--var {item!r}: the value is empty; give one (e.g. --var {name}={default}) or leave "
+                            f"--var {name} out to keep {path}'s {default!r}")
         if name == "workdir":
             pipe.workdir = value
         else:

@@ -125,6 +125,11 @@ def test_a_var_that_names_no_file_stops_before_any_stage(tmp_path, capsys):
     assert code == 2 and err.strip().count("\n") == 0, err
     assert f"--var qa={tmp_path / 'qa_tset.jsonl'}: no such file or directory" in err
     assert not (tmp_path / "w").exists()
+    # an empty value would be the current directory: the whole tree as a corpus, or a workdir of "."
+    for var in ("corpus=", "workdir=", "qa= "):
+        code, _, err = run_cli(["run", cfg, "--var", f"corpus={corpus}", "--var", var, "--dry-run"], capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and "the value is empty; give one" in err, err
+    assert "leave --var corpus out to keep" in run_cli(["run", cfg, "--var", "corpus="], capsys)[2]
     # FILE:SPLIT names the file before the colon
     (tmp_path / "qa.jsonl").write_text("")
     code, out, err = run_cli(["run", cfg, "--var", f"corpus={corpus}", "--var", f"qa={tmp_path / 'qa.jsonl'}:test",
