@@ -137,11 +137,7 @@ def retrieval(cfg) -> int:
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
     retriever = open_retriever(cfg.index, settings=cfg.retrieval)
-    items, unknown = known_documents(items, retriever)
-    if not items:
-        raise UserError(f"none of the QA items of {', '.join(cfg.data)} names a document of the index "
-                        f"{cfg.index!r} ({len(unknown)} name others, e.g. {unknown[0].doc_id!r} if unknown else ''); "
-                        "check that the index was built from the corpus these questions are about")
+    items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
     if cfg.model:
         from domainlm.pretrain.convert.hfdir import open_hf_dir
 
@@ -185,7 +181,7 @@ def rag_data(cfg) -> int:
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
     check_budget(cfg.rag.max_source_tokens, hf.max_positions or 2048, "rag.max_source_tokens")
     retriever = open_retriever(cfg.index)
-    items, unknown = known_documents(items, retriever)
+    items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
     with StageOutput(cfg.output, stages.EVAL_RAG_DATA, overwrite=cfg.overwrite) as out:
         rows, counts = rag_samples(items, retriever, cfg.rag.top_k, cfg.rag.mode, hf.tokenizer(), room,
                                    cfg.rag.max_source_tokens)
@@ -197,6 +193,10 @@ def rag_data(cfg) -> int:
                               ("gold document retrieved", f"{counts['gold_retrieved']:,} (the answer cites the source "
                                                           "that holds it as [n], else the document's first)"),
                               ("gold document missed", f"{counts['gold_missed']:,} (answered without a citation)"),
+                              *([("no doc_id", f"{counts['no_doc_id']:,} (no gold document: answered without a "
+                                               "citation; give doc_id, the corpus id that holds the answer)")]
+                                if counts["no_doc_id"] else []),
+                              *([("doc_id not in the index", f"{len(unknown):,} (left out)")] if unknown else []),
                               ("answer in the sources", f"{counts['answer_in_sources']:,} of {counts['samples']:,}"
                                f" (sources budget {cfg.rag.max_source_tokens or 'the context'} tokens)"),
                               ("written", str(Path(cfg.output) / "train.jsonl"))])

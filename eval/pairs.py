@@ -63,7 +63,7 @@ def pairs(cfg) -> int:
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.index, device=device)
-        items, unknown = known_documents(items, retriever)
+        items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
     library = load_library(library_path(""))
     approach = Approach("rag", "plain", top_k=cfg.rag.top_k, retrieval_mode=cfg.rag.mode,
                         max_source_tokens=cfg.rag.max_source_tokens) if cfg.index else Approach("zero-shot", "plain")

@@ -332,6 +332,23 @@ def test_rag_data_cites_the_source_that_holds_the_answer(tmp_path, capsys, tiny_
     assert code == 0, err
     m = json.loads((tmp_path / "rd" / "manifest.json").read_text())["counts"]
     assert m["samples"] == 3 and m["answer_in_sources"] == 2 and "answer in the sources" in out
+    assert "no doc_id" not in out and "not in the index" not in out
+    # items without a doc_id, or naming one the index lacks, are named in the summary ...
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in [{**rows[0], "doc_id": None}, {**rows[1], "doc_id": "nope"}]))
+    code, out, err = run_cli(["eval", "rag-data", "--index", idx, "--model", tiny_hf_model, "--data", other,
+                              "--output", tmp_path / "rd2", "--rag.max-source-tokens", "200", "--rag.mode", "bm25"],
+                             capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "no doc_id 1 (no gold document" in flat and "doc_id not in the index 1 (left out)" in flat, out
+    # ... and when no item names a document of the index, nothing is written (it was 0 samples, exit 0)
+    other.write_text(json.dumps({**rows[1], "doc_id": "nope"}) + "\n")
+    code, out, err = run_cli(["eval", "rag-data", "--index", idx, "--model", tiny_hf_model, "--data", other,
+                              "--output", tmp_path / "rd3", "--rag.max-source-tokens", "200", "--rag.mode", "bm25"],
+                             capsys)
+    assert code == 2 and "names a document of the index" in err and "the index holds e.g. 'alpha'" in err, err
+    assert not (tmp_path / "rd3").exists()
     samples = [json.loads(x) for x in (tmp_path / "rd" / "train.jsonl").read_text().splitlines()]
     for s in samples:
         user, answer = s["messages"][-2]["content"], s["messages"][-1]["content"]
