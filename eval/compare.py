@@ -133,6 +133,25 @@ def check_inputs(cfg: CompareConfig) -> None:
                 open_adapter_dir(getattr(fin, need)).check_base(models[path])
 
 
+def _duplicate_questions(test: list[QA]) -> int:
+    """Test questions asked again (same words after SQuAD's normalisation): each is scored again, so
+    they weigh twice; warned about and counted in compare.json."""
+    seen: dict[str, QA] = {}
+    dups = []
+    for qa in test:
+        key = metrics.normalize(qa.question)
+        if key in seen:
+            dups.append((qa, seen[key]))
+        else:
+            seen[key] = qa
+    if dups:
+        qa, first = dups[0]
+        log.warning("%d test question(s) repeat an earlier one and are scored again (they weigh twice), e.g. %r "
+                    "(%s, first %s); remove the repeats from the test file for an even weighting", len(dups),
+                    qa.question[:80], qa.id, first.id)
+    return len(dups)
+
+
 def split_dev(train: list[QA], n: int, seed: int) -> tuple[list[QA], list[QA]]:
     """A dev set of n questions carved from train by document (no document on both sides), and the rest."""
     docs = sorted({qa.doc_id or qa.id for qa in train})
@@ -223,12 +242,23 @@ def run(cfg: CompareConfig) -> int:
         raise UserError(f"{len(leaked)} test question(s) are in the training data, e.g. {leaked[0]!r}; the QA split "
                         "must keep every test question out of SFT (split by document/symbol)")
     dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
+    shots = max(library.shots or [cfg.prompt.shots])
+    if any(family_of(a)[1] == "few-shot" for a in cfg.approaches) and len(pool) < shots:
+        raise UserError(f"qa.train ({', '.join(cfg.qa.train)}): {len(train)} questions, of which the dev split "
+                        f"(qa.dev {cfg.qa.dev}, whole documents) takes {len(dev)}, leaves {len(pool)} few-shot "
+                        f"examples for up to {shots} shots; give more training questions, lower --qa.dev, or leave "
+                        "few-shot out of --approaches")
+    duplicates = _duplicate_questions(test)
     device = device_of(cfg.gen.device)
-    retriever = None
+    retriever, unknown = None, []
     if any("rag" in family_of(a)[1] for a in cfg.approaches):
+        from domainlm.eval.retrieval import known_documents
         from domainlm.serve.retrieve import open_retriever
 
-        retriever = open_retriever(cfg.inputs.index or cfg.scratch.index, device=device)
+        index = cfg.inputs.index or cfg.scratch.index
+        retriever = open_retriever(index, device=device)
+        _, unknown = known_documents(test, retriever, cfg.qa.test, index,
+                                     fate="scored (retrieving or citing their gold document counts as a miss)")
     families = list(dict.fromkeys(family_of(a)[0] for a in cfg.approaches))
     if retriever is not None:
         _check_budget(cfg, families)
@@ -273,7 +303,8 @@ def run(cfg: CompareConfig) -> int:
                                  "latency": lat, "consistency": cons,
                                  "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
                                  "training": _training(family_of(name)[1], fin), "decontamination": decontam.get(name)}
-        report = {"questions": len(test), "device": device, "dtype": str(dtype).removeprefix("torch."),
+        report = {"questions": len(test), "duplicate_questions": duplicates, "doc_id_not_in_index": len(unknown),
+                  "device": device, "dtype": str(dtype).removeprefix("torch."),
                   "prompt_choice": choices.get("base") or choices[families[0]], "prompt_choices": choices,
                   "approaches": results, "decontamination_sources": sources}
         add_statistics(report, records, seed=cfg.qa.seed)
@@ -289,6 +320,9 @@ def run(cfg: CompareConfig) -> int:
     summary("compare", [("questions", len(test)), ("best by F1", f"{best} ({results[best]['f1']:.3f})"),
                         ("verdict", report["verdict"])]
             + ([("prompts cut to fit the context", f"{cut} (kept their end)")] if cut else [])
+            + ([("duplicate test questions", f"{duplicates} (each scored again)")] if duplicates else [])
+            + ([("test doc_id not in the index", f"{len(unknown)} (retrieval and citation scored as misses)")]
+               if unknown else [])
             + [("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
     return 0
 

@@ -22,16 +22,16 @@ from domainlm.qa import QA
 ANSWER_KS = (1, 2, 4, 8)
 
 
-def known_documents(items: list[QA], retriever, data: list[str] = (), index: str = ""
-                    ) -> tuple[list[QA], list[QA]]:
+def known_documents(items: list[QA], retriever, data: list[str] = (), index: str = "",
+                    fate: str = "left out") -> tuple[list[QA], list[QA]]:
     """(items whose doc_id is in the index or absent, items naming a doc_id the index lacks); the
-    second are logged with their ids. None kept of some items is a user's mistake (the QA files of
-    `data` are about another corpus than `index`'s): refused."""
+    second are logged with their ids and `fate`. None kept of some items is a user's mistake (the
+    QA files of `data` are about another corpus than `index`'s): refused."""
     ids = {c.doc_id for c in retriever.chunks}
     unknown = [qa for qa in items if qa.doc_id is not None and qa.doc_id not in ids]
     if unknown:
         names = ", ".join(f"{qa.id or qa.question[:40]!r} (doc_id {qa.doc_id!r})" for qa in unknown[:5])
-        log.warning("%d QA item(s) name a doc_id the index does not hold, left out: %s%s", len(unknown), names,
+        log.warning("%d QA item(s) name a doc_id the index does not hold, %s: %s%s", len(unknown), fate, names,
                     f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     kept = [qa for qa in items if qa.doc_id is None or qa.doc_id in ids]
     if items and not kept:

@@ -56,6 +56,7 @@ def test_compare_writes_a_table_that_recomputes_from_its_answers(compare_inputs,
     assert code == 0, err[-3000:]
     report = json.loads((out / "compare.json").read_text())
     assert list(report["approaches"]) == APPROACHES and report["questions"] == 8
+    assert report["duplicate_questions"] == 0 and report["doc_id_not_in_index"] == 0
     for name, r in report["approaches"].items():
         recs = [json.loads(x) for x in (out / "approaches" / record_file(name)).read_text().splitlines()]
         assert len(recs) == 8
@@ -114,6 +115,37 @@ def test_compare_bad_configs_are_one_line_errors(compare_inputs, capsys, tmp_pat
                            capsys)
     assert code == 2 and "test question(s) are in the training data" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_compare_counts_repeated_questions_and_unknown_documents_and_needs_few_shot_examples(compare_inputs, capsys,
+                                                                                                 tmp_path):
+    """A test question asked twice is scored twice and one naming no document of the index is scored
+    as a retrieval miss: both said and counted, not silent. Few-shot with no example left beside
+    the dev split is refused (its prompts were zero-shot ones)."""
+    inp = compare_inputs
+    rows = [json.loads(x) for x in inp["test"].read_text().splitlines()[:3]]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in
+                            [*rows, {**rows[0], "question": rows[0]["question"].upper() + " "},
+                             {**rows[1], "question": "Something else entirely?", "doc_id": "no-such-doc"}]))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(compare_args(inp, out, "--qa.test", test, "--approaches", "zero-shot", "rag",
+                                             "--consistency-questions", 0, "--latency-questions", 0), capsys)
+    assert code == 0, err[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert report["questions"] == 5 and report["duplicate_questions"] == 1 and report["doc_id_not_in_index"] == 1
+    assert "1 test question(s) repeat an earlier one and are scored again" in err
+    assert "name a doc_id the index does not hold, scored (retrieving or citing" in err
+    flat = " ".join(stdout.split())
+    assert "duplicate test questions 1 (each scored again)" in flat and "test doc_id not in the index 1" in flat
+    recs = [json.loads(x) for x in (out / "approaches" / record_file("rag")).read_text().splitlines()]
+    assert next(r for r in recs if r["doc_id"] == "no-such-doc")["gold_retrieved"] == 0.0
+    few = tmp_path / "few.jsonl"
+    train = [r for r in map(json.loads, open(inp["train"].rsplit(":", 1)[0])) if r.get("split") == "train"][:3]
+    few.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "source")}) + "\n" for r in train))
+    code, _, err = run_cli(compare_args(inp, tmp_path / "f", "--qa.train", few, "--approaches", "few-shot"), capsys)
+    assert code == 2 and "leaves 0 few-shot examples for up to" in err and "lower --qa.dev" in err, err
+    assert not (tmp_path / "f").exists()
 
 
 def test_compare_runs_both_families_with_intervals_and_a_verdict(compare_inputs, capsys):
