@@ -182,6 +182,11 @@ def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         return check_conversation(_system(rec) + [{"role": "user", "content": _text(rec, "question")},
                                                   {"role": "assistant", "content": _text(rec, "answer")}]), "qa"
     fields = ", ".join(sorted(map(str, rec))) or "none"
+    for pair in (("prompt", "completion"), ("instruction", "output"), ("question", "answer")):
+        missing = [k for k in pair if k not in rec]
+        if len(missing) == 1:
+            raise Bad("unknown_format", f"field {missing[0]!r} is missing (fields: {fields}); a {'/'.join(pair)} "
+                                        f"record needs both")
     raise Bad("unknown_format", f"no known record format (fields: {fields}); use messages, prompt/completion, "
                                 "instruction/output or question/answer")
 
