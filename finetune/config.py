@@ -283,8 +283,10 @@ class MergeChecks:
     """What the verification of the merged model runs."""
 
     prompts: list[str] = field(default_factory=lambda: [
-        "What does `json.dumps` do?", "What is the signature of `os.path.join`?", "Explain `numpy.zeros`."])
-    """User messages, rendered with the chat template; both models run them."""
+        "What are you able to help with?", "Explain the main idea of your field in two sentences.",
+        "List three terms you know and define one."])
+    """User messages, rendered with the chat template; both models run them (any domain: the check
+    compares the two models' answers, not their quality)."""
     new_tokens: int = 32
     """Greedy tokens generated per prompt by both models (compared, and shown)."""
 

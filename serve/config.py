@@ -271,11 +271,12 @@ class SmokeArgs:
     """Smoke test instead of serving: the demo's check that model, adapters and index work
     together over real HTTP."""
     questions: list[str] = field(default_factory=lambda: [
-        "What does `json.dumps` do?",
-        "What is the signature of `os.path.join`?",
-        "What is the `collections` module for?",
+        "What are these documents about?",
+        "What is the first thing a newcomer should know here?",
+        "Which term do these documents use most, and what does it mean?",
     ])
-    """Questions to ask (each through every served model: the base and each adapter)."""
+    """Questions to ask (each through every served model: the base and each adapter). The defaults
+    fit any domain; give your own (the demo asks pydoc questions)."""
     max_tokens: int = 48
     """Tokens per answer."""
 

@@ -175,7 +175,8 @@ def test_export_loads_in_transformers_with_matching_logits_and_generates(ckpt, t
     v = json.loads((out / "manifest.json").read_text())["verification"]
     assert v["passed"] and v["max_abs_diff"] <= 1e-4 and v["greedy_identical"] and v["max_abs_logit"] > 2.0
     assert all(len(r["hf_ids"]) > 0 for r in v["prompts"])
-    assert "greedy 32 tokens identical on 3/3 prompts" in stdout and "sample 'The json module'" in stdout
+    assert "greedy 32 tokens identical on 3/3 prompts" in stdout
+    assert "sample 'The main idea of this do'" in stdout       # the defaults name no domain (cut to 24)
     card = (out / "README.md").read_text()
     assert "steps: 1 (of 1 planned), 128 tokens" in card and "train: 100 documents" in card
     assert "SentencePiece bpe with 4,096 tokens" in card and "greedy 32-token continuations identical: True" in card

@@ -130,7 +130,8 @@ def model_card(name: str, path: str, info, hf_cfg: dict[str, Any], params: int, 
                       + corpus + "; ChatML chat template."]
     lines += ["", "## Verification", ""]
     lines += verification_lines(verification, "Megatron and this export", "prompts", "continuation")
-    lines += use_lines(path, ['ids = tok("The json module", return_tensors="pt")',
+    first = ((verification or {}).get("prompts") or [{}])[0].get("prompt") or "The main idea of this document is"
+    lines += use_lines(path, [f'ids = tok({first!r}, return_tensors="pt")',
                               "print(tok.decode(model.generate(**ids, max_new_tokens=32)[0]))"],
                        "configs, input checksums, library versions")
     return "\n".join(lines)

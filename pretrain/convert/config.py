@@ -15,12 +15,12 @@ from typing import Literal
 from domainlm.config import INPUT, OUTPUT, RUNTIME
 from domainlm.errors import UserError
 
-# Short prompts for the parity check and the samples the export prints; plain text, so any
-# tokenizer encodes them (the pydoc demo model continues them as API docs).
+# Short prompts for the parity check and the samples the export prints; plain text of no domain,
+# so any tokenizer encodes them (the demo gives pydoc ones, which its model continues as API docs).
 DEFAULT_PROMPTS = [
-    "The json module",
+    "The main idea of this document is",
     "def read_csv(path):\n",
-    "import numpy as np\n\nx = np.",
+    "Question: What does it do?\nAnswer:",
 ]
 
 
@@ -237,8 +237,8 @@ GGUF_HELDOUT_TEXTS = [
     "The quick brown fox jumps over the lazy dog; 12345 + 678 = 13023 and 3.14159 != 2.71828.",
     "  two  spaces,\tone tab,\n\n\nthree newlines and trailing spaces   ",
     "Ünïcödé: naïve café, Straße, 東京, Привет мир, ✓ ✗ → ← 🦙🚀",
-    "<|im_start|>user\nWhat does json.dumps(obj, indent=2) return?<|im_end|>\n<|im_start|>assistant\n",
-    "x = np.zeros((3, 4), dtype=np.float32)  # shape (3, 4)\nprint(x.sum(axis=-1))",
+    "<|im_start|>user\nWhat does serialize(obj, indent=2) return?<|im_end|>\n<|im_start|>assistant\n",
+    "x = grid.zeros((3, 4), dtype=grid.f32)  # shape (3, 4)\nprint(x.sum(axis=-1))",
     " leading space, and a URL: https://example.org/a/b?c=1&d=2#frag",
 ]
 
