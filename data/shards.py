@@ -46,6 +46,7 @@ import ast
 import hashlib
 import io
 import json
+import math
 import mmap
 import os
 import re
@@ -67,6 +68,19 @@ SPLITS = ("train", "valid")
 SHARD_PATTERN = "shard-{index:06d}.tar"
 MAX_KEY_PREFIX = 60
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def no_valid_document(valid_fraction: float, documents: int) -> tuple[str, str]:
+    """(cause, fix) for a shards dir built with valid_fraction > 0 whose valid split is empty: the
+    split compares each text's hash with the fraction, so a corpus of fewer than about
+    1/fraction documents often gets none. The fix reads after 'rerun' or 'rebuild it'."""
+    suggest = min(0.5, math.ceil(max(3 / documents, 2 * valid_fraction) * 100) / 100)
+    cause = (f"--valid-fraction {valid_fraction:g} gave none of the {documents:,} documents to validation "
+             f"({valid_fraction * documents:.2g} expected: each text's hash decides), too few documents for "
+             "that fraction")
+    fix = (f"with --valid-fraction {suggest:g} or more ({suggest * documents:.2g} expected), or with more documents"
+           if suggest > valid_fraction else "with more documents")
+    return cause, fix
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -611,8 +625,10 @@ class ShardsDir:
         """The split's shards, each checked to exist with the manifest's size."""
         info = self.manifest["splits"].get(name)
         if not info or not info.get("shards") or not int(info.get("tokens", 0)):
-            hint = " (was it built with --valid-fraction 0?)" if name == "valid" else ""
-            raise UserError(f"shards dir {self.path!r} has no {name!r} tokens{hint}; rebuild it or leave it out")
+            if name == "valid":
+                raise UserError(f"shards dir {self.path!r} has no 'valid' tokens: {self._why_no_valid()}; "
+                                "or, in pretraining, turn validation off (--eval.every 0)")
+            raise UserError(f"shards dir {self.path!r} has no {name!r} tokens; rebuild it or leave it out")
         root = Path(self.path)
         entries = []
         for s in info["shards"]:
@@ -630,6 +646,18 @@ class ShardsDir:
                      eos_id=self.eos_id, dtype=self.dtype, tokens=int(info["tokens"]),
                      documents=int(info["documents"]),
                      split_id=hashlib.sha256(json.dumps(listing).encode()).hexdigest(), shards=tuple(entries))
+
+    def _why_no_valid(self) -> str:
+        fraction = (self.manifest.get("config") or {}).get("valid_fraction")
+        docs = sum(int((self.manifest["splits"].get(s) or {}).get("documents", 0)) for s in SPLITS)
+        if fraction == 0:
+            return "it was built with --valid-fraction 0; rebuild it with --valid-fraction above 0 (e.g. 0.01)"
+        if isinstance(fraction, (int, float)) and docs:
+            cause, fix = no_valid_document(fraction, docs)
+            return f"{cause}; rebuild it {fix}"
+        return ("it was built with --valid-fraction 0, or its corpus is too small for its fraction to pick a "
+                "validation document; rebuild it with a larger --valid-fraction (about 3/N for N documents) "
+                "or more documents")
 
     def documents(self, split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         """(key, token ids, meta) of every document of `split`, shard by shard."""

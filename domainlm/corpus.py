@@ -54,6 +54,46 @@ def kind_of(path: Path) -> str:
     )
 
 
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark some editors write at the start of a file: dropped there (utf-8-sig)."""
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def without_bom(raw: bytes, line_no: int) -> bytes:
+    """A JSON-lines file's line `line_no` (from 1) without a BOM at the start of the file."""
+    return raw[len(BOM):] if line_no == 1 and raw.startswith(BOM) else raw
+
+
+def gzip_misnamed(path: Path, gz_read: bool = True) -> str | None:
+    """The error for a file not named .gz that holds gzip data (it starts with 1f 8b), else None.
+    `gz_read`: whether the reader reads .gz files (then renaming is the fix)."""
+    if path.name.endswith(".gz") or not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            return None
+    if gz_read:
+        name = path.name + ".gz" if path.name.endswith(".txt") else (
+            path.name.removesuffix(".jsonl").removesuffix(".json") + ".jsonl.gz")
+        fix = f"rename it to {name} (read as gzip) or gunzip it"
+    else:
+        fix = "gunzip it"
+    return f"{path}: gzip-compressed data (it starts with the gzip bytes 1f 8b) in a file not named .gz; {fix}"
+
+
+def encoding_error(path: Path, where: str, raw: bytes, gz_read: bool = True) -> str | None:
+    """The error for a JSON line that does not parse because of its bytes (gzip data in a file
+    not named .gz, bytes that are not UTF-8), else None."""
+    misnamed = gzip_misnamed(path, gz_read)
+    if misnamed:
+        return misnamed
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"{where}: not valid UTF-8 at byte {e.start} ({e.reason}){_FIX['invalid_utf8']}"
+    return None
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
@@ -84,6 +124,9 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id",
         else:
             yield from _read_datasets(path, text_field, id_field)
     except UnicodeDecodeError as e:
+        misnamed = gzip_misnamed(path)
+        if misnamed:
+            raise UserError(misnamed) from None
         raise UserError(
             f"{str(path)!r}: not valid UTF-8 (byte {e.start} of the text being read: {e.reason}); "
             "re-encode the file as UTF-8"
@@ -139,8 +182,11 @@ def _read_jsonl(path: Path, text_field: str, id_field: str,
             if not raw.strip():
                 continue
             try:
-                text, key = parse_json_line(raw, text_field, id_field)
+                text, key = parse_json_line(without_bom(raw, line_no), text_field, id_field)
             except Bad as bad:
+                misnamed = bad.reason in ("invalid_utf8", "invalid_json") and gzip_misnamed(path)
+                if misnamed:
+                    raise UserError(misnamed) from None
                 raise UserError(f"{path}:{line_no}: {bad.message}{_FIX[bad.reason].format(field=text_field)}") from None
             where = f"{path}:{line_no}"
             yield Document(key if key is not None else where, text, where)
@@ -149,7 +195,7 @@ def _read_jsonl(path: Path, text_field: str, id_field: str,
 # ---------------------------------------------------------------------------------------------
 # One JSON record: shared by this strict reader and the shard pipeline (which dead-letters).
 
-MALFORMED = ("invalid_utf8", "invalid_json", "not_an_object", "missing_field", "not_a_string")
+MALFORMED = ("invalid_utf8", "invalid_json", "not_an_object", "missing_field", "not_a_string", "invalid_id")
 EXCERPT_CHARS = 200
 _FIX = {
     "invalid_utf8": "; re-encode the file as UTF-8",
@@ -157,6 +203,8 @@ _FIX = {
     "not_an_object": "; each line must be a JSON object with a {field!r} field",
     "missing_field": "; pass --text-field NAME to read another",
     "not_a_string": "",
+    "invalid_id": "; give each document a string (or integer) id, or leave the field out or null to name it "
+                  "by file and line",
 }
 
 
@@ -174,14 +222,18 @@ def excerpt(raw: bytes | str) -> str:
     return raw[:EXCERPT_CHARS]
 
 
-def id_str(value) -> str | None:
-    """A document id as text: scalars as str(), anything else as canonical JSON."""
+def id_str(value, field: str = "id") -> str | None:
+    """A document id as text: a string as it is, an integer as str(); None for no id. Anything
+    else (a bool, float, list, object) is Bad (invalid_id): turned into text it would be an id
+    nobody wrote ("True", "1.5")."""
     if value is None:
         return None
-    if isinstance(value, (str, int, float, bool)):
-        value = str(value)
-    else:
-        value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        what = {dict: "an object", list: "a list", bool: "a boolean", float: "a float"}.get(
+            type(value), f"of type {type(value).__name__}")
+        shown = excerpt(json.dumps(value, ensure_ascii=False, default=repr))
+        raise Bad("invalid_id", f"field {field!r} is {what} ({shown[:60]}), not a string or an integer", shown)
+    value = str(value)
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -223,7 +275,11 @@ def parse_json_line(raw: bytes, text_field: str, id_field: str) -> tuple[str, st
     text = rec[text_field]
     if not isinstance(text, str):
         raise Bad("not_a_string", f"field {text_field!r} is {type(text).__name__}, not a string", excerpt(raw))
-    return text, id_str(rec.get(id_field))
+    try:
+        return text, id_str(rec.get(id_field), id_field)
+    except Bad as bad:
+        bad.excerpt = excerpt(raw)
+        raise
 
 
 def _check_column(path: Path, columns: list[str], text_field: str) -> None:
@@ -232,6 +288,13 @@ def _check_column(path: Path, columns: list[str], text_field: str) -> None:
             f"{str(path)!r}: no {text_field!r} column (columns: {', '.join(columns)}); "
             "pass --text-field NAME to read another"
         )
+
+
+def _table_id(value, id_field: str, where: str) -> str | None:
+    try:
+        return id_str(value, id_field)
+    except Bad as bad:
+        raise UserError(f"{where}: {bad.message}{_FIX[bad.reason]}") from None
 
 
 def _read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
@@ -252,7 +315,7 @@ def _read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[Docume
             where = f"{path}:row {row}"
             if not isinstance(text, str):
                 raise UserError(f"{where}: column {text_field!r} is {type(text).__name__}, expected a string")
-            key = id_str(key)
+            key = _table_id(key, id_field, where)
             yield Document(key if key is not None else where, text, where)
             row += 1
 
@@ -273,5 +336,5 @@ def _read_datasets(path: Path, text_field: str, id_field: str) -> Iterator[Docum
             text = rec[text_field]
             if not isinstance(text, str):
                 raise UserError(f"{where}: column {text_field!r} is {type(text).__name__}, expected a string")
-            key = id_str(rec.get(id_field)) if has_id else None
+            key = _table_id(rec.get(id_field), id_field, where) if has_id else None
             yield Document(key if key is not None else where, text, where)

@@ -15,6 +15,11 @@ is, never re-joined tokens, so what a user sees in `sources` is the corpus text.
 (paragraph), after a newline, else at the token boundary where the window ends. The next chunk
 starts `overlap` tokens back, moved forward to the first line start in that span when there is
 one, so chunks rarely begin mid-line.
+
+A token that spans more than LONG_TOKEN_CHARS characters (a WordPiece tokenizer gives one [UNK]
+for a word longer than 100 characters: a 2 MB run without spaces is one token) counts as one
+token per CHARS_PER_TOKEN characters, so such a run is cut by characters like any long text and
+no chunk exceeds its budget (`split_long_tokens`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from typing import Iterable, Iterator
 from domainlm.corpus import Document
 
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+LONG_TOKEN_CHARS = 100
+"""A token longer than this (WordPiece's max_input_chars_per_word) is a run the tokenizer could not
+cut; no real subword token is that long."""
+CHARS_PER_TOKEN = 4
+"""Characters counted as one token inside such a run (an embedder tokenizer cuts a run of letters
+into pieces of 2 to 4 characters)."""
 
 
 @dataclass(slots=True)
@@ -51,6 +62,20 @@ def _strength(gap: str) -> int:
     if "\n" not in gap:
         return 0
     return 2 if _PARAGRAPH.search(gap) else 1
+
+
+def split_long_tokens(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`offsets` with every token longer than LONG_TOKEN_CHARS characters cut into pieces of
+    CHARS_PER_TOKEN characters, each counted as a token; the same list when there is none."""
+    if all(e - s <= LONG_TOKEN_CHARS for s, e in offsets):
+        return offsets
+    out: list[tuple[int, int]] = []
+    for s, e in offsets:
+        if e - s <= LONG_TOKEN_CHARS:
+            out.append((s, e))
+        else:
+            out.extend((a, min(a + CHARS_PER_TOKEN, e)) for a in range(s, e, CHARS_PER_TOKEN))
+    return out
 
 
 def spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap: int) -> Iterator[tuple[int, int, int]]:
@@ -140,7 +165,7 @@ def chunk_documents(docs: Iterable[Document], tokenizer, chunk_tokens: int, over
         enc = tokenizer([d.text for d in pending], add_special_tokens=False, return_offsets_mapping=True,
                         return_attention_mask=False, return_token_type_ids=False, verbose=False)
         for doc, offs in zip(pending, enc["offset_mapping"]):
-            offs = [tuple(o) for o in offs]
+            offs = split_long_tokens([tuple(o) for o in offs])
             found = False
             txt_file = ":" not in Path(doc.source).name      # a .txt document: its own file
             if method == "structure":

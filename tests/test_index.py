@@ -73,6 +73,27 @@ def test_chunking_without_line_breaks_cuts_at_token_boundaries(embedder):
     assert len(empty) == 1 and empty[0].__class__.__name__ == "Document"
 
 
+def test_a_run_without_spaces_is_cut_by_characters(embedder):
+    """The embedder's tokenizer makes a word over 100 characters one [UNK] token: a 200,000-
+    character run must still give chunks within the budget, counted as 4 characters a token."""
+    from domainlm.serve.chunking import CHARS_PER_TOKEN, chunk_documents
+
+    run = "x" * 200_000
+    text = "# Title\n\nA short first paragraph.\n\n" + run + "\n\nA last paragraph after the run."
+    for method in ("structure", "window"):
+        chunks = list(chunk_documents([_doc(text)], embedder.tokenizer, chunk_tokens=64, overlap=8, method=method))
+        assert all(0 < c.tokens <= 64 and len(c.text) <= 64 * CHARS_PER_TOKEN + 40 and c.text in text
+                   for c in chunks), method
+        in_run = [c for c in chunks if set(c.text) == {"x"}]
+        assert all(c.tokens * CHARS_PER_TOKEN == len(c.text) for c in in_run)
+        assert len(in_run) >= 200_000 // (64 * CHARS_PER_TOKEN)            # the whole run, in pieces
+        assert chunks[0].text.startswith("# Title") and chunks[-1].text.endswith("after the run.")
+    # ordinary text is untouched: a 100-character word is still its own subword tokens
+    word = "abcdefghij" * 10
+    (c,) = chunk_documents([_doc(word)], embedder.tokenizer, 64, 8)
+    assert c.tokens == len(embedder.tokenizer(word, add_special_tokens=False)["input_ids"])
+
+
 def test_txt_documents_get_file_line_sources(embedder, tmp_path):
     from domainlm.corpus import read_documents
     from domainlm.serve.chunking import chunk_documents

@@ -426,6 +426,65 @@ def test_a_50_mb_document_is_dropped_as_too_long_or_kept_when_allowed(tmp_path, 
     assert texts["big"] == big[:1_000_000]
 
 
+def test_a_small_corpus_without_valid_documents_is_named_in_the_summary_and_by_pretraining(
+        tmp_path, tokenizer_dir, pydoc_corpus, capsys):
+    """12 documents at --valid-fraction 0.01 get no validation document (the split is a hash of
+    each text): a warning in the summary and the log with the fix, and the loader's refusal names
+    that cause, not --valid-fraction 0."""
+    from domainlm.data.shards import open_shards_dir
+    from domainlm.errors import UserError
+
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in _pydoc_docs(pydoc_corpus)[:12]))
+
+    def shard(fraction: str) -> tuple[Path, str, str]:
+        out = tmp_path / f"out-{fraction}"
+        code, text, err = run_cli(["data", "shard", "--input", corpus, "--tokenizer", tokenizer_dir, "--output", out,
+                                   "--valid-fraction", fraction, "--beam.direct-num-workers", "1",
+                                   "--dedup.near", "false"], capsys)
+        assert code == 0, err
+        return out, text, err
+
+    out, text, err = shard("0.01")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["valid"]["documents"] == 0 and m["splits"]["train"]["documents"] == 12
+    row = next(line for line in text.splitlines() if line.strip().startswith("NO VALID"))
+    for needle in ("--valid-fraction 0.01 gave none of the 12 documents", "pretraining validates on valid/",
+                   "rerun with --valid-fraction 0.25 or more", "or with more documents"):
+        assert needle in row and needle in err, needle
+    with pytest.raises(UserError, match=r"no 'valid' tokens: --valid-fraction 0.01 gave none of the 12 documents"
+                                        r".*rebuild it with --valid-fraction 0.25 or more.*--eval.every 0"):
+        open_shards_dir(out).split("valid")
+    # built with 0 on purpose: no warning, and the refusal says so
+    out, text, err = shard("0")
+    assert "NO VALID" not in text and "no validation document" not in err
+    with pytest.raises(UserError, match=r"built with --valid-fraction 0; rebuild it with --valid-fraction above 0"):
+        open_shards_dir(out).split("valid")
+    # a fraction that gives valid documents: no warning
+    out, text, err = shard("0.4")
+    assert json.loads((out / "manifest.json").read_text())["splits"]["valid"]["documents"] > 0
+    assert "NO VALID" not in text and "no validation document" not in err
+
+
+def test_a_bom_is_read_and_ids_that_are_not_strings_or_integers_are_dead_letters(tmp_path, tokenizer_dir, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    texts = [f"document {i} of a file that starts with a byte order mark, long enough to keep" for i in range(6)]
+    ids = ["first", 7, True, 1.5, {"a": 1}, ["x"]]
+    (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(
+        json.dumps({"id": i, "text": t}).encode() + b"\n" for i, t in zip(ids, texts)))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--beam.direct-num-workers", "1", "--dedup.near", "false"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["kept"] == 2 and m["dropped"]["invalid_id"] == 4 and m["dropped"]["invalid_json"] == 0
+    assert sorted(meta["id"] for _, _, _, meta in _samples(out)) == ["7", "first"]
+    dead = [json.loads(x) for x in (out / "dead_letter.jsonl").read_text().splitlines()]
+    assert [(x["reason"], x["line"]) for x in dead] == [("invalid_id", n) for n in (3, 4, 5, 6)]
+    assert "field 'id' is a boolean (true), not a string or an integer" == dead[0]["message"]
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, tokenizer_dir, capsys, corpus):
     def error(*args) -> str:
         code, out, err = run_cli(["data", "shard", *args], capsys)

@@ -220,3 +220,58 @@ def test_special_tokens_that_share_a_text_are_refused_by_name(capsys, tmp_path):
     f.write_text('{"text": "one"}\n')
     _fails(capsys, _train(f, tmp_path / "o", "--special.pad", "<|unk|>"), "special.unk and special.pad", "<|unk|>")
     _fails(capsys, _train(f, tmp_path / "o", "--special.eos", " "), "special.eos is empty")
+
+
+def test_ids_that_are_not_strings_or_integers_are_refused(capsys, tmp_path):
+    from domainlm.corpus import read_documents
+
+    f = tmp_path / "c.jsonl"
+    for value, shown in ((True, "a boolean (true)"), (1.5, "a float (1.5)"), ({"a": 1}, 'an object ({"a": 1})'),
+                         (["x"], 'a list (["x"])')):
+        f.write_text(json.dumps({"id": "fine", "text": "one"}) + "\n" + json.dumps({"id": value, "text": "two"}) + "\n")
+        _fails(capsys, _train(f, tmp_path / "o"), f"{f}:2: field 'id' is {shown}, not a string or an integer",
+               "give each document a string (or integer) id")
+    f.write_text("".join(json.dumps(r) + "\n" for r in ({"id": 7, "text": "int"}, {"id": None, "text": "null"},
+                                                        {"text": "none"}, {"id": "s", "text": "str"})))
+    assert [d.key for d in read_documents([str(f)])] == ["7", f"{f}:2", f"{f}:3", "s"]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [1.0, 2.0], "text": ["one", "two"]}), p)
+    _fails(capsys, _train(p, tmp_path / "o"), f"{p}:row 0: field 'id' is a float (1.0)")
+
+
+def test_a_bom_is_read_and_gzip_data_or_bad_utf8_are_named(capsys, tmp_path):
+    """A UTF-8 BOM at the start of a corpus or QA file is dropped; gzip data in a file named
+    .jsonl is named as such (with the fix), for the corpus and the QA readers."""
+    import pytest
+
+    from domainlm.corpus import read_documents
+    from domainlm.errors import UserError
+    from domainlm.qa import read_qa
+
+    lines = b'{"id": "a", "text": "first"}\n{"id": "b", "text": "second"}\n'
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + lines)
+    assert [(d.key, d.text) for d in read_documents([str(bom)])] == [("a", "first"), ("b", "second")]
+    mid = tmp_path / "mid.jsonl"                              # a BOM is only dropped at the start of the file
+    mid.write_bytes(lines + b"\xef\xbb\xbf" + lines)
+    _fails(capsys, _train(mid, tmp_path / "o"), f"{mid}:3: not valid JSON")
+    gz = tmp_path / "c.jsonl"
+    gz.write_bytes(gzip.compress(lines * 50))
+    _fails(capsys, _train(gz, tmp_path / "o"), f"{gz}: gzip-compressed data", "not named .gz",
+           "rename it to c.jsonl.gz (read as gzip) or gunzip it")
+    txt = tmp_path / "t" / "doc.txt"
+    txt.parent.mkdir()
+    txt.write_bytes(gzip.compress(b"a text document\n" * 50))
+    _fails(capsys, _train(txt, tmp_path / "o"), "gzip-compressed data", "rename it to doc.txt.gz")
+
+    qa = b'{"question": "q1?", "answer": "a1", "doc_id": "a"}\n{"question": "q2?", "answer": "a2"}\n'
+    q = tmp_path / "qa.jsonl"
+    q.write_bytes(b"\xef\xbb\xbf" + qa)
+    assert [x.question for x in read_qa([str(q)])] == ["q1?", "q2?"]
+    q.write_bytes(gzip.compress(qa))
+    with pytest.raises(UserError, match=r"qa.jsonl: gzip-compressed data .* not named .gz; gunzip it$"):
+        read_qa([str(q)])
+    q.write_bytes(qa + b'{"question": "bad \xff", "answer": "x"}\n')
+    with pytest.raises(UserError, match=r"qa.jsonl:3: not valid UTF-8 at byte 18 \(invalid start byte\); "
+                                        r"re-encode the file as UTF-8"):
+        read_qa([str(q)])

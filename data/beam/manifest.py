@@ -10,7 +10,7 @@ from domainlm.errors import UserError
 from domainlm.progress import human_bytes, human_count, log, summary
 from domainlm.data.beam.read import MALFORMED, Plan
 from domainlm.data.config import ShardConfig
-from domainlm.data.shards import SPLITS
+from domainlm.data.shards import SPLITS, no_valid_document
 
 STAGE = stages.DATA_SHARD
 DROP_REASONS = MALFORMED + ("empty", "too_short", "too_long", "low_alnum", "repeated_lines",
@@ -84,6 +84,12 @@ def print_summary(cfg: ShardConfig, f: dict, seconds: float) -> None:
                 "are missing; repair or copy them again and rerun")
         log.warning("data shard: %s", note)
         rows.insert(3, ("UNREADABLE", note))
+    valid, documents = sp["valid"], sum(s["documents"] for s in sp.values())
+    if cfg.valid_fraction > 0 and documents and not (valid["documents"] and valid["tokens"]):
+        cause, fix = no_valid_document(cfg.valid_fraction, documents)
+        note = f"no validation document: {cause}; pretraining validates on valid/ and needs one: rerun {fix}"
+        log.warning("data shard: %s", note)
+        rows.insert(len(rows) - 2, ("NO VALID", note))
     summary("domainlm data shard", rows)
 
 

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
-from domainlm.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line  # noqa: F401
+from domainlm.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line, without_bom  # noqa: F401
 
 SUFFIXES = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
@@ -362,6 +362,8 @@ def _jsonl(f: InputFile, chunk: Chunk, text_field: str, id_field: str, counts: d
             if not raw.strip():
                 yield n - 1, None, None
                 continue
+            if chunk.start == 0 and n == 1:  # the file's first line: a BOM there is dropped
+                raw = without_bom(raw, 1)
             try:
                 text, doc_id = parse_json_line(raw, text_field, id_field)
             except Bad as bad:
@@ -434,7 +436,12 @@ def _table(batches, f: InputFile, text_field: str, id_field: str, counts: dict):
         ids = batch.column(id_field).to_pylist() if id_field in names else [None] * n
         for i, (text, doc_id) in enumerate(zip(texts, ids)):
             if isinstance(text, str):
-                yield row + i, text, id_str(doc_id)
+                try:
+                    key = id_str(doc_id, id_field)
+                except Bad as bad:  # invalid_id
+                    yield row + i, bad, None
+                    continue
+                yield row + i, text, key
             else:
                 what = "null" if text is None else type(text).__name__
                 yield row + i, Bad("not_a_string", f"column {text_field!r} is {what}, not a string",
