@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from domainlm.corpus import encoding_error, without_bom
 from domainlm.errors import UserError
 from domainlm.manifest import expand_inputs
 
@@ -78,6 +79,15 @@ def refuse_test_split(items: list[QA], option: str, purpose: str) -> None:
                         "from the train split only: give FILE:train (e.g. qa.jsonl:train)")
 
 
+def refuse_train_split(items: list[QA], option: str) -> None:
+    """UserError when held-out QA records (scored as a test) say they are the train split (a
+    training file given as the test file, or one holding both splits given without :test)."""
+    train = sum(qa.split == "train" for qa in items)
+    if train:
+        raise UserError(f"{option}: {train:,} of the {len(items):,} QA records say \"split\": \"train\"; held-out "
+                        "questions must be the test split: give FILE:test (e.g. qa.jsonl:test) or your test file")
+
+
 def sample(items: list[QA], n: int, seed: int = 0) -> list[QA]:
     """n items drawn with a seeded generator, kept in file order (all of them when n is 0 or more
     than there are): a subset spread over the whole file, not its first documents."""
@@ -96,10 +106,12 @@ def _read_file(path: Path, split: str | None):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
+            raw = without_bom(raw, line_no)
             try:
                 rec = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
+                raise UserError(encoding_error(path, where, raw, gz_read=False)
+                                or f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object with question and answer")
             for key in ("question", "answer"):

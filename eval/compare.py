@@ -42,7 +42,7 @@ from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import markdown_table
 from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
 from domainlm.progress import log, summary
-from domainlm.qa import QA, read_qa, refuse_test_split, sample, split_spec
+from domainlm.qa import QA, read_qa, refuse_test_split, refuse_train_split, sample, split_spec
 
 NEEDS = {"zero-shot": ("model",), "few-shot": ("model",), "rag": ("model", "index"), "sft": ("model", "sft"),
          "sft+rag": ("model", "sft_rag", "index"), "cpt+sft+rag": ("cpt_model", "cpt_sft_rag", "index"),
@@ -234,7 +234,9 @@ def run(cfg: CompareConfig) -> int:
         log.info("building what the approaches need: domainlm run %s (its compare/report stages left out)", cfg.pipeline)
         run_pipeline(cfg.pipeline, skip_commands=(stages.COMPARE, stages.REPORT))
     check_inputs(cfg)
-    test = sample(read_qa(cfg.qa.test), cfg.qa.limit, cfg.qa.seed)
+    test = read_qa(cfg.qa.test)
+    refuse_train_split(test, "qa.test")
+    test = sample(test, cfg.qa.limit, cfg.qa.seed)
     train = read_qa(cfg.qa.train)
     refuse_test_split(train, "qa.train", "the dev questions and few-shot examples")
     leaked = _test_questions_in_training(test, train, cfg)

@@ -261,6 +261,7 @@ class SFTConfig:
         if self.schedule.warmup_steps is not None and self.schedule.warmup_steps < 0:
             raise UserError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
         e = self.eval
+        _warn_training_data_as_held_out(self.data, e.qa)
         if e.every < 0:
             raise UserError(f"eval.every must be >= 0 (0: only before and after training), got {e.every}")
         for name in ("valid_batches", "qa_max", "new_tokens", "batch_size", "forgetting_tokens"):
@@ -276,6 +277,29 @@ class SFTConfig:
     def run_dir(self) -> str:
         """The checkpoint dir: checkpoint.dir, or OUTPUT.run beside the output."""
         return self.checkpoint.dir or f"{self.output.rstrip('/')}.run"
+
+
+def _warn_training_data_as_held_out(data: list[str], held_out: list[str]) -> None:
+    """eval.qa naming a file (and split) --data trains on: its scores are of questions the model
+    learns (a memorisation check, which tests use on purpose), not held-out ones: said up front."""
+    from pathlib import Path
+
+    from domainlm.progress import log
+    from domainlm.qa import split_spec
+
+    def key(spec: str) -> tuple[Path, str | None]:
+        path, split = split_spec(spec)
+        return Path(path).resolve(), split
+
+    trained = [key(d) for d in data]
+    for spec in held_out:
+        path, split = key(spec)
+        for tpath, tsplit in trained:
+            if path == tpath and (split is None or tsplit is None or split == tsplit):
+                log.warning("eval.qa %r is training data (--data %s): its QA scores measure memorisation, not "
+                            "held-out questions; for held-out scores give a file or split kept out of training "
+                            "(e.g. qa.jsonl:test)", spec, ", ".join(data))
+                return
 
 
 @dataclass(kw_only=True, slots=True)

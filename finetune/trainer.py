@@ -218,6 +218,11 @@ class Trainer:
             from domainlm.qa import read_qa
 
             self.qa = read_qa(cfg.eval.qa)[:cfg.eval.qa_max]
+            trained = sum(qa.split == "train" for qa in self.qa)
+            if trained and self.rank == 0:
+                log.warning("eval.qa: %d of the %d QA records say \"split\": \"train\": their scores are of "
+                            "training questions, not held-out ones; give FILE:test for held-out scores", trained,
+                            len(self.qa))
         self.forgetting = None
         if cfg.forgetting_data:
             from domainlm.finetune.evaluate import forgetting_windows

@@ -115,6 +115,11 @@ def test_compare_bad_configs_are_one_line_errors(compare_inputs, capsys, tmp_pat
                            capsys)
     assert code == 2 and "test question(s) are in the training data" in err
     assert not (tmp_path / "d").exists()
+    # Held-out questions that say they are the train split (a training file given as the test file).
+    code, _, err = run_cli(compare_args(inp, tmp_path / "e", "--qa.test", inp["train"], "--approaches", "zero-shot"),
+                           capsys)
+    assert code == 2 and 'qa.test: ' in err and 'QA records say "split": "train"; held-out' in err, err
+    assert not (tmp_path / "e").exists()
 
 
 def test_compare_counts_repeated_questions_and_unknown_documents_and_needs_few_shot_examples(compare_inputs, capsys,

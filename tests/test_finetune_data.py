@@ -300,3 +300,18 @@ def test_lora_options_with_method_full_are_named_as_unused(caplog):
         SFTConfig(model="m", data=["d"], output="o", lora=LoraArgs(r=8)).validate()
     warned = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
     assert warned == ["method full trains every weight: lora.r, lora.alpha set but not used"]
+
+
+def test_held_out_qa_that_is_training_data_is_said(tmp_path, caplog):
+    """eval.qa naming what --data trains on is a memorisation check, not held-out scores: warned."""
+    from domainlm.finetune.config import _warn_training_data_as_held_out
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("")
+    for data, held_out, said in (([f"{qa}:train"], [str(qa)], True), ([str(qa)], [f"{qa}:test"], True),
+                                 ([f"{qa}:train"], [f"{qa}:test"], False), ([f"{qa}:train"], [f"{qa}:train"], True),
+                                 ([str(tmp_path / "other.jsonl")], [str(qa)], False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="domainlm"):
+            _warn_training_data_as_held_out(data, held_out)
+        assert ("its QA scores measure memorisation" in caplog.text) == said, (data, held_out)
