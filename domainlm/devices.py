@@ -14,8 +14,9 @@ def cpu_has_bf16() -> bool:
 
     On x86 that is the AVX512-BF16 or AMX instructions. oneDNN's own check
     (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) also says yes on any AVX512 CPU, where bf16 is
-    emulated: on an AVX512 Xeon without AVX512-BF16 a bf16 matmul took 3.2x an fp32 one, a linear
-    forward + backward 2.7x (`bench/cpu_bf16.py`), and LoRA SFT of the 135M base 3.5x, so it is
+    emulated: on an AVX512 Xeon without AVX512-BF16 a bf16 matmul took 3.9x an fp32 one, a linear
+    forward + backward 3.0x (`bench/cpu_bf16.py`, `bench/results/cpu_bf16.txt`), and LoRA SFT of
+    the 135M base 3.5x, so it is
     asked only on other architectures (ARM's BF16)."""
     import platform
 

@@ -114,7 +114,7 @@ def test_thirteen_gram_overlap_is_found_and_short_items_are_matched_whole():
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads /proc/cpuinfo")
 def test_native_bf16_is_what_the_cpu_flags_say():
     """bf16 on the CPU (fine-tuning, generation) only with AVX512-BF16 or AMX: an AVX512 CPU
-    without them emulates bf16 (3x an fp32 matmul), though oneDNN calls it supported."""
+    without them emulates bf16 (3.9x an fp32 matmul), though oneDNN calls it supported."""
     from domainlm.devices import cpu_has_bf16
     from domainlm.eval.generate import torch_dtype
 
