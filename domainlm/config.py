@@ -48,6 +48,21 @@ RUNTIME = {"role": "runtime"}
 # Field docstrings: Python drops the string under an annotated assignment, so read the source.
 
 
+def check_adamw(optim: Any) -> None:
+    """The AdamW values pretraining and fine-tuning share (beta1, beta2, eps, weight_decay,
+    clip_grad), each refused with its value where torch would raise a traceback or take it
+    silently."""
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(optim, name) < 1.0:
+            raise UserError(f"optim.{name} must be in [0, 1), got {getattr(optim, name)}")
+    if not optim.eps > 0:
+        raise UserError(f"optim.eps must be > 0, got {optim.eps}")
+    if not optim.weight_decay >= 0:
+        raise UserError(f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    if not optim.clip_grad >= 0:
+        raise UserError(f"optim.clip_grad must be >= 0 (0 turns clipping off), got {optim.clip_grad}")
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map field name -> the docstring written under it in the class body."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from domainlm.config import INPUT, OUTPUT, RUNTIME
+from domainlm.config import INPUT, OUTPUT, RUNTIME, check_adamw
 from domainlm.errors import UserError
 
 METHODS = ("lora", "dora", "qlora", "full")
@@ -247,15 +247,7 @@ class SFTConfig:
                             f"LoRA 1e-4 to 1e-3), got {o.lr}")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-        if not o.clip_grad >= 0:
-            raise UserError(f"optim.clip_grad must be >= 0 (0 turns clipping off), got {o.clip_grad}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(o, name) < 1.0:
-                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
-        if not o.eps > 0:
-            raise UserError(f"optim.eps must be > 0, got {o.eps}")
-        if not o.weight_decay >= 0:
-            raise UserError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        check_adamw(o)
         if not 0.0 <= self.valid_fraction < 1.0:
             raise UserError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.schedule.warmup_steps is not None and self.schedule.warmup_steps < 0:

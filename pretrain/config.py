@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from domainlm import configs as _configs
-from domainlm.config import INPUT, OUTPUT, RUNTIME, from_dict, read_yaml
+from domainlm.config import INPUT, OUTPUT, RUNTIME, check_adamw, from_dict, read_yaml
 from domainlm.errors import UserError
 
 
@@ -309,15 +309,7 @@ class PretrainConfig:
                             f"got {o.lr}")
         if not 0 <= o.min_lr <= o.lr:
             raise UserError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(o, name) < 1.0:
-                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
-        if not o.eps > 0:
-            raise UserError(f"optim.eps must be > 0, got {o.eps}")
-        if not o.weight_decay >= 0:
-            raise UserError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        if not o.clip_grad >= 0:
-            raise UserError(f"optim.clip_grad must be >= 0 (0 turns clipping off), got {o.clip_grad}")
+        check_adamw(o)
         s = self.schedule
         decay = s.decay_steps or t.max_steps
         if s.warmup_steps >= decay and s.style != "constant":
