@@ -32,6 +32,20 @@ class Generation:
     (the question's end and the generation prompt; the system prompt and what came first lost)."""
 
 
+def warn_cut(outs: list[Generation], max_positions: int, max_new_tokens: int, what: str = "") -> int:
+    """How many of `outs` had their prompt cut to the context (`Generation.truncated`), said in
+    one warning; `what` names the prompts (e.g. the approach) in it."""
+    cut = sum(o.truncated for o in outs)
+    if cut:
+        from domainlm.progress import log
+
+        log.warning("%d of %d prompts%s are longer than the model's context of %d tokens less max_new_tokens %d: "
+                    "cut to their last %d tokens (the system prompt and the start of the question lost)", cut,
+                    len(outs), f" ({what})" if what else "", max_positions, max_new_tokens,
+                    max_positions - max_new_tokens)
+    return cut
+
+
 def torch_dtype(name: str, device: str) -> torch.dtype:
     """gen.dtype as a torch dtype: bf16 only where it is fast (a GPU, or a CPU with native bf16)."""
     from domainlm.devices import cpu_has_bf16

@@ -40,7 +40,7 @@ def choose(qa: QA, answers: list[str], chosen: str, below: float) -> tuple[dict[
 def pairs(cfg) -> int:
     """Entry point of `domainlm eval pairs`."""
     from domainlm.eval.command import device_of, inputs_pairs, library_path
-    from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
+    from domainlm.eval.generate import Generator, cpu_threads, torch_dtype, warn_cut
     from domainlm.eval.prompts import load_library
     from domainlm.eval.qa import Approach, build_prompts
     from domainlm.eval.rag_data import cited_answer, write_jsonl
@@ -78,11 +78,7 @@ def pairs(cfg) -> int:
         kw = dict(max_new_tokens=cfg.gen.max_new_tokens, batch_size=cfg.gen.batch_size)
         greedy = gen.generate(prompts, **kw)
         answers = [[g.text for g in greedy]]
-        cut = sum(g.truncated for g in greedy)
-        if cut:
-            log.warning("%d of %d prompts are longer than the model's context of %d tokens less gen.max_new_tokens "
-                        "%d: answered from their last %d tokens (the start of the prompt lost)", cut, len(prompts),
-                        gen.max_positions, cfg.gen.max_new_tokens, gen.max_positions - cfg.gen.max_new_tokens)
+        cut = warn_cut(greedy, gen.max_positions, cfg.gen.max_new_tokens)
         for s in range(1, cfg.samples + 1):
             answers.append([g.text for g in gen.generate(prompts, temperature=cfg.temperature, top_p=cfg.top_p,
                                                          seed=cfg.seed * 1_000_003 + s, **kw)])

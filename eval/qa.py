@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from domainlm.eval import metrics
-from domainlm.eval.generate import Generator
+from domainlm.eval.generate import Generator, warn_cut
 from domainlm.eval.prompts import PromptLibrary, pick_examples
-from domainlm.progress import log
 from domainlm.qa import QA
 
 
@@ -109,11 +108,7 @@ def answer_and_score(gen: Generator, items: list[QA], approach: Approach, librar
     outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
                         top_p=top_p, seed=seed)
     cost = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
-    cut = sum(o.truncated for o in outs)
-    if cut:
-        log.warning("%d of %d prompts (%s) are longer than the model's context of %d tokens less max_new_tokens %d: "
-                    "cut to their last %d tokens (the system prompt and the start of the question lost)", cut,
-                    len(outs), approach.mode, gen.max_positions, max_new_tokens, gen.max_positions - max_new_tokens)
+    warn_cut(outs, gen.max_positions, max_new_tokens, approach.mode)
     records = []
     for qa, prompt, h, o in zip(items, prompts, hits, outs):
         rec = {"id": qa.id, "question": qa.question, "gold": qa.answer, "doc_id": qa.doc_id, "answer": o.text,
