@@ -399,6 +399,22 @@ def test_parquet_txt_gzip_and_datasets_inputs(tmp_path, tokenizer_dir, capsys):
     assert next(x for x in dead if x["reason"] == "unreadable_file")["file"] == str(d / "cut.jsonl.gz")
 
 
+def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, tokenizer_dir, capsys):
+    """Read as text, every line of it would be dead-lettered as invalid UTF-8 and the cause never
+    named: the file is refused before Beam starts, with its name and the rename that fixes it."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "ok.jsonl").write_text(json.dumps({"id": "a", "text": "a document that is long enough to keep"}) + "\n")
+    (d / "packed.jsonl").write_bytes(gzip.compress(b'{"id": "b", "text": "gzip data under a plain name"}\n' * 50))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--beam.direct-num-workers", "1"], capsys)
+    assert code == 2, err
+    assert f"{d / 'packed.jsonl'}: gzip-compressed data" in err
+    assert "rename it to packed.jsonl.gz (read as gzip) or gunzip it" in err
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+
+
 def test_a_50_mb_document_is_dropped_as_too_long_or_kept_when_allowed(tmp_path, tokenizer_dir, capsys):
     import sentencepiece as spm
 

@@ -23,11 +23,12 @@ import gzip
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
-from domainlm.corpus import MALFORMED, Bad, excerpt, id_str, parse_json_line, without_bom  # noqa: F401
+from domainlm.corpus import MALFORMED, Bad, excerpt, gzip_misnamed, id_str, parse_json_line, without_bom  # noqa: F401
 
 SUFFIXES = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
@@ -237,6 +238,7 @@ def make_plan(patterns: list[str], chunk_bytes: int, workers: int = 0) -> Plan:
                 files.append(InputFile(arrow, "arrow", _size(arrow), label, path, group))
         else:
             files.append(InputFile(path, _kind(path) or "", size, path, path, len(files)))
+            _refuse_misnamed_gzip(files[-1])
     if workers:
         total = sum(f.size for f in files)
         chunk_bytes = min(chunk_bytes, max(1 << 20, total // (4 * workers)))
@@ -255,6 +257,15 @@ def make_plan(patterns: list[str], chunk_bytes: int, workers: int = 0) -> Plan:
     if len(chunks) >= 2**31:
         raise UserError(f"{len(chunks):,} input chunks; raise --beam.chunk-bytes")
     return Plan(tuple(files), tuple(chunks))
+
+
+def _refuse_misnamed_gzip(f: InputFile) -> None:
+    """UserError for a local JSON-lines or text file not named .gz that holds gzip data: read
+    as text, each of its lines would be dead-lettered as invalid UTF-8 with no word of the cause."""
+    if f.kind in ("jsonl", "txt") and not f.compressed and not _is_remote(f.path):
+        err = gzip_misnamed(Path(f.path))
+        if err:
+            raise UserError(err)
 
 
 def _size(path: str) -> int:
