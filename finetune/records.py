@@ -161,7 +161,17 @@ def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         msgs = rec["messages"]
         if not isinstance(msgs, list):
             raise Bad("not_a_string", f"field 'messages' is {type(msgs).__name__}, not a list of messages")
-        return check_conversation([_message(m, i) for i, m in enumerate(msgs)]), "chat"
+        try:
+            return check_conversation([_message(m, i) for i, m in enumerate(msgs)]), "chat"
+        except Bad as bad:
+            other = next((p for p in (("question", "answer"), ("prompt", "completion"), ("instruction", "output"))
+                          if all(k in rec for k in p)), None)
+            if bad.reason == "no_assistant_turn" and other:
+                # `messages` wins over the other fields; say so, or the user sees a QA record dropped
+                raise Bad(bad.reason, f"{bad.message} in 'messages'; the record's {'/'.join(other)} fields are "
+                                      "read only when it has no 'messages' field: drop 'messages' or end it with "
+                                      "the answer as an assistant message") from None
+            raise
     if "prompt" in rec and "completion" in rec:
         prompt, completion = rec["prompt"], rec["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):     # TRL's conversational form

@@ -104,6 +104,8 @@ def test_malformed_records_are_dead_letters_counted_by_reason(tmp_path):
         json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "system", "content": "t"},
                                  {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}).encode(),
         json.dumps({"question": "q", "doc_id": "d"}).encode(),                    # unknown_format: no answer
+        json.dumps({"question": "q", "answer": "a",
+                    "messages": [{"role": "user", "content": "q"}]}).encode(),    # no_assistant_turn: messages win
         b"",
     ]))
     stats = ReadStats()
@@ -111,12 +113,17 @@ def test_malformed_records_are_dead_letters_counted_by_reason(tmp_path):
     assert len(ex) == 1
     assert dict(stats.dropped) == {"invalid_json": 1, "invalid_utf8": 1, "not_an_object": 1, "unknown_format": 2,
                                    "not_a_string": 1, "bad_role": 1, "empty_content": 1, "roles_out_of_order": 2,
-                                   "no_assistant_turn": 1}
-    assert stats.records == stats.kept + sum(stats.dropped.values()) == 12
+                                   "no_assistant_turn": 2}
+    assert stats.records == stats.kept + sum(stats.dropped.values()) == 13
     lines = {d["line"]: d for d in stats.dead_letters}
     assert lines[2]["reason"] == "invalid_json" and lines[2]["file"] == str(f) and lines[2]["excerpt"] == "{not json"
     assert "fields: text" in lines[5]["message"]
     assert lines[12]["message"].startswith("field 'answer' is missing (fields: doc_id, question); a question/answer")
+    # a QA record whose user-only `messages` hides its answer says which field was read and the fix
+    assert lines[10]["message"] == "no assistant message to learn from"
+    assert lines[13]["message"] == ("no assistant message to learn from in 'messages'; the record's question/answer "
+                                    "fields are read only when it has no 'messages' field: drop 'messages' or end it "
+                                    "with the answer as an assistant message")
 
 
 def test_split_suffix_and_hash_split(tmp_path, pydoc_corpus):
