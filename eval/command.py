@@ -132,11 +132,12 @@ def retrieval(cfg) -> int:
     from domainlm.serve.prompt import check_budget, token_counter
     from domainlm.serve.retrieve import open_retriever
 
+    device = device_of(cfg.device, "--device")
     if cfg.output:
         check_output_file(cfg.output, inputs=[split_spec(d)[0] for d in cfg.data], ours=is_json_object)
     items = read_qa(cfg.data)
     items = items[: cfg.limit] if cfg.limit else items
-    retriever = open_retriever(cfg.index, settings=cfg.retrieval)
+    retriever = open_retriever(cfg.index, settings=cfg.retrieval, device=device)
     items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
     if cfg.model:
         from domainlm.pretrain.convert.hfdir import open_hf_dir
@@ -174,13 +175,14 @@ def rag_data(cfg) -> int:
     from domainlm.pretrain.convert.hfdir import open_hf_dir
     from domainlm.serve.retrieve import open_retriever
 
+    device = device_of(cfg.device, "--device")
     items = read_qa(cfg.data)
     refuse_test_split(items, "data", "SFT+RAG samples")
     items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
     check_budget(cfg.rag.max_source_tokens, hf.max_positions or 2048, "rag.max_source_tokens")
-    retriever = open_retriever(cfg.index)
+    retriever = open_retriever(cfg.index, device=device)
     items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
     with StageOutput(cfg.output, stages.EVAL_RAG_DATA, overwrite=cfg.overwrite) as out:
         rows, counts = rag_samples(items, retriever, cfg.rag.top_k, cfg.rag.mode, hf.tokenizer(), room,

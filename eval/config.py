@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from domainlm.config import INPUT, OUTPUT, RUNTIME
 from domainlm.errors import UserError
-from domainlm.serve.config import RetrievalArgs, _check_retrieval
+from domainlm.serve.config import RetrievalArgs, _check_retrieval, check_device
 
 MODES = ("zero-shot", "few-shot", "rag")
 APPROACHES = ("zero-shot", "few-shot", "rag", "sft", "sft+rag", "cpt+sft+rag", "sft+dpo", "sft+rag+dpo")
@@ -205,8 +205,12 @@ class EvalRetrievalConfig:
     """Only the first N questions (0: all)."""
     output: str | None = field(default=None, metadata=OUTPUT)
     """Also write the result as JSON to this file."""
+    device: str = field(default="auto", metadata=RUNTIME)
+    """The embedder's device (dense and hybrid retrieval): auto (CUDA when present, else CPU), cpu,
+    cuda, cuda:N."""
 
     def validate(self) -> None:
+        check_device(self.device, "--device")
         bad = [m for m in self.modes if m not in ("bm25", "dense", "hybrid")]
         if bad:
             raise UserError(f"modes: unknown {', '.join(bad)}; use bm25, dense, hybrid")
@@ -239,8 +243,14 @@ class RagDataConfig:
     """Only N pairs, a seeded sample spread over the files (0: all)."""
     seed: int = 0
     """Seed of that sample."""
+    device: str = field(default="auto", metadata=RUNTIME)
+    """The embedder's device (dense and hybrid retrieval): auto (CUDA when present, else CPU), cpu,
+    cuda, cuda:N."""
     overwrite: bool = field(default=False, metadata=RUNTIME)
     """Replace an output directory that holds something else."""
+
+    def validate(self) -> None:
+        check_device(self.device, "--device")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from domainlm.corpus import Document
 from domainlm.serve.prompt import token_counter
@@ -327,9 +328,14 @@ def test_rag_data_cites_the_source_that_holds_the_answer(tmp_path, capsys, tiny_
             {"id": "x", "question": "What colour is the sky?", "answer": "a deep violet", "doc_id": "gamma"}]
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = run_cli(["eval", "rag-data", "--index", idx, "--model", tiny_hf_model, "--data", qa,
-                              "--output", tmp_path / "rd", "--rag.max-source-tokens", "200", "--rag.mode", "bm25"],
-                             capsys)
+                              "--output", tmp_path / "rd", "--rag.max-source-tokens", "200", "--rag.mode", "bm25",
+                              "--device", "cpu"], capsys)
     assert code == 0, err
+    if not torch.cuda.is_available():   # the embedder's device is checked before anything is written
+        code, _, err = run_cli(["eval", "rag-data", "--index", idx, "--model", tiny_hf_model, "--data", qa,
+                                "--output", tmp_path / "rd_gpu", "--device", "cuda"], capsys)
+        assert code == 2 and "--device cuda: no CUDA device here" in err, err
+        assert not (tmp_path / "rd_gpu").exists()
     m = json.loads((tmp_path / "rd" / "manifest.json").read_text())["counts"]
     assert m["samples"] == 3 and m["answer_in_sources"] == 2 and "answer in the sources" in out
     assert "no doc_id" not in out and "not in the index" not in out
