@@ -70,9 +70,41 @@ def read_qa(paths: list[str] | str, split: str | None = None) -> list[QA]:
     return out
 
 
-def refuse_test_split(items: list[QA], option: str, purpose: str) -> None:
+def test_named_files(specs: list[str], suffixes: tuple[str, ...] = QA_SUFFIXES) -> list[tuple[str, Path]]:
+    """(spec, file) for each file a directory or glob of `specs` brings in whose name says it is a
+    test split (a word 'test' in its path below the directory: test.jsonl, qa_test.jsonl,
+    test/part-0.jsonl). A file named on its own is the user's choice and never listed."""
+    out = []
+    for spec in specs:
+        path, _ = split_spec(spec)
+        if Path(path).is_file():
+            continue
+        base = Path(path) if Path(path).is_dir() else None
+        for f in expand_inputs([path], suffixes):
+            rel = f.relative_to(base) if base is not None and f.is_relative_to(base) else Path(f.name)
+            if "test" in re.split(r"[^a-z0-9]+", str(rel).lower()):
+                out.append((spec, f))
+    return out
+
+
+def refuse_test_files(specs: list[str], option: str, purpose: str, suffixes: tuple[str, ...] = QA_SUFFIXES) -> None:
+    """UserError when a directory or glob given for training, prompts or pairs brings in a file
+    named as the test split (its records carry no "split" field to tell)."""
+    named = test_named_files(specs, suffixes)
+    if named:
+        spec, f = named[0]
+        more = f" (and {len(named) - 1:,} more)" if len(named) > 1 else ""
+        raise UserError(f"{option}: {spec!r} brings in {f}{more}, whose name says test split; {purpose} come from "
+                        "training data only: give the training files by name (or rename the file if it is "
+                        "training data)")
+
+
+def refuse_test_split(items: list[QA], option: str, purpose: str, specs: list[str] | None = None) -> None:
     """UserError when QA records meant for training, prompts or pairs hold test-split records
-    (a file given without :train that holds both splits)."""
+    (a file given without :train that holds both splits), or when `specs` has a directory or glob
+    that brings in a file named as the test split."""
+    if specs:
+        refuse_test_files(specs, option, purpose)
     test = sum(qa.split == "test" for qa in items)
     if test:
         raise UserError(f"{option}: {test:,} of the {len(items):,} QA records are the test split; {purpose} come "

@@ -46,7 +46,7 @@ def qa(cfg) -> int:
     library = load_library(library_path(cfg.prompt.library), cfg.prompt.domain)
     library.template(cfg.prompt.template)
     pool = read_qa(cfg.prompt.few_shot_data) if cfg.mode == "few-shot" else []
-    refuse_test_split(pool, "prompt.few_shot_data", "few-shot examples")
+    refuse_test_split(pool, "prompt.few_shot_data", "few-shot examples", cfg.prompt.few_shot_data)
     retriever = None
     device = device_of(cfg.gen.device)
     if cfg.mode == "rag":
@@ -177,7 +177,7 @@ def rag_data(cfg) -> int:
 
     device = device_of(cfg.device, "--device")
     items = read_qa(cfg.data)
-    refuse_test_split(items, "data", "SFT+RAG samples")
+    refuse_test_split(items, "data", "SFT+RAG samples", cfg.data)
     items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
     room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8

@@ -238,7 +238,7 @@ def run(cfg: CompareConfig) -> int:
     refuse_train_split(test, "qa.test")
     test = sample(test, cfg.qa.limit, cfg.qa.seed)
     train = read_qa(cfg.qa.train)
-    refuse_test_split(train, "qa.train", "the dev questions and few-shot examples")
+    refuse_test_split(train, "qa.train", "the dev questions and few-shot examples", cfg.qa.train)
     leaked = _test_questions_in_training(test, train, cfg)
     if leaked:
         raise UserError(f"{len(leaked)} test question(s) are in the training data, e.g. {leaked[0]!r}; the QA split "

@@ -47,7 +47,7 @@ def pairs(cfg) -> int:
 
     t0 = time.perf_counter()
     items = read_qa(cfg.data)
-    refuse_test_split(items, "data", "preference pairs")
+    refuse_test_split(items, "data", "preference pairs", cfg.data)
     items = sample(items, cfg.limit, cfg.seed)
     if not items:
         raise UserError(f"data: no QA record in {', '.join(cfg.data)}")

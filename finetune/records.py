@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from domainlm import corpus
 from domainlm.errors import UserError
 from domainlm.manifest import expand_inputs, sha256_file
-from domainlm.qa import split_spec
+from domainlm.qa import refuse_test_files, split_spec
 
 DATA_SUFFIXES = (".jsonl", ".json")
 ROLES = ("system", "user", "assistant")
@@ -95,6 +95,7 @@ def read_examples(specs: list[str], stats: ReadStats, what: str = "data", conver
     `convert(record, source) -> (item, format)` makes an item of a parsed record (raising Bad for
     a dead letter); the default makes an `Example` conversation (`finetune dpo` passes its pairs')."""
     convert = convert or to_example
+    refuse_test_files(specs, what, "fine-tuning records", DATA_SUFFIXES)
     out: list = []
     for spec in specs:
         path, split = split_spec(spec)

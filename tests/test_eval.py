@@ -9,6 +9,7 @@ import math
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,14 @@ def test_eval_qa_zero_and_few_shot_write_scores_that_recompute(tiny_hf_model, py
     code, _, err = run_cli(["eval", "qa", "--model", tiny_hf_model, "--data", f"{qa}:test", "--mode", "few-shot",
                             "--limit", 2, "--output", tmp_path / "mixed", "--prompt.few-shot-data", qa], capsys)
     assert code == 2 and "prompt.few_shot_data" in err and "QA records are the test split" in err, err
+    pool = tmp_path / "pool"                # a directory whose test.jsonl has no split field to tell
+    pool.mkdir()
+    for name, split in (("train.jsonl", "train"), ("test.jsonl", "test")):
+        (pool / name).write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "split"}) + "\n"
+                                         for x in Path(qa).read_text().splitlines()[:40] if json.loads(x)["split"] == split))
+    code, _, err = run_cli(["eval", "qa", "--model", tiny_hf_model, "--data", f"{qa}:test", "--mode", "few-shot",
+                            "--limit", 2, "--output", tmp_path / "dir", "--prompt.few-shot-data", pool], capsys)
+    assert code == 2 and f"brings in {pool / 'test.jsonl'}, whose name says test split" in err, err
     for mode in ("zero-shot", "few-shot"):
         out = tmp_path / mode
         code, stdout, err = run_cli(["eval", "qa", "--model", tiny_hf_model, "--data", f"{qa}:test", "--mode", mode,

@@ -126,6 +126,27 @@ def test_malformed_records_are_dead_letters_counted_by_reason(tmp_path):
                                     "with the answer as an assistant message")
 
 
+def test_a_directory_that_brings_in_a_test_named_file_is_refused(tmp_path):
+    """A QA directory with train.jsonl and test.jsonl given as training data read both (their
+    records carry no split field): such a directory or glob is refused naming the file; the files
+    named one by one, or a parent directory whose own name holds 'test', are read."""
+    from domainlm.qa import test_named_files
+
+    d = tmp_path / "latest_test_run" / "qa"
+    (d / "test").mkdir(parents=True)
+    row = json.dumps({"question": "q", "answer": "a"}) + "\n"
+    for name in ("train.jsonl", "test.jsonl", "qa_test.json", "contest.jsonl", "test/part-0.jsonl"):
+        (d / name).write_text(row)
+    assert [f.relative_to(d).as_posix() for _, f in test_named_files([str(d)])] == [
+        "qa_test.json", "test/part-0.jsonl", "test.jsonl"]
+    assert [f.name for _, f in test_named_files([f"{d}/*.jsonl:train"])] == ["test.jsonl"]
+    with pytest.raises(UserError, match=rf"^data: '{d}' brings in {d / 'qa_test.json'} \(and 2 more\), whose name "
+                                        "says test split; fine-tuning records come from training data only"):
+        read_examples([str(d)], ReadStats())
+    ok = read_examples([str(d / "train.jsonl"), str(d / "contest.jsonl"), str(d / "test.jsonl")], ReadStats())
+    assert len(ok) == 3
+
+
 def test_split_suffix_and_hash_split(tmp_path, pydoc_corpus):
     stats = ReadStats()
     train = read_examples([f"{pydoc_corpus / 'qa.jsonl'}:train"], stats)
