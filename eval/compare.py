@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from domainlm.eval.prompts import PromptLibrary, load_library
 from domainlm.eval.qa import Approach, answer_and_score, build_prompts, latency, summarize
 from domainlm.eval.stats import add_statistics, record_file
 from domainlm.eval.table import markdown_table
-from domainlm.manifest import MANIFEST, StageOutput, describe_inputs, make_manifest, write_json
+from domainlm.manifest import (MANIFEST, StageOutput, describe_inputs, library_versions, make_manifest, recorded_config,
+                               sha256_json, write_json)
 from domainlm.progress import log, summary
 from domainlm.qa import QA, read_qa, refuse_test_split, refuse_train_split, sample, split_spec
 
@@ -97,7 +99,7 @@ def inputs(cfg: CompareConfig) -> list[dict]:
     paths = []
     for i in (cfg.inputs, cfg.scratch):
         paths += [i.model, i.index, i.sft, i.sft_rag, i.cpt_model, i.cpt_sft_rag, i.sft_dpo, i.sft_rag_dpo]
-    paths += [*cfg.qa.train, *cfg.qa.test]
+    paths += [*cfg.qa.train, *cfg.qa.test, library_path(cfg.prompt.library)]
     return describe_inputs(sorted({Path(split_spec(p)[0]) for p in paths if p}))
 
 
@@ -221,6 +223,54 @@ def training_cost(adapter_dir: str | None, manifest: dict[str, Any] | None = Non
             "device": t.get("device"), "resumed_at": t.get("resumed_at")}
 
 
+class Partial:
+    """What an interrupted `compare` finished, kept beside the output (`.NAME.partial/`): each
+    family's prompt choice and each approach's answers and measurements, written as each is done.
+    A rerun whose key matches (the recorded config but for the list of approaches, the inputs'
+    checksums, the prompt library, device, dtype and versions) reuses them and answers only the
+    rest; another key starts afresh. Removed once the output is written."""
+
+    def __init__(self, output: str, key: str):
+        out = Path(output)
+        self.dir = out.parent / f".{out.name}.partial"
+        self.reused: list[str] = []
+        if self.dir.is_dir():
+            try:
+                same = json.loads((self.dir / "state.json").read_text(encoding="utf-8")).get("key") == key
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "state.json", {"key": key})
+
+    def _file(self, name: str) -> Path:
+        return self.dir / record_file(name).replace(".jsonl", ".json")
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._file(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def save(self, name: str, obj: dict[str, Any]) -> None:
+        f = self._file(name)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+        tmp.rename(f)                                   # whole or absent
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def partial_key(cfg: CompareConfig, device: str, dtype) -> str:
+    """What decides an approach's answers and measurements (see Partial)."""
+    config = recorded_config(cfg)
+    config.pop("approaches", None)
+    return sha256_json({"stage": stages.COMPARE, "config": config, "inputs": inputs(cfg), "device": device,
+                        "dtype": str(dtype), "versions": library_versions()})
+
+
 def run(cfg: CompareConfig) -> int:
     from domainlm.eval.decontam import build_index, contaminated, summary as decontam_summary
     from domainlm.eval.generate import Generator, cpu_threads, torch_dtype
@@ -267,6 +317,7 @@ def run(cfg: CompareConfig) -> int:
     dtype = torch_dtype(cfg.gen.dtype, device)
     with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):
+        partial = Partial(cfg.output, partial_key(cfg, device, dtype))
         (out.tmp / "approaches").mkdir()
         results: dict[str, dict[str, Any]] = {}
         records: dict[str, list[dict[str, Any]]] = {}
@@ -276,9 +327,15 @@ def run(cfg: CompareConfig) -> int:
         for fam in families:
             fin = family_inputs(cfg, fam)
             names = [a for a in cfg.approaches if family_of(a)[0] == fam]
-            base = Generator(fin.model, device=device, dtype=dtype) if fin.model else None
-            choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else \
-                {"template": cfg.prompt.template, "shots": cfg.prompt.shots}
+            done = {n: partial.load(n) for n in names}
+            choice = partial.load(f"{fam}/prompt-choice")
+            base = None
+            if fin.model and (choice is None or any(done[n] is None and family_of(n)[1] in BASE_ROWS for n in names)):
+                base = Generator(fin.model, device=device, dtype=dtype)
+            if choice is None:
+                choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else \
+                    {"template": cfg.prompt.template, "shots": cfg.prompt.shots}
+                partial.save(f"{fam}/prompt-choice", choice)
             choices[fam or "base"] = choice
             log.info("%sprompt picked on %d dev questions: template %r, %d shots", f"{fam}: " if fam else "", len(dev),
                      choice["template"], choice["shots"])
@@ -286,27 +343,24 @@ def run(cfg: CompareConfig) -> int:
             sources[fam or "base"] = found.pop("_sources")
             decontam.update(found)
             for name in names:
-                log.info("approach %s: %d questions", name, len(test))
-                gen, approach = _approach(family_of(name)[1], fin, choice, base, device, cfg.rag, dtype)
-                recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever,
-                                              seed=cfg.qa.seed, **decoding(cfg.gen))
+                if done[name] is not None:
+                    log.info("approach %s: %d questions, answered by an interrupted run (%s)", name, len(test),
+                             partial.dir)
+                    partial.reused.append(name)
+                    recs, measured = done[name]["records"], done[name]["measured"]
+                else:
+                    log.info("approach %s: %d questions", name, len(test))
+                    recs, measured = _answer(name, fin, choice, base, device, dtype, test, library, pool, retriever,
+                                             cfg)
+                    partial.save(name, {"records": recs, "measured": measured})
                 records[name] = recs
                 with open(out.tmp / "approaches" / record_file(name), "w", encoding="utf-8") as f:
                     for r in recs:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
-                              max_new_tokens=cfg.gen.max_new_tokens, temperature=cfg.gen.temperature,
-                              top_p=cfg.gen.top_p)
-                cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
-                                   retriever=retriever) if cfg.consistency_questions else {}
-                unit = "gpu_s" if device == "cuda" else "cpu_s"
-                per_1k = (cost["wall_s"] if device == "cuda" else cost["cpu_s"]) * 1000 / max(1, len(test))
-                results[name] = {**summarize(recs), "template": approach.template, "shots": approach.shots,
-                                 "latency": lat, "consistency": cons,
-                                 "cost": {**cost, f"{unit}_per_1k_questions": per_1k},
-                                 "training": _training(family_of(name)[1], fin), "decontamination": decontam.get(name)}
+                results[name] = {**summarize(recs), **measured, "training": _training(family_of(name)[1], fin),
+                                 "decontamination": decontam.get(name)}
         report = {"questions": len(test), "duplicate_questions": duplicates, "doc_id_not_in_index": len(unknown),
-                  "device": device, "dtype": str(dtype).removeprefix("torch."),
+                  "resumed": partial.reused, "device": device, "dtype": str(dtype).removeprefix("torch."),
                   "prompt_choice": choices.get("base") or choices[families[0]], "prompt_choices": choices,
                   "approaches": results, "decontamination_sources": sources}
         add_statistics(report, records, seed=cfg.qa.seed)
@@ -316,6 +370,7 @@ def run(cfg: CompareConfig) -> int:
         compare_chart(report, out.tmp / "compare.png")
         out.commit(make_manifest(stages.COMPARE, cfg, inputs(cfg), summary={
             k: {"exact_match": v["exact_match"], "f1": v["f1"]} for k, v in results.items()}))
+    partial.remove()
     print(table)
     best = report["best"]
     cut = ", ".join(f"{n} {r['truncated']}" for n, r in results.items() if r.get("truncated"))
@@ -325,8 +380,32 @@ def run(cfg: CompareConfig) -> int:
             + ([("duplicate test questions", f"{duplicates} (each scored again)")] if duplicates else [])
             + ([("test doc_id not in the index", f"{len(unknown)} (retrieval and citation scored as misses)")]
                if unknown else [])
+            + ([("resumed", f"{len(partial.reused)} of {len(results)} approaches answered by an interrupted run "
+                            f"({', '.join(partial.reused)}); their latency and cost are that run's")]
+               if partial.reused else [])
             + [("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
     return 0
+
+
+BASE_ROWS = ("zero-shot", "few-shot", "rag")
+"""Approaches the family's base model answers itself (the others load their adapter)."""
+
+
+def _answer(name: str, fin: Inputs, choice: dict, base, device: str, dtype, test: list[QA], library: PromptLibrary,
+            pool: list[QA], retriever, cfg: CompareConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One approach's scored answers to the test questions, and what was measured of it: prompt,
+    latency, consistency, cost."""
+    gen, approach = _approach(family_of(name)[1], fin, choice, base, device, cfg.rag, dtype)
+    recs, cost = answer_and_score(gen, test, approach, library, pool=pool, retriever=retriever,
+                                  seed=cfg.qa.seed, **decoding(cfg.gen))
+    lat = latency(gen, test[: cfg.latency_questions], approach, library, pool=pool, retriever=retriever,
+                  max_new_tokens=cfg.gen.max_new_tokens, temperature=cfg.gen.temperature, top_p=cfg.gen.top_p)
+    cons = consistency(gen, test[: cfg.consistency_questions], approach, library, cfg, pool=pool,
+                       retriever=retriever) if cfg.consistency_questions else {}
+    unit = "gpu_s" if device == "cuda" else "cpu_s"
+    per_1k = (cost["wall_s"] if device == "cuda" else cost["cpu_s"]) * 1000 / max(1, len(test))
+    return recs, {"template": approach.template, "shots": approach.shots, "latency": lat, "consistency": cons,
+                  "cost": {**cost, f"{unit}_per_1k_questions": per_1k}}
 
 
 def _approach(approach: str, fin: Inputs, choice: dict, base, device: str, rag_args, dtype):

@@ -180,6 +180,57 @@ def test_compare_runs_both_families_with_intervals_and_a_verdict(compare_inputs,
     assert "trained from scratch" in table and report["verdict"] in table
 
 
+def test_an_interrupted_compare_resumes_with_the_approaches_it_finished(compare_inputs, capsys, monkeypatch):
+    """Interrupted in its second approach, compare keeps the first one's answers and the prompt
+    choice beside the output; the rerun answers only the rest and writes what one uninterrupted
+    run writes. A rerun with other settings starts afresh; the kept answers go once it is done."""
+    from domainlm.eval import compare
+
+    inp = compare_inputs
+    names = ["zero-shot", "sft"]
+    whole, out = inp["root"] / "whole", inp["root"] / "resumed"
+    code, _, err = run_cli(compare_args(inp, whole, "--approaches", *names), capsys)
+    assert code == 0, err[-3000:]
+    real, real_pick, asked, stop = compare._answer, compare.pick_prompt, [], {"at": "sft"}
+
+    def answer(name, *a, **kw):
+        asked.append(name)
+        if name == stop["at"]:
+            raise KeyboardInterrupt
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(compare, "_answer", answer)
+    code, _, err = run_cli(compare_args(inp, out, "--approaches", *names), capsys)
+    partial = inp["root"] / ".resumed.partial"
+    assert code == 130 and not out.exists() and asked == names
+    assert sorted(p.name for p in partial.iterdir()) == ["__prompt-choice.json", "state.json", "zero-shot.json"]
+    asked.clear()
+    stop["at"] = None
+    monkeypatch.setattr(compare, "pick_prompt", lambda *a, **kw: pytest.fail("the prompt choice was kept"))
+    code, stdout, err = run_cli(compare_args(inp, out, "--approaches", *names), capsys)
+    assert code == 0, err[-3000:]
+    assert asked == ["sft"] and not partial.exists()
+    assert "answered by an interrupted run" in err and "1 of 2 approaches answered by an interrupted run" in stdout
+    a, b = (json.loads((d / "compare.json").read_text()) for d in (whole, out))
+    assert a["resumed"] == [] and b["resumed"] == ["zero-shot"] and a["prompt_choice"] == b["prompt_choice"]
+    for name in names:
+        assert (whole / "approaches" / record_file(name)).read_text() == (out / "approaches" / record_file(name)).read_text()
+        for key in ("exact_match", "f1", "intervals", "consistency"):
+            assert a["approaches"][name][key] == b["approaches"][name][key]
+    # what a run with other settings kept is not used
+    monkeypatch.setattr(compare, "pick_prompt", real_pick)
+    asked.clear()
+    stop["at"] = "sft"
+    code, _, _ = run_cli(compare_args(inp, out, "--approaches", *names, "--overwrite"), capsys)
+    assert code == 130 and asked == names and (partial / "zero-shot.json").is_file()
+    asked.clear()
+    stop["at"] = None
+    code, _, err = run_cli(compare_args(inp, out, "--approaches", *names, "--overwrite", "--gen.max-new-tokens", 5),
+                           capsys)
+    assert code == 0 and asked == names and not partial.exists(), err[-3000:]
+    assert json.loads((out / "compare.json").read_text())["resumed"] == []
+
+
 def test_compare_needs_the_family_inputs(compare_inputs, capsys, tmp_path):
     inp = compare_inputs
     code, _, err = run_cli(compare_args(inp, tmp_path / "a", "--approaches", "scratch/sft"), capsys)
