@@ -324,16 +324,20 @@ def run(cfg: CompareConfig) -> int:
         choices: dict[str, dict[str, Any]] = {}
         decontam: dict[str, Any] = {}
         sources: dict[str, Any] = {}
+        budgets: dict[str, dict[str, Any]] = {}
         for fam in families:
             fin = family_inputs(cfg, fam)
             names = [a for a in cfg.approaches if family_of(a)[0] == fam]
+            fcfg = cfg
+            if fin.model:
+                fcfg, budgets[fam or "base"] = _answer_budget(cfg, fam, fin.model, train)
             done = {n: partial.load(n) for n in names}
             choice = partial.load(f"{fam}/prompt-choice")
             base = None
             if fin.model and (choice is None or any(done[n] is None and family_of(n)[1] in BASE_ROWS for n in names)):
                 base = Generator(fin.model, device=device, dtype=dtype)
             if choice is None:
-                choice = pick_prompt(base, library, dev, pool, cfg) if base is not None else \
+                choice = pick_prompt(base, library, dev, pool, fcfg) if base is not None else \
                     {"template": cfg.prompt.template, "shots": cfg.prompt.shots}
                 partial.save(f"{fam}/prompt-choice", choice)
             choices[fam or "base"] = choice
@@ -351,7 +355,7 @@ def run(cfg: CompareConfig) -> int:
                 else:
                     log.info("approach %s: %d questions", name, len(test))
                     recs, measured = _answer(name, fin, choice, base, device, dtype, test, library, pool, retriever,
-                                             cfg)
+                                             fcfg)
                     partial.save(name, {"records": recs, "measured": measured})
                 records[name] = recs
                 with open(out.tmp / "approaches" / record_file(name), "w", encoding="utf-8") as f:
@@ -360,7 +364,7 @@ def run(cfg: CompareConfig) -> int:
                 results[name] = {**summarize(recs), **measured, "training": _training(family_of(name)[1], fin),
                                  "decontamination": decontam.get(name)}
         report = {"questions": len(test), "duplicate_questions": duplicates, "doc_id_not_in_index": len(unknown),
-                  "resumed": partial.reused, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                  "resumed": partial.reused, "answer_budget": budgets, "device": device, "dtype": str(dtype).removeprefix("torch."),
                   "prompt_choice": choices.get("base") or choices[families[0]], "prompt_choices": choices,
                   "approaches": results, "decontamination_sources": sources}
         add_statistics(report, records, seed=cfg.qa.seed)
@@ -380,11 +384,41 @@ def run(cfg: CompareConfig) -> int:
             + ([("duplicate test questions", f"{duplicates} (each scored again)")] if duplicates else [])
             + ([("test doc_id not in the index", f"{len(unknown)} (retrieval and citation scored as misses)")]
                if unknown else [])
+            + [("answer budget", "; ".join(f"{fam}: {_budget_words(b)}" for fam, b in budgets.items()))]
             + ([("resumed", f"{len(partial.reused)} of {len(results)} approaches answered by an interrupted run "
                             f"({', '.join(partial.reused)}); their latency and cost are that run's")]
                if partial.reused else [])
             + [("table", str(Path(cfg.output) / "compare.md")), ("chart", str(Path(cfg.output) / "compare.png"))])
     return 0
+
+
+def _answer_budget(cfg: CompareConfig, fam: str, model: str, train: list[QA]) -> tuple[CompareConfig, dict[str, Any]]:
+    """The family's answer budget (gen.max_new_tokens, or with 0 from the QA train answers in its
+    model's tokens) and the config that decodes with it; warned about when it cuts more than 10%
+    of the train answers."""
+    from dataclasses import replace
+
+    from domainlm.eval.generate import answer_budget
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    hf = open_hf_dir(model)
+    b = answer_budget(hf.tokenizer(), [qa.answer for qa in train], hf.max_positions or 2048, cfg.gen.max_new_tokens)
+    label = f"{fam} family" if fam else "existing base"
+    if b["auto"]:
+        log.info("compare: the %s answers in up to %d tokens (gen.max_new_tokens 0: its QA train answers' 99th "
+                 "percentile is %d tokens)", label, b["max_new_tokens"], b["p99_tokens"])
+    elif b["longer_than_budget"] > 0.1 * b["train_answers"]:
+        log.warning("compare: gen.max_new_tokens %d leaves %d of the %d QA train answers no room (the %s's tokens; "
+                    "99th percentile %d): answers that long are cut and score lower; raise it, or set 0 to take it "
+                    "from the train answers", b["max_new_tokens"], b["longer_than_budget"], b["train_answers"], label,
+                    b["p99_tokens"])
+    return (replace(cfg, gen=replace(cfg.gen, max_new_tokens=b["max_new_tokens"])) if b["auto"] else cfg), b
+
+
+def _budget_words(b: dict[str, Any]) -> str:
+    how = "from the train answers" if b["auto"] else "gen.max_new_tokens"
+    return (f"{b['max_new_tokens']} tokens ({how}; train answers p99 {b['p99_tokens']}, "
+            f"{b['longer_than_budget']:,} of {b['train_answers']:,} longer)")
 
 
 BASE_ROWS = ("zero-shot", "few-shot", "rag")

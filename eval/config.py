@@ -31,7 +31,9 @@ class GenArgs:
     """Decoding."""
 
     max_new_tokens: int = 48
-    """Longest answer in tokens."""
+    """Longest answer in tokens. 0 (`compare` only): from the QA train answers, per model family,
+    ceil(1.2 x their 99th percentile in the model's tokens) + 8, within 16..1024 and half the
+    context, so a domain with long answers is not scored on answers cut short."""
     batch_size: int = 16
     """Questions decoded together (left-padded into one `generate` call)."""
     temperature: float = 0.0
@@ -57,9 +59,13 @@ def decoding(g: GenArgs) -> dict[str, Any]:
             "top_p": g.top_p}
 
 
-def _check_gen(g: GenArgs) -> None:
-    if g.batch_size < 1 or g.max_new_tokens < 1:
-        raise UserError("gen.batch_size and gen.max_new_tokens must be >= 1")
+def _check_gen(g: GenArgs, auto: bool = False) -> None:
+    if g.max_new_tokens == 0 and not auto:
+        raise UserError("gen.max_new_tokens 0 (from the QA train answers' lengths) is for `compare`; give the "
+                        "longest answer in tokens here")
+    if g.batch_size < 1 or g.max_new_tokens < 0:
+        raise UserError("gen.batch_size must be >= 1, gen.max_new_tokens >= 1" + (" (or 0: from the QA train "
+                        "answers)" if auto else ""))
     if g.threads < 0:
         raise UserError(f"gen.threads must be >= 0 (0: torch's default, every core), got {g.threads}")
     if g.temperature < 0:
@@ -140,9 +146,9 @@ class EvalQAConfig:
             raise UserError("mode rag needs --index INDEX_DIR (from `domainlm index build`)")
         if self.mode == "few-shot" and not self.prompt.few_shot_data:
             raise UserError("mode few-shot needs --prompt.few-shot-data QA_TRAIN_FILE (never the test split)")
-        if self.limit < 0 or self.gen.batch_size < 1 or self.gen.max_new_tokens < 1:
-            raise UserError("limit must be >= 0, gen.batch_size and gen.max_new_tokens >= 1")
         _check_gen(self.gen)
+        if self.limit < 0:
+            raise UserError(f"limit must be >= 0 (0: every question), got {self.limit}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -413,7 +419,7 @@ class CompareConfig:
         if self.consistency_questions and self.consistency_seeds < 2:
             raise UserError(f"consistency_seeds must be >= 2 (agreement across seeds compares two answers or more), "
                             f"got {self.consistency_seeds}; or set --consistency-questions 0 to skip the checks")
-        _check_gen(self.gen)
+        _check_gen(self.gen, auto=True)
 
 
 @dataclass(kw_only=True, slots=True)

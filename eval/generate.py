@@ -9,6 +9,7 @@ one `generate` call per question (checked by tests/test_eval.py and bench/compar
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,23 @@ def warn_cut(outs: list[Generation], max_positions: int, max_new_tokens: int, wh
                     len(outs), f" ({what})" if what else "", max_positions, max_new_tokens,
                     max_positions - max_new_tokens)
     return cut
+
+
+AUTO_TOKENS = (16, 1024)
+"""Bounds of an answer budget set from the training answers (`answer_budget`)."""
+
+
+def answer_budget(tok, answers: list[str], max_positions: int, fixed: int = 0) -> dict[str, int]:
+    """The answer budget for `gen.max_new_tokens` `fixed`, or with 0 from `answers` (the QA train
+    answers): ceil(1.2 x their 99th percentile in `tok`'s tokens) + 8 (a citation ' [n]' and the
+    end token), within AUTO_TOKENS and half the context. Also how many answers are longer than
+    the budget leaves them (budget less the 8), which the caller reports."""
+    lengths = sorted(len(ids) for ids in tok(list(answers), add_special_tokens=False)["input_ids"]) or [0]
+    p99 = lengths[max(0, math.ceil(0.99 * len(lengths)) - 1)]
+    auto = min(AUTO_TOKENS[1], max(AUTO_TOKENS[0], math.ceil(1.2 * p99) + 8), max(AUTO_TOKENS[0], max_positions // 2))
+    budget = fixed or auto
+    return {"max_new_tokens": budget, "auto": not fixed, "train_answers": len(answers), "p99_tokens": p99,
+            "longest_tokens": lengths[-1], "longer_than_budget": sum(n > budget - 8 for n in lengths)}
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

@@ -92,12 +92,16 @@ def footnote(report: dict[str, Any]) -> str:
     c = report.get("prompt_choice") or {}
     pct = round(100 * report.get("confidence", 0.95))
     cut = ", ".join(f"{n} {r['truncated']}" for n, r in report["approaches"].items() if r.get("truncated"))
+    budgets = report.get("answer_budget") or {}
+    budget = "; ".join(f"{b['max_new_tokens']} tokens" + (" (from the train answers)" if b.get("auto") else "")
+                       + (f" ({fam})" if len(budgets) > 1 else "") for fam, b in budgets.items())
     return (f"{report['questions']} held-out questions on {report.get('device', '?')}. Brackets: {pct}% bootstrap "
             f"intervals over questions; F1 vs best: the paired difference to {report.get('best') or 'the best'} on the "
             "same questions, \"tie\" when its interval includes 0. Prompt picked on "
             f"{c.get('dev_questions', 0)} dev questions (from the train split): template `{c.get('template')}`, "
             f"{c.get('shots')} shots (library version {c.get('library_version', '?')}). The index holds the gold "
             "documents by design: RAG is meant to find the answer there."
+            + (f" Answers up to {budget}." if budget else "")
             + (f" Prompts cut to fit the model's context (their end kept, the start lost): {cut}." if cut else ""))
 
 

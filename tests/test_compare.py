@@ -231,6 +231,43 @@ def test_an_interrupted_compare_resumes_with_the_approaches_it_finished(compare_
     assert json.loads((out / "compare.json").read_text())["resumed"] == []
 
 
+def test_the_answer_budget_from_the_train_answers(compare_inputs, capsys, tiny_hf_model):
+    """gen.max_new_tokens 0: ceil(1.2 x the 99th percentile of the QA train answers in the model's
+    tokens) + 8, within 16..1024 and half the context; a fixed budget that cuts more than 10% of
+    them is warned about; `eval qa` has no train answers and refuses 0."""
+    from domainlm.eval.generate import answer_budget
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+    from domainlm.qa import read_qa
+
+    tok = open_hf_dir(tiny_hf_model).tokenizer()
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in ("one", "one two three", "x " * 60)]
+    b = answer_budget(tok, ["one", "one two three", "x " * 60], 512)
+    assert b == {"max_new_tokens": min(256, -(-12 * max(lengths) // 10) + 8), "auto": True, "train_answers": 3,
+                 "p99_tokens": max(lengths), "longest_tokens": max(lengths), "longer_than_budget": 0}
+    assert answer_budget(tok, ["one"] * 5, 512)["max_new_tokens"] == 16            # the floor
+    assert answer_budget(tok, ["x " * 400], 256)["max_new_tokens"] == 128          # half the context
+    fixed = answer_budget(tok, ["one", "x " * 60], 512, fixed=20)
+    assert fixed["max_new_tokens"] == 20 and not fixed["auto"] and fixed["longer_than_budget"] == 1
+
+    inp = compare_inputs
+    out = inp["root"] / "budget"
+    code, stdout, err = run_cli(compare_args(inp, out, "--approaches", "zero-shot", "--gen.max-new-tokens", 0), capsys)
+    assert code == 0, err[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    train = read_qa(inp["train"])
+    want = answer_budget(tok, [q.answer for q in train], open_hf_dir(inp["model"]).max_positions)
+    assert report["answer_budget"] == {"base": want} and want["auto"] and 16 <= want["max_new_tokens"] <= 256
+    recs = [json.loads(x) for x in (out / "approaches" / record_file("zero-shot")).read_text().splitlines()]
+    assert max(r["tokens_out"] for r in recs) <= want["max_new_tokens"]
+    assert f"up to {want['max_new_tokens']} tokens (gen.max_new_tokens 0" in err
+    assert f"Answers up to {want['max_new_tokens']} tokens (from the train answers)." in (out / "compare.md").read_text()
+    code, stdout, err = run_cli(compare_args(inp, inp["root"] / "budget6", "--approaches", "zero-shot"), capsys)
+    assert code == 0 and "gen.max_new_tokens 6 leaves" in err and "answers that long are cut" in err, err[-3000:]
+    code, _, err = run_cli(["eval", "qa", "--model", inp["model"], "--data", inp["test"], "--mode", "zero-shot",
+                            "--gen.max-new-tokens", 0, "--output", inp["root"] / "qa0"], capsys)
+    assert code == 2 and "gen.max_new_tokens 0 (from the QA train answers' lengths) is for `compare`" in err
+
+
 def test_compare_needs_the_family_inputs(compare_inputs, capsys, tmp_path):
     inp = compare_inputs
     code, _, err = run_cli(compare_args(inp, tmp_path / "a", "--approaches", "scratch/sft"), capsys)
