@@ -93,8 +93,10 @@ def footnote(report: dict[str, Any]) -> str:
     pct = round(100 * report.get("confidence", 0.95))
     cut = ", ".join(f"{n} {r['truncated']}" for n, r in report["approaches"].items() if r.get("truncated"))
     budgets = report.get("answer_budget") or {}
-    budget = "; ".join(f"{b['max_new_tokens']} tokens" + (" (from the train answers)" if b.get("auto") else "")
-                       + (f" ({fam})" if len(budgets) > 1 else "") for fam, b in budgets.items())
+    budget = ", ".join(f"{b['max_new_tokens']} tokens" + (f" ({fam})" if len(budgets) > 1 else "")
+                       for fam, b in budgets.items())
+    if budget and any(b.get("auto") for b in budgets.values()):
+        budget += ", from the QA train answers' lengths"
     return (f"{report['questions']} held-out questions on {report.get('device', '?')}. Brackets: {pct}% bootstrap "
             f"intervals over questions; F1 vs best: the paired difference to {report.get('best') or 'the best'} on the "
             "same questions, \"tie\" when its interval includes 0. Prompt picked on "

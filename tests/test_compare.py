@@ -260,7 +260,8 @@ def test_the_answer_budget_from_the_train_answers(compare_inputs, capsys, tiny_h
     recs = [json.loads(x) for x in (out / "approaches" / record_file("zero-shot")).read_text().splitlines()]
     assert max(r["tokens_out"] for r in recs) <= want["max_new_tokens"]
     assert f"up to {want['max_new_tokens']} tokens (gen.max_new_tokens 0" in err
-    assert f"Answers up to {want['max_new_tokens']} tokens (from the train answers)." in (out / "compare.md").read_text()
+    assert (f"Answers up to {want['max_new_tokens']} tokens, from the QA train answers' lengths."
+            in (out / "compare.md").read_text())
     code, stdout, err = run_cli(compare_args(inp, inp["root"] / "budget6", "--approaches", "zero-shot"), capsys)
     assert code == 0 and "gen.max_new_tokens 6 leaves" in err and "answers that long are cut" in err, err[-3000:]
     code, _, err = run_cli(["eval", "qa", "--model", inp["model"], "--data", inp["test"], "--mode", "zero-shot",
