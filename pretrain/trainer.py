@@ -83,14 +83,10 @@ class Trainer:
         t = self.cfg.train
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.train_loader = self._loader("train")
+        self.eval_micro_batch = t.micro_batch_size
         self.valid_loader = self._loader("valid") if self.cfg.eval.every else None
         if self.valid_loader is not None and self._eval_batches() == 0:
-            p = self.cfg.parallel
-            need = f"{p.pipeline} micro batches of windows (the interleaved schedule of parallel.virtual_pipeline=" \
-                   f"{p.virtual_pipeline} runs a multiple of parallel.pipeline)" if p.virtual_pipeline > 1 \
-                else "one micro batch of windows"
-            raise UserError(f"the shards' valid split holds less than {need}; lower "
-                            "train.micro_batch_size / train.seq_len or set eval.every=0")
+            self._small_valid_split()
         if self.rank == 0:
             checkpoint.prepare(self.root, self.cfg, self.tok, self._manifest())
         dist.barrier()
@@ -222,13 +218,36 @@ class Trainer:
         return optim.build(self.cfg.optim, bf16=self.bf16, distributed=self.cfg.parallel.distributed_optimizer,
                            cpu=cpu, model_chunks=self.model)
 
-    def _loader(self, split: str, seed: int | None = None):
+    def _small_valid_split(self) -> None:
+        """A valid split with fewer windows than one micro batch (a small corpus: `data shard`'s
+        valid fraction drew one short document) is read in smaller micro batches, one pass of
+        them; with no whole window (or fewer than PP under the interleaved schedule), UserError."""
+        p, t = self.cfg.parallel, self.cfg.train
+        need = p.pipeline if p.virtual_pipeline > 1 else 1
+        windows = torch.tensor([len(self._loader("valid", micro_batch_size=1))], device=self.device)
+        dist.all_reduce(windows, op=dist.ReduceOp.MIN)        # every data-parallel rank runs the same batches
+        windows = int(windows.item())
+        if windows < need:
+            what = f"{need} windows (the interleaved schedule of parallel.virtual_pipeline={p.virtual_pipeline} runs " \
+                   "a multiple of parallel.pipeline micro batches)" if need > 1 else "one window"
+            raise UserError(f"the shards' valid split holds {windows} window(s) of {t.seq_len} tokens on a rank, less "
+                            f"than {what}; rebuild the shards with a larger --valid-fraction, lower train.seq_len, or "
+                            "set eval.every=0")
+        self.eval_micro_batch = windows // need
+        self.valid_loader = self._loader("valid", micro_batch_size=self.eval_micro_batch)
+        if self.rank == 0:
+            log.warning("pretrain: the shards' valid split holds %d window(s) of %d tokens, less than one micro batch "
+                        "of %d: validating on %d micro batch(es) of %d (a larger --valid-fraction in `data shard` "
+                        "gives a steadier validation loss)", windows, t.seq_len, t.micro_batch_size, need,
+                        self.eval_micro_batch)
+
+    def _loader(self, split: str, seed: int | None = None, micro_batch_size: int | None = None):
         from domainlm.pretrain.loader import TokenWindowLoader
 
         t = self.cfg.train
         data = self.cfg.data if seed is None else dataclasses.replace(self.cfg.data, seed=seed)
         return TokenWindowLoader(
-            data, split=split, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+            data, split=split, seq_len=t.seq_len, micro_batch_size=micro_batch_size or t.micro_batch_size,
             dp_rank=self.dp_rank, dp_size=self.dp_size, vocab_size=self.tok.vocab_size,
             tokenizer_sha256=self.tok.sha256, infinite=split == "train")
 
@@ -377,8 +396,10 @@ class Trainer:
         dist.all_reduce(sums)
         return (sums[0] / sums[1]).item()
 
-    def _run_schedule(self, data_iterator, num_micro: int, *, forward_only: bool) -> list:
-        """num_micro micro-batches through the schedule; the last stage's loss records.
+    def _run_schedule(self, data_iterator, num_micro: int, *, forward_only: bool,
+                      micro_batch_size: int | None = None) -> list:
+        """num_micro micro-batches (of micro_batch_size windows, train.micro_batch_size unless
+        given) through the schedule; the last stage's loss records.
 
         Every chunk reads the same micro-batches: with virtual stages each gets its own view of
         the iterator (itertools.tee), so the loader advances by num_micro whatever the layout."""
@@ -390,8 +411,8 @@ class Trainer:
         with self._steps_context():
             return self.forward_backward(
                 forward_step_func=self._forward_step, data_iterator=data, model=model,
-                num_microbatches=num_micro, seq_length=t.seq_len, micro_batch_size=t.micro_batch_size,
-                forward_only=forward_only)
+                num_microbatches=num_micro, seq_length=t.seq_len,
+                micro_batch_size=micro_batch_size or t.micro_batch_size, forward_only=forward_only)
 
     def train_step(self) -> tuple[float, float | None]:
         """One optimizer step over global_batch_size windows; returns (loss, grad norm)."""
@@ -415,7 +436,8 @@ class Trainer:
     def evaluate(self) -> float:
         for chunk in self.model:
             chunk.eval()
-        store = self._run_schedule(iter(self.valid_loader), self._eval_batches(), forward_only=True)
+        store = self._run_schedule(iter(self.valid_loader), self._eval_batches(), forward_only=True,
+                                   micro_batch_size=self.eval_micro_batch)
         for chunk in self.model:
             chunk.train()
         return self._mean_loss(store)

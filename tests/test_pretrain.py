@@ -94,6 +94,36 @@ def test_tiny_model_trains_and_writes_a_checkpoint_dir(tokenizer_dir, shards, tm
     assert "num_layers: 2" in (ckpt / "config.yaml").read_text()
 
 
+def test_a_valid_split_smaller_than_a_micro_batch_is_read_in_smaller_ones(tokenizer_dir, pydoc_corpus, tmp_path,
+                                                                           capsys):
+    """A small corpus whose valid split drew one short document (fewer windows than a micro batch)
+    validates on micro batches of what it holds: the validation loss at step 0 is the one a run
+    whose micro batch is that size computes (the same initial weights, the same windows)."""
+    from domainlm.pretrain.loader import TokenWindowLoader
+    from domainlm.pretrain.config import DataArgs
+
+    small = token_shards(tmp_path / "shards", tokenizer_dir, pydoc_corpus, train=[200], valid=1)
+    windows = len(TokenWindowLoader(DataArgs(shards=[str(small)]), split="valid", seq_len=32, micro_batch_size=1,
+                                    infinite=False))
+    assert 1 <= windows < 16
+    evals = {}
+    for mbs, ckpt in ((16, tmp_path / "big"), (windows, tmp_path / "small")):
+        code, out, err = run_cli(args(tokenizer_dir, small, ckpt, "--train.max-steps", 3, "--eval.every", 3,
+                                      "--train.micro-batch-size", mbs, "--train.global-batch-size", mbs), capsys)
+        assert code == 0, err[-3000:]
+        evals[mbs] = [json.loads(x) for x in (ckpt / "logs/metrics.jsonl").read_text().splitlines()
+                      if json.loads(x)["kind"] == "eval"]
+        warned = f"holds {windows} window(s) of 32 tokens, less than one micro batch of 16: validating on 1 micro " \
+                 f"batch(es) of {windows}"
+        assert (warned in " ".join(err.split())) == (mbs == 16), err[-3000:]
+    assert evals[16][0]["step"] == 0 and evals[16][0]["val_loss"] == pytest.approx(evals[windows][0]["val_loss"],
+                                                                                   rel=1e-6)
+    # no whole window at all is still refused, with the fix
+    code, _, err = run_cli(args(tokenizer_dir, small, tmp_path / "none", "--train.max-steps", 3, "--eval.every", 3,
+                                "--train.seq-len", 4096), capsys)
+    assert code == 2 and "valid split holds 0 window(s) of 4096 tokens" in err and "--valid-fraction" in err, err
+
+
 def test_kill_then_resume_gives_the_uninterrupted_losses(tokenizer_dir, shards, tmp_path, capsys):
     full, killed = tmp_path / "full", tmp_path / "killed"
     code, _, err = run_cli(args(tokenizer_dir, shards, full, "--train.max-steps", 30), capsys)
