@@ -263,11 +263,11 @@ class Partial:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def partial_key(cfg: CompareConfig, device: str, dtype) -> str:
-    """What decides an approach's answers and measurements (see Partial)."""
+def partial_key(cfg: CompareConfig, described: list[dict], device: str, dtype) -> str:
+    """What decides an approach's answers and measurements (see Partial); `described`: inputs(cfg)."""
     config = recorded_config(cfg)
     config.pop("approaches", None)
-    return sha256_json({"stage": stages.COMPARE, "config": config, "inputs": inputs(cfg), "device": device,
+    return sha256_json({"stage": stages.COMPARE, "config": config, "inputs": described, "device": device,
                         "dtype": str(dtype), "versions": library_versions()})
 
 
@@ -317,7 +317,8 @@ def run(cfg: CompareConfig) -> int:
     dtype = torch_dtype(cfg.gen.dtype, device)
     with StageOutput(cfg.output, stages.COMPARE, overwrite=cfg.overwrite) as out, \
             cpu_threads(cfg.gen.threads if device == "cpu" else 0):
-        partial = Partial(cfg.output, partial_key(cfg, device, dtype))
+        described = inputs(cfg)
+        partial = Partial(cfg.output, partial_key(cfg, described, device, dtype))
         (out.tmp / "approaches").mkdir()
         results: dict[str, dict[str, Any]] = {}
         records: dict[str, list[dict[str, Any]]] = {}
@@ -372,7 +373,7 @@ def run(cfg: CompareConfig) -> int:
         table = markdown_table(report)
         (out.tmp / "compare.md").write_text(table, encoding="utf-8")
         compare_chart(report, out.tmp / "compare.png")
-        out.commit(make_manifest(stages.COMPARE, cfg, inputs(cfg), summary={
+        out.commit(make_manifest(stages.COMPARE, cfg, described, summary={
             k: {"exact_match": v["exact_match"], "f1": v["f1"]} for k, v in results.items()}))
     partial.remove()
     print(table)

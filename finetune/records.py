@@ -32,6 +32,8 @@ from domainlm.qa import refuse_test_files, split_spec
 
 DATA_SUFFIXES = (".jsonl", ".json")
 ROLES = ("system", "user", "assistant")
+PAIRS = (("prompt", "completion"), ("instruction", "output"), ("question", "answer"))
+"""The field pairs of the formats other than chat."""
 EXCERPT_CHARS = 200
 # Dead-letter reasons, in the order the checks run.
 MALFORMED = ("invalid_utf8", "invalid_json", "not_an_object", "unknown_format", "not_a_string",
@@ -165,8 +167,7 @@ def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         try:
             return check_conversation([_message(m, i) for i, m in enumerate(msgs)]), "chat"
         except Bad as bad:
-            other = next((p for p in (("question", "answer"), ("prompt", "completion"), ("instruction", "output"))
-                          if all(k in rec for k in p)), None)
+            other = next((p for p in PAIRS if all(k in rec for k in p)), None)
             if bad.reason == "no_assistant_turn" and other:
                 # `messages` wins over the other fields; say so, or the user sees a QA record dropped
                 raise Bad(bad.reason, f"{bad.message} in 'messages'; the record's {'/'.join(other)} fields are "
@@ -193,7 +194,7 @@ def to_messages(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
         return check_conversation(_system(rec) + [{"role": "user", "content": _text(rec, "question")},
                                                   {"role": "assistant", "content": _text(rec, "answer")}]), "qa"
     fields = ", ".join(sorted(map(str, rec))) or "none"
-    for pair in (("prompt", "completion"), ("instruction", "output"), ("question", "answer")):
+    for pair in PAIRS:
         missing = [k for k in pair if k not in rec]
         if len(missing) == 1:
             raise Bad("unknown_format", f"field {missing[0]!r} is missing (fields: {fields}); a {'/'.join(pair)} "

@@ -257,15 +257,19 @@ class TokenWindowLoader:
         if self._blocks is not None:
             self._blocks.close()
 
-    def __len__(self) -> int:
-        """Batches in one pass of a finite loader (the last incomplete micro batch left out)."""
+    def windows(self) -> int:
+        """Whole windows in one pass of a finite loader (the tail shorter than a window left out)."""
         if self.infinite:
             raise TypeError("an infinite TokenWindowLoader has no length; pass infinite=False for one pass")
         windows = 0
         for plan in self._plans:
             t = plan.tokens(0)
             windows += (t - 1) // self.seq_len if t > self.seq_len else 0
-        return windows // self.micro_batch_size
+        return windows
+
+    def __len__(self) -> int:
+        """Batches in one pass of a finite loader (the last incomplete micro batch left out)."""
+        return self.windows() // self.micro_batch_size
 
     def _draw(self, window: int) -> float:
         """The seeded uniform draw of window `window` (positional: no state but the window number)."""

@@ -224,7 +224,7 @@ class Trainer:
         them; with no whole window (or fewer than PP under the interleaved schedule), UserError."""
         p, t = self.cfg.parallel, self.cfg.train
         need = p.pipeline if p.virtual_pipeline > 1 else 1
-        windows = torch.tensor([len(self._loader("valid", micro_batch_size=1))], device=self.device)
+        windows = torch.tensor([self.valid_loader.windows()], device=self.device)
         dist.all_reduce(windows, op=dist.ReduceOp.MIN)        # every data-parallel rank runs the same batches
         windows = int(windows.item())
         if windows < need:
