@@ -131,6 +131,12 @@ class ShardConfig:
     one are named by file and line."""
     valid_fraction: float = 0.01
     """Share of documents (by a seeded hash of their text) that go to valid/."""
+    valid_min_tokens: int = 4096
+    """When the fraction gives valid/ fewer tokens than this (a corpus of a few dozen documents
+    often gets none at 0.01), one train document moves there: the shortest of at least this many
+    tokens (it takes the least from train), else the longest. Decided over the whole corpus by
+    the texts alone, so the output still does not depend on runner, workers or input order.
+    0 turns it off; never with --valid-fraction 0 or fewer than 2 train documents."""
     shard_bytes: int = 128_000_000
     """Target size of a shard; the number of shards per split is its size over this."""
     seed: int = 0
@@ -150,6 +156,8 @@ class ShardConfig:
             raise UserError("input: give at least one corpus file, glob or directory")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise UserError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.valid_min_tokens < 0:
+            raise UserError(f"valid_min_tokens must be >= 0 (0 turns the move to valid/ off), got {self.valid_min_tokens}")
         if self.shard_bytes < 4096:
             raise UserError(f"shard_bytes is {self.shard_bytes}; give at least 4096 (e.g. 128000000)")
         if f.min_chars < 0 or f.max_chars < 0:

@@ -442,28 +442,48 @@ def test_a_50_mb_document_is_dropped_as_too_long_or_kept_when_allowed(tmp_path, 
     assert texts["big"] == big[:1_000_000]
 
 
-def test_a_small_corpus_without_valid_documents_is_named_in_the_summary_and_by_pretraining(
+def test_a_small_corpus_without_valid_documents_gets_one_moved_there_or_is_named_in_the_summary(
         tmp_path, tokenizer_dir, pydoc_corpus, capsys):
-    """12 documents at --valid-fraction 0.01 get no validation document (the split is a hash of
-    each text): a warning in the summary and the log with the fix, and the loader's refusal names
-    that cause, not --valid-fraction 0."""
+    """12 documents at --valid-fraction 0.01 get no validation document from the hash: by default
+    the longest (none reaches --valid-min-tokens) moves from train to valid, said in the summary.
+    With --valid-min-tokens 0 the old outcome: a warning in the summary and the log with the fix,
+    and the loader's refusal names that cause, not --valid-fraction 0."""
+    from domainlm.data.beam.manifest import bytes_per_token
     from domainlm.data.shards import open_shards_dir
     from domainlm.errors import UserError
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
 
+    docs = _pydoc_docs(pydoc_corpus)[:12]
     corpus = tmp_path / "small.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in _pydoc_docs(pydoc_corpus)[:12]))
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
 
-    def shard(fraction: str) -> tuple[Path, str, str]:
-        out = tmp_path / f"out-{fraction}"
+    def shard(fraction: str, *extra) -> tuple[Path, str, str]:
+        out = tmp_path / f"out-{fraction}-{len(extra)}"
         code, text, err = run_cli(["data", "shard", "--input", corpus, "--tokenizer", tokenizer_dir, "--output", out,
                                    "--valid-fraction", fraction, "--beam.direct-num-workers", "1",
-                                   "--dedup.near", "false"], capsys)
+                                   "--dedup.near", "false", *extra], capsys)
         assert code == 0, err
         return out, text, err
 
     out, text, err = shard("0.01")
     m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["valid"]["documents"] == 1 and m["splits"]["train"]["documents"] == 11
+    assert m["counts"]["moved_to_valid"] == 1 and m["config"]["valid_min_tokens"] == 4096
+    # the longest by the estimate (bytes over the tokenizer's bytes per token), the first read on a tie
+    bpt = bytes_per_token(load_tokenizer_dir(tokenizer_dir))
+    estimate = [int(np.ceil(len(d["text"].encode()) / bpt)) for d in docs]
+    longest = docs[min(range(12), key=lambda i: (-estimate[i], i))]["id"]
+    (moved,) = [meta for split, _, _, meta in _samples(out) if split == "valid"]
+    assert moved["id"] == longest and m["counts"]["moved_to_valid_tokens"] == moved["tokens"]
+    row = next(line for line in text.splitlines() if line.strip().startswith("moved to valid"))
+    assert f"1 train document ({moved['tokens']:,} tokens" in row and "--valid-min-tokens 4,096" in row
+    assert "NO VALID" not in text and "no validation document" not in err
+    assert open_shards_dir(out).split("valid").tokens == moved["tokens"]
+
+    out, text, err = shard("0.01", "--valid-min-tokens", "0")
+    m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["valid"]["documents"] == 0 and m["splits"]["train"]["documents"] == 12
+    assert m["counts"]["moved_to_valid"] == 0 and "moved to valid" not in text
     row = next(line for line in text.splitlines() if line.strip().startswith("NO VALID"))
     for needle in ("--valid-fraction 0.01 gave none of the 12 documents", "pretraining validates on valid/",
                    "rerun with --valid-fraction 0.25 or more", "or with more documents"):
@@ -471,15 +491,59 @@ def test_a_small_corpus_without_valid_documents_is_named_in_the_summary_and_by_p
     with pytest.raises(UserError, match=r"no 'valid' tokens: --valid-fraction 0.01 gave none of the 12 documents"
                                         r".*rebuild it with --valid-fraction 0.25 or more.*--eval.every 0"):
         open_shards_dir(out).split("valid")
-    # built with 0 on purpose: no warning, and the refusal says so
+    # built with 0 on purpose: nothing moved, no warning, and the refusal says so
     out, text, err = shard("0")
-    assert "NO VALID" not in text and "no validation document" not in err
+    assert "NO VALID" not in text and "no validation document" not in err and "moved to valid" not in text
     with pytest.raises(UserError, match=r"built with --valid-fraction 0; rebuild it with --valid-fraction above 0"):
         open_shards_dir(out).split("valid")
-    # a fraction that gives valid documents: no warning
-    out, text, err = shard("0.4")
-    assert json.loads((out / "manifest.json").read_text())["splits"]["valid"]["documents"] > 0
-    assert "NO VALID" not in text and "no validation document" not in err
+    # a fraction that gives valid documents with tokens to spare: nothing moved, no warning
+    out, text, err = shard("0.4", "--valid-min-tokens", "100")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["valid"]["documents"] > 0 and m["counts"]["moved_to_valid"] == 0
+    assert "NO VALID" not in text and "no validation document" not in err and "moved to valid" not in text
+
+
+def test_the_document_moved_to_valid_depends_on_the_texts_alone(tmp_path, tokenizer_dir, pydoc_corpus, capsys):
+    """Where several train documents reach --valid-min-tokens, the one moved is the shortest of
+    them: the same document whatever the order of the input, the number of workers or the
+    chunking, and the shards byte-identical across those. A single document is never moved
+    (train would be empty)."""
+    from domainlm.data.beam.manifest import bytes_per_token
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+    docs = [d for d in _pydoc_docs(pydoc_corpus) if len(d["text"]) >= 400][:30]
+    assert len(docs) == 30
+
+    def shard(name: str, lines: list[dict], *extra) -> tuple[Path, dict, str]:
+        corpus = tmp_path / "corpus.jsonl"  # one path: keys hash it
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in lines))
+        out = tmp_path / f"out-{name}"
+        code, text, err = run_cli(["data", "shard", "--input", corpus, "--tokenizer", tokenizer_dir, "--output", out,
+                                   "--valid-fraction", "0.001", "--valid-min-tokens", "60",
+                                   "--dedup.near", "false", *extra], capsys)
+        assert code == 0, err
+        return out, json.loads((out / "manifest.json").read_text()), text
+
+    def valid_ids(out: Path) -> list[str]:
+        return [meta["id"] for split, _, _, meta in _samples(out) if split == "valid"]
+
+    out, m, _ = shard("a", docs, "--beam.direct-num-workers", "1")
+    (chosen,) = valid_ids(out)
+    assert m["counts"]["moved_to_valid"] == 1 and m["counts"]["moved_to_valid_tokens"] >= 60
+    bpt = bytes_per_token(load_tokenizer_dir(tokenizer_dir))
+    estimate = {d["id"]: int(np.ceil(len(d["text"].encode()) / bpt)) for d in docs}
+    assert estimate[chosen] == min(e for e in estimate.values() if e >= 60)
+    out2, m2, _ = shard("b", docs[::-1], "--beam.direct-num-workers", "2", "--beam.chunk-bytes", "2048")
+    assert valid_ids(out2) == [chosen] and m2["counts"]["moved_to_valid"] == 1
+    out3, m3, _ = shard("c", docs, "--beam.direct-num-workers", "2", "--beam.chunk-bytes", "2048")
+    assert [s["sha256"] for s in m3["splits"]["valid"]["shards"]] == [s["sha256"] for s in m["splits"]["valid"]["shards"]]
+    assert [s["sha256"] for s in m3["splits"]["train"]["shards"]] == [s["sha256"] for s in m["splits"]["train"]["shards"]]
+    # without the chosen document another one is chosen; with it alone nothing moves
+    rest = [d for d in docs if d["id"] != chosen]
+    out4, _, _ = shard("d", rest, "--beam.direct-num-workers", "1")
+    assert len(valid_ids(out4)) == 1 and valid_ids(out4) != [chosen]
+    out5, m5, text = shard("e", [d for d in docs if d["id"] == chosen], "--beam.direct-num-workers", "1")
+    assert m5["counts"]["moved_to_valid"] == 0 and m5["splits"]["train"]["documents"] == 1 and "NO VALID" in text
 
 
 def test_a_bom_is_read_and_ids_that_are_not_strings_or_integers_are_dead_letters(tmp_path, tokenizer_dir, capsys):

@@ -150,12 +150,14 @@ class ReadChunk(beam.DoFn):
         refs = np.asarray(block.refs, dtype=np.int64)
         h = np.frombuffer(b"".join(block.digests), dtype="<u8").reshape(-1, 2)
         h1, h2 = h[:, 0].astype(np.uint64), h[:, 1].astype(np.uint64)
-        split = split_of(h1, cfg.seed, cfg.valid_fraction)
+        rank = salted(h1, cfg.seed, _SALT_SPLIT)
+        split = split_of(rank, cfg.valid_fraction)
         label = len(self.plan.files[self.plan.chunks[ordinal].file].label)
-        est = estimate_tar_bytes(np.asarray(block.sizes, dtype=np.int64),
-                                 np.array([len(i) if i is not None else label + 8 for i in block.ids]),
-                                 self.bytes_per_token, self.itemsize)
-        yield beam.pvalue.TaggedOutput("sizes", split_sums(split, est))
+        tokens = estimate_tokens(np.asarray(block.sizes, dtype=np.int64), self.bytes_per_token)
+        est = tar_bytes(tokens, 60 + 2 * np.array([len(i) if i is not None else label + 8 for i in block.ids]),
+                        self.itemsize)
+        yield beam.pvalue.TaggedOutput("sizes", {**split_sums(split, est),
+                                                 **valid_candidate(split, rank, tokens, refs, est, cfg.valid_min_tokens)})
         name = f"{ordinal}-{int(refs[0])}"  # the block's first ref: unique
         yield from self.spill.put(f"docs-{name}", [dumps({"chunk": ordinal, "refs": refs, "ids": block.ids,
                                                            "texts": block.texts, "split": split})])
@@ -211,20 +213,55 @@ def salted(h: np.ndarray, seed: int, salt: int) -> np.ndarray:
         return splitmix64(h ^ splitmix64(np.array([seed * 2**32 + salt], dtype=np.uint64)))
 
 
-def split_of(h1: np.ndarray, seed: int, valid_fraction: float) -> np.ndarray:
-    """0 (train) or 1 (valid) by a seeded hash of the text: a text's split never depends on
-    where or when it is read."""
+def split_of(rank: np.ndarray, valid_fraction: float) -> np.ndarray:
+    """0 (train) or 1 (valid) by `rank`, the seeded hash of the text (salted(h1, seed,
+    _SALT_SPLIT)): a text's split never depends on where or when it is read. The one exception,
+    decided over the whole corpus, is `valid_candidate`'s move of one document to a valid split
+    that the fraction left (nearly) empty."""
     if valid_fraction <= 0:
-        return np.zeros(len(h1), dtype=np.uint8)
-    return (salted(h1, seed, _SALT_SPLIT) < np.uint64(int(valid_fraction * 2.0**64))).astype(np.uint8)
+        return np.zeros(len(rank), dtype=np.uint8)
+    return (rank < np.uint64(int(valid_fraction * 2.0**64))).astype(np.uint8)
 
 
-def estimate_tar_bytes(text_bytes: np.ndarray, id_len: np.ndarray, bytes_per_token: float,
-                       itemsize: int) -> np.ndarray:
-    """tar_bytes before tokenizing: tokens from the tokenizer's measured bytes per token, the
-    .json member from the id's length."""
-    tokens = np.ceil(text_bytes / bytes_per_token).astype(np.int64)
-    return tar_bytes(tokens, 60 + 2 * id_len, itemsize)
+def estimate_tokens(text_bytes: np.ndarray, bytes_per_token: float) -> np.ndarray:
+    """Tokens before tokenizing, from the tokenizer's measured bytes per token."""
+    return np.ceil(text_bytes / bytes_per_token).astype(np.int64)
+
+
+def valid_candidate(split: np.ndarray, rank: np.ndarray, tokens: np.ndarray, refs: np.ndarray, est: np.ndarray,
+                    min_tokens: int) -> dict:
+    """A block's part of the valid fallback (`pick_valid`): its valid tokens and train documents
+    (estimated, summed over blocks), and its best train document to move to valid: the shortest
+    of at least `min_tokens` (it takes the least from train), else the longest; ties by `rank`,
+    then ref. The key depends on the text alone (a ref decides only between equal texts, of
+    which exact deduplication keeps the smallest ref)."""
+    train = np.flatnonzero(split == 0)
+    out = {"valid_tokens": int(tokens[split == 1].sum()), "train_documents": int(len(train))}
+    if min_tokens > 0 and len(train):
+        t = tokens[train]
+        short = (t < min_tokens).astype(np.int64)
+        length = np.where(short == 1, -t, t)
+        i = np.lexsort((refs[train], rank[train], length, short))[0]
+        out["pick"] = (int(short[i]), int(length[i]), int(rank[train[i]]), int(refs[train[i]]), int(est[train[i]]))
+    return out
+
+
+def pick_valid(sizes: list[dict], valid_fraction: float, min_tokens: int) -> tuple[dict[str, int], int | None]:
+    """The blocks' `sizes` summed (estimated tar bytes by split, with the move applied), and the
+    ref of the train document to move to valid (None: no move): when the fraction gave valid
+    fewer than `min_tokens` estimated tokens and train holds at least 2 documents."""
+    total: Counter = Counter()
+    for d in sizes:
+        total.update({k: v for k, v in d.items() if k != "pick"})
+    merged = dict(total)
+    picks = [d["pick"] for d in sizes if "pick" in d]
+    if (valid_fraction <= 0 or min_tokens <= 0 or not picks or merged.get("valid_tokens", 0) >= min_tokens
+            or merged.get("train_documents", 0) < 2):
+        return merged, None
+    *_, ref, est = min(picks)
+    merged["train"] = merged.get("train", 0) - est
+    merged["valid"] = merged.get("valid", 0) + est
+    return merged, ref
 
 
 def split_sums(split: np.ndarray, est: np.ndarray) -> dict[str, int]:

@@ -41,6 +41,8 @@ def manifest_fields(result: dict, tok, dtype: str, n_files: int) -> dict:
         "near_candidate_pairs": int(stats.get("near_candidate_pairs", 0)),
         "near_duplicate_pairs": int(stats.get("near_duplicate_pairs", 0)),
         "renamed_duplicate_keys": sum(s["renamed_keys"] for s in result["shards"]),
+        "moved_to_valid": int(stats.get("moved_to_valid", 0)),
+        "moved_to_valid_tokens": int(stats.get("moved_to_valid_tokens", 0)),
     }
     tokenizer = tok.entry()
     return {"tokenizer": tokenizer, "token_dtype": dtype, "splits": splits, "dropped": dropped, "counts": counts}
@@ -84,6 +86,12 @@ def print_summary(cfg: ShardConfig, f: dict, seconds: float) -> None:
                 "are missing; repair or copy them again and rerun")
         log.warning("data shard: %s", note)
         rows.insert(3, ("UNREADABLE", note))
+    if c.get("moved_to_valid"):
+        note = (f"--valid-fraction {cfg.valid_fraction:g} gave valid/ under --valid-min-tokens "
+                f"{cfg.valid_min_tokens:,} tokens, so 1 train document ({c['moved_to_valid_tokens']:,} tokens: the shortest "
+                "that reaches it, else the longest) moved there")
+        log.info("data shard: %s", note)
+        rows.insert(len(rows) - 2, ("moved to valid", note))
     valid, documents = sp["valid"], sum(s["documents"] for s in sp.values())
     if cfg.valid_fraction > 0 and documents and not (valid["documents"] and valid["tokens"]):
         cause, fix = no_valid_document(cfg.valid_fraction, documents)

@@ -5,7 +5,7 @@
                    |                                    +- dropped sizes -> | side       |
                    |                                    +- pairs ---+       | inputs     |
                    +- sigs ------------------------ AttachFirst <--+-----> | (by chunk) |
-                   +- units (lines per chunk), sizes (estimated bytes) ---> |            |
+                   +- units (lines per chunk), sizes (est. bytes, valid) -> |            |
                    +- dead, stats ----------------------------------------------------- Summary
 
 Every element is a block of documents or an array of refs, so Beam's per-element cost stays

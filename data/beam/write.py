@@ -28,7 +28,7 @@ import apache_beam as beam
 import numpy as np
 
 from domainlm.data.beam.dedup import near_drops
-from domainlm.data.beam.docs import Reporter, dumps, loads, salted
+from domainlm.data.beam.docs import Reporter, dumps, loads, pick_valid, salted
 from domainlm.data.beam.minhash import MinHasher, optimal_bands
 from domainlm.data.beam.read import Plan
 from domainlm.data.beam.spill import Spill
@@ -78,7 +78,8 @@ class Tokenize(beam.DoFn):
                 dropped: list[dict]):
         if self.first is None:  # the same side inputs for every bundle: computed once a worker
             self.first = first_positions(self.plan, units)
-            self.n_shards = shard_counts(merge_counts(sizes), merge_counts(dropped), self.cfg.shard_bytes)
+            merged, self.to_valid = pick_valid(sizes, self.cfg.valid_fraction, self.cfg.valid_min_tokens)
+            self.n_shards = shard_counts(merged, merge_counts(dropped), self.cfg.shard_bytes)
         block = loads(self.spill.get(blob))
         chunk, refs = block["chunk"], block["refs"]
         exact = _refs([self.spill.get(r) for r in exact_side[chunk]])
@@ -98,6 +99,12 @@ class Tokenize(beam.DoFn):
         self.report(documents=len(keys), tokens=int(lengths.sum()))
         shard_hash = salted(keyhash, self.cfg.seed, _SALT_SHARD)
         split = block["split"][idx]
+        if self.to_valid is not None:
+            moved = refs[idx] == self.to_valid
+            if moved.any():
+                split = np.where(moved, np.uint8(1), split)
+                yield beam.pvalue.TaggedOutput("stats", {"moved_to_valid": 1,
+                                                         "moved_to_valid_tokens": int(lengths[moved].sum())})
         shard_keys, pieces = [], []
         for s, name in enumerate(SPLITS):
             shard = (shard_hash % U64(self.n_shards[name])).astype(np.int64)
