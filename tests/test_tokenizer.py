@@ -295,3 +295,40 @@ def test_report_matches_direct_measurement(tokenizer_dir, pydoc_corpus, capsys, 
     # The HF files alone, measured through transformers, give the same counts.
     assert rows[1]["kind"] == "transformers" and rows[1]["tokens"] == n_tok
     assert rows[1]["byte_fallback_rate"] == rows[0]["byte_fallback_rate"]
+
+
+def test_a_corpus_too_small_to_hold_a_document_out_checks_the_export_on_training_text(tmp_path, pydoc_corpus,
+                                                                                       capsys):
+    """12 documents at --heldout-fraction 0.001 hold none out: the HF parity check and the
+    measures run on the training text instead, under `train_sample` (not `heldout`), and what
+    reads the measured bytes per token (shard sizes, the converted model's card; the card used to
+    fail on the missing held-out report) takes it from there."""
+    import shutil
+    from types import SimpleNamespace
+
+    from domainlm.data.beam.manifest import bytes_per_token
+    from domainlm.pretrain.convert.card import training_summary
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir, measured_bytes_per_token
+
+    docs = [json.loads(line) for line in (pydoc_corpus / "corpus.jsonl").read_text().splitlines()[:12]]
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "tok"
+    code, text, err = run_cli(["tokenizer", "train", "--input", corpus, "--output", out, "--vocab-size", 512,
+                               "--heldout-fraction", 0.001], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["heldout_documents"] == 0 and m["report"]["heldout"] is None
+    parity, measured = m["report"]["hf_parity"], m["report"]["train_sample"]
+    assert parity["on"] == "train" and parity["documents"] == 12 and parity["id_mismatches"] == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    texts = [d["text"] for d in docs]
+    expected = sum(len(t.encode()) for t in texts) / sum(map(len, sp.encode(texts)))
+    assert measured["bytes_per_token"] == pytest.approx(expected, abs=1e-3)
+    assert "train sample" in text and "(training documents: none held out)" in text
+    assert measured_bytes_per_token(m) == bytes_per_token(load_tokenizer_dir(out)) == measured["bytes_per_token"]
+    # the model card of a checkpoint holding this tokenizer
+    root = tmp_path / "ckpt"
+    shutil.copytree(out, root / "tokenizer")
+    info = SimpleNamespace(manifest={"stage": "pretrain", "config": {}}, step=0, root=root)
+    assert training_summary(info)["tokenizer"]["bytes_per_token"] == measured["bytes_per_token"]

@@ -195,6 +195,17 @@ class TokenizerDir:
                 "bos_id": self.bos_id, "pad_id": self.pad_id, "unk_id": self.unk_id, "path": str(self.path)}
 
 
+def measured_bytes_per_token(manifest: dict[str, Any] | None) -> float | None:
+    """UTF-8 bytes per token the tokenizer measured at training: on its held-out documents, else
+    (a corpus too small to hold one out) on a sample of its training text; None if neither."""
+    report = (manifest or {}).get("report") or {}
+    for key in ("heldout", "train_sample"):
+        value = (report.get(key) or {}).get("bytes_per_token")
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return None
+
+
 def load_tokenizer_dir(path: str | Path) -> TokenizerDir:
     p = Path(path)
     if not p.is_dir():

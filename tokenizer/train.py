@@ -132,6 +132,17 @@ def _sample_part(cfg: TokenizerConfig, part, bar=None) -> tuple[Sampler, Sampler
     return train, held, counts
 
 
+def first_bytes(texts: list[str], limit: int) -> list[str]:
+    """The first of `texts` up to `limit` UTF-8 bytes (at least one)."""
+    out, size = [], 0
+    for t in texts:
+        if out and size >= limit:
+            break
+        out.append(t)
+        size += len(t.encode("utf-8"))
+    return out
+
+
 def _reader(cfg: TokenizerConfig, part, conn) -> None:
     """A reading process (forked): samples its part and sends the result, or the user error."""
     try:
@@ -364,6 +375,8 @@ def train(cfg: TokenizerConfig) -> dict:
         background.submit(library_versions)  # cached for make_manifest
         background.shutdown(wait=False)
         n_sample_docs = len(data["train"])
+        # a small corpus holds no document out: the export is checked on training text instead
+        train_sample = [] if data["heldout"] else first_bytes(data["train"], cfg.heldout_max_bytes)
         sentences = SampleSentences(data.pop("train"), counted=cfg.model_type == "bpe")
         t_sample = time.perf_counter() - t0
         log.info("training SentencePiece %s, vocab %d, on %s (%d documents)",
@@ -382,7 +395,7 @@ def train(cfg: TokenizerConfig) -> dict:
 
         t1 = time.perf_counter()
         sp = spm.SentencePieceProcessor(model_file=str(out.tmp / "tokenizer.model"))
-        heldout = data["heldout"]
+        heldout, measured_on = (data["heldout"], "heldout") if data["heldout"] else (train_sample, "train")
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer-heldout") as pool:
             # SentencePiece encodes the held-out texts (C++, GIL released) while Python builds the
             # HF files; checked with the `tokenizers` object transformers wraps (AutoTokenizer
@@ -405,8 +418,13 @@ def train(cfg: TokenizerConfig) -> dict:
             "user_defined": user_symbols(cfg),
         }
         counts = {**data["counts"], "sample_documents": n_sample_docs, "sample_bytes": data["sample_bytes"],
-                  "sample_lines": lines, "sample_distinct_lines": sentences.distinct, "report_documents": len(heldout), "report_bytes": data["heldout_bytes"]}
-        report = {"heldout": metrics, "hf_parity": check}
+                  "sample_lines": lines, "sample_distinct_lines": sentences.distinct, "report_documents": len(heldout),
+                  "report_bytes": data["heldout_bytes"] if measured_on == "heldout" else
+                  sum(len(t.encode("utf-8")) for t in heldout)}
+        # a measure on training text says so under its own key: consumers of "heldout" (bytes
+        # per token for shard sizes, the model card) fall back to it knowingly
+        report = ({"heldout": metrics, "hf_parity": check} if measured_on == "heldout" else
+                  {"heldout": None, "train_sample": metrics, "hf_parity": check and {**check, "on": "train"}})
         # Timings go to report.json only: the manifest says what was made, not how fast.
         write_json(out.tmp / "report.json", {**report, "timings": {
             "read_and_sample_s": round(t_sample, 3), "sentencepiece_s": round(t_train, 3),
@@ -425,12 +443,14 @@ def train(cfg: TokenizerConfig) -> dict:
         ("vocab", f"{tok_info['vocab_size']:,} ({cfg.model_type}; asked {cfg.vocab_size:,}, padded to x{VOCAB_MULTIPLE})"),
         ("time", f"sample {t_sample:.1f}s, SentencePiece {t_train:.1f}s, export+checks {t_export:.1f}s"),
     ]
+    on = "" if measured_on == "heldout" else " (training documents: none held out)"
     if metrics:
-        rows.append(("held-out", f"{metrics['bytes_per_token']:.3f} bytes/token, {metrics['tokens_per_word']:.3f} "
-                                 f"tokens/word, {100 * metrics['byte_fallback_rate']:.3f}% byte fallback"))
+        rows.append(("held-out" if not on else "train sample",
+                     f"{metrics['bytes_per_token']:.3f} bytes/token, {metrics['tokens_per_word']:.3f} "
+                     f"tokens/word, {100 * metrics['byte_fallback_rate']:.3f}% byte fallback{on}"))
     if check:
         rows.append(("HF parity", f"{check['documents'] - check['id_mismatches']:,}/{check['documents']:,} documents "
                                   f"identical ids, {check['decode_mismatches']} decode mismatches "
-                                  f"({human_bytes(check['bytes'])})"))
+                                  f"({human_bytes(check['bytes'])}){on}"))
     summary("domainlm tokenizer train", rows)
     return manifest

@@ -11,6 +11,7 @@ from domainlm.progress import human_bytes, human_count, log, summary
 from domainlm.data.beam.read import MALFORMED, Plan
 from domainlm.data.config import ShardConfig
 from domainlm.data.shards import SPLITS, no_valid_document
+from domainlm.tokenizer.tokdir import measured_bytes_per_token
 
 STAGE = stages.DATA_SHARD
 DROP_REASONS = MALFORMED + ("empty", "too_short", "too_long", "low_alnum", "repeated_lines",
@@ -18,11 +19,9 @@ DROP_REASONS = MALFORMED + ("empty", "too_short", "too_long", "low_alnum", "repe
 
 
 def bytes_per_token(tok) -> float:
-    """The tokenizer's measured bytes per token on held-out text (its report), to estimate shard
-    sizes before tokenizing; 3.5 where the tokenizer has no report."""
-    held = (tok.manifest.get("report") or {}).get("heldout") or {}
-    value = held.get("bytes_per_token")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else 3.5
+    """The tokenizer's measured bytes per token (its report: held-out documents, else a sample of
+    its training text), to estimate shard sizes before tokenizing; 3.5 where it has none."""
+    return measured_bytes_per_token(tok.manifest) or 3.5
 
 
 def manifest_fields(result: dict, tok, dtype: str, n_files: int) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 
 from domainlm import stages
 from domainlm.manifest import MANIFEST
+from domainlm.tokenizer.tokdir import measured_bytes_per_token
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def training_summary(info) -> dict[str, Any]:
     tm = _read(info.root / "tokenizer" / MANIFEST)
     tok = tm.get("tokenizer", {})
     out["tokenizer"] = {"model_type": tok.get("model_type"), "vocab_size": tok.get("vocab_size"),
-                        "bytes_per_token": tm.get("report", {}).get("heldout", {}).get("bytes_per_token"),
+                        "bytes_per_token": measured_bytes_per_token(tm),
                         "corpus": [i.get("path") for i in tm.get("inputs", [])]}
     return out
 
