@@ -31,3 +31,18 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """`torch.distributed.init_process_group`, less the traceback prefix in a world of one
+    process: torch wraps `sys.excepthook` at every init to prefix each line of a traceback with
+    "[rankN]: ", and the stages `domainlm run` trains in one process stacked it ("[rank0]: " five
+    times a line). With several ranks the prefix stays: it says whose traceback it is."""
+    import sys
+
+    import torch.distributed as dist
+
+    hook = sys.excepthook
+    dist.init_process_group(backend, **kwargs)
+    if dist.get_world_size() == 1:
+        sys.excepthook = hook

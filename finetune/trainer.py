@@ -36,7 +36,7 @@ from domainlm.errors import UserError
 from domainlm.finetune import checkpoint
 from domainlm.finetune.config import SFTConfig
 from domainlm.manifest import StageOutput, fingerprint
-from domainlm.devices import cpu_has_bf16
+from domainlm.devices import cpu_has_bf16, init_process_group
 from domainlm.progress import log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -173,7 +173,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        dist.init_process_group(backend, init_method=init, rank=self.rank, world_size=self.world,
+        init_process_group(backend, init_method=init, rank=self.rank, world_size=self.world,
                                 timeout=timedelta(minutes=30))
         self._owns_process_group = True
 

@@ -35,6 +35,7 @@ from domainlm.pretrain.config import PretrainConfig, inputs
 from domainlm.pretrain.metrics import Metrics, flops_per_token, memory_gb, peak_flops
 from domainlm.data.shards import open_shards_dir
 from domainlm.tokenizer.tokdir import check_same, load_tokenizer_dir
+from domainlm.devices import init_process_group
 
 # megatron-core warns at import that Transformer Engine / Apex are absent (the local path is
 # meant), about a cuda-graph default we do not use, and torch DCP about its ShardedTensor API.
@@ -197,7 +198,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         # Under torchrun the rendezvous is in the environment; a plain process makes its own.
         init = "env://" if "WORLD_SIZE" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        dist.init_process_group(backend, init_method=init, rank=self.rank, world_size=world,
+        init_process_group(backend, init_method=init, rank=self.rank, world_size=world,
                                 timeout=timedelta(minutes=30))
         self._owns_process_group = True
 

@@ -526,3 +526,17 @@ def test_a_truncated_safetensors_file_is_named_before_anything_loads(tmp_path):
         with pytest.raises(UserError, match=needle) as e:
             weight_files(tmp_path)
         assert str(f) in str(e.value) and "again" in str(e.value)
+
+
+def test_a_world_of_one_leaves_the_traceback_hook_alone():
+    """torch wraps sys.excepthook at every process-group init (a "[rank0]: " prefix a line); the
+    stages `domainlm run` runs in one process stacked it. A world of one keeps the hook as it was."""
+    import sys
+
+    from domainlm.pretrain.convert.megatron import single_process
+
+    hook = sys.excepthook
+    for _ in range(2):
+        with single_process():
+            pass
+    assert sys.excepthook is hook

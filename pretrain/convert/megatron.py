@@ -22,6 +22,7 @@ from domainlm.errors import UserError
 from domainlm.manifest import MANIFEST
 from domainlm.pretrain import checkpoint
 from domainlm.pretrain.config import ModelArgs
+from domainlm.devices import init_process_group
 
 # The start-up and deprecation warnings megatron-core and torch DCP print on every load, which
 # say nothing about the user's checkpoint (the same ones pretrain/trainer.py silences).
@@ -111,7 +112,7 @@ def single_process() -> Iterator[None]:
 
     owns_dist = not dist.is_initialized()
     if owns_dist:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     elif dist.get_world_size() != 1:
         raise RuntimeError("conversion runs in a single process; found a process group of "
                            f"{dist.get_world_size()}")
