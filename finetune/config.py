@@ -197,7 +197,8 @@ class SFTConfig:
     """General or pretraining text for a perplexity before/after: a shards dir (its valid split,
     tokenized with the model's tokenizer) or text files (JSONL with "text", .txt, Parquet)."""
     valid_fraction: float = 0.05
-    """Share of --data held out for validation when --valid-data is not given (0: none)."""
+    """Share of --data held out for validation when --valid-data is not given (0: none); at
+    least one record when above 0 and --data holds two or more."""
     split_seed: int = 0
     """Salt of the hash that picks the validation records."""
     lora: LoraArgs = field(default_factory=LoraArgs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domainlm.errors import UserError
+from domainlm.progress import log
 from domainlm.finetune.chat import ChatEncoder, Encoded
 from domainlm.finetune.points import Point, read_points, training_examples
 from domainlm.finetune.records import ReadStats, hash_fraction, read_examples
@@ -71,10 +72,17 @@ def prepare(cfg, encoder: ChatEncoder, max_positions: int | None = None) -> Prep
 
 def split_valid(cfg, examples: list, valid_stats: ReadStats, convert=None) -> tuple[list, list]:
     """(train, validation) records: --valid-data read with `convert`, else the records of --data
-    whose seeded content hash falls below --valid-fraction (`finetune dpo`'s pairs too)."""
+    whose seeded content hash falls below --valid-fraction (`finetune dpo`'s pairs too). Where
+    that holds none out (a few dozen records at 0.02), the record of the smallest hash (and its
+    copies) is held out, as long as --data has another: a fraction above 0 always validates."""
     if cfg.valid_data:
         return examples, read_examples(cfg.valid_data, valid_stats, "valid_data", convert=convert)
-    held = [hash_fraction(ex.key(), cfg.split_seed) < cfg.valid_fraction for ex in examples]
+    ranks = [hash_fraction(ex.key(), cfg.split_seed) for ex in examples]
+    held = [r < cfg.valid_fraction for r in ranks]
+    if cfg.valid_fraction > 0 and not any(held) and len(set(ranks)) >= 2:
+        held = [r == min(ranks) for r in ranks]
+        log.info("--valid-fraction %g held out none of %d records: holding out the one its hash ranks first",
+                 cfg.valid_fraction, len(examples))
     return [ex for ex, h in zip(examples, held) if not h], [ex for ex, h in zip(examples, held) if h]
 
 

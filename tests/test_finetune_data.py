@@ -343,3 +343,26 @@ def test_held_out_qa_that_is_training_data_is_said(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="domainlm"):
             _warn_training_data_as_held_out(data, held_out)
         assert ("its QA scores measure memorisation" in caplog.text) == said, (data, held_out)
+
+
+def test_a_small_data_set_still_holds_one_record_out(pydoc_corpus):
+    """40 QA pairs at --valid-fraction 0.02: the hash may hold none out; then the record it ranks
+    first is held out (with its copies), so the before/after validation loss exists. A single
+    distinct record, or a fraction of 0, holds nothing out."""
+    from types import SimpleNamespace
+
+    from domainlm.finetune.dataset import split_valid
+
+    records = read_examples([f"{pydoc_corpus / 'qa.jsonl'}:train"], ReadStats())
+    cfg = SimpleNamespace(valid_data=[], valid_fraction=0.02, split_seed=0)
+    small = [e for e in records[:400] if hash_fraction(e.key(), 0) >= 0.02][:40]
+    train, valid = split_valid(cfg, small + small[:1], ReadStats())
+    first = min(small, key=lambda e: hash_fraction(e.key(), 0))
+    assert [e.key() for e in valid] == [first.key()] * (2 if first is small[0] else 1)
+    assert len(train) + len(valid) == 41 and first.key() not in {e.key() for e in train}
+    # the hash's own choice is kept where it holds something out
+    mixed = small + [e for e in records[:400] if hash_fraction(e.key(), 0) < 0.02][:2]
+    train, valid = split_valid(cfg, mixed, ReadStats())
+    assert len(valid) == 2 and all(hash_fraction(e.key(), 0) < 0.02 for e in valid)
+    assert split_valid(cfg, small[:1] * 3, ReadStats()) == (small[:1] * 3, [])
+    assert split_valid(SimpleNamespace(valid_data=[], valid_fraction=0.0, split_seed=0), small, ReadStats())[1] == []
