@@ -191,13 +191,17 @@ def rag_data(cfg) -> int:
         write_jsonl(out.tmp / "train.jsonl", rows)
         out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, inputs_rag_data(cfg), counts=counts,
                                  files={"train": "train.jsonl"}))
+    cited = counts["cited_by_words"] + counts["cited_by_gold"]
     summary("eval rag-data", [("samples", f"{counts['samples']:,}"),
-                              ("gold document retrieved", f"{counts['gold_retrieved']:,} (the answer cites the source "
-                                                          "that holds it as [n], else the document's first)"),
-                              ("gold document missed", f"{counts['gold_missed']:,} (answered without a citation)"),
-                              *([("no doc_id", f"{counts['no_doc_id']:,} (no gold document: answered without a "
-                                               "citation; give doc_id, the corpus id that holds the answer)")]
+                              ("gold document retrieved", f"{counts['gold_retrieved']:,}"),
+                              ("gold document missed", f"{counts['gold_missed']:,}"),
+                              *([("no doc_id", f"{counts['no_doc_id']:,} (no gold document: only a source holding the "
+                                               "answer's words is cited; give doc_id, the corpus id that holds the "
+                                               "answer)")]
                                 if counts["no_doc_id"] else []),
+                              ("cited", f"{cited:,} answers cite a source as [n]: {counts['cited_by_words']:,} the "
+                                        f"first holding the answer's words, {counts['cited_by_gold']:,} the gold "
+                                        f"document's first chunk; {counts['samples'] - cited:,} answer without one"),
                               *([("doc_id not in the index", f"{len(unknown):,} (left out)")] if unknown else []),
                               ("answer in the sources", f"{counts['answer_in_sources']:,} of {counts['samples']:,}"
                                f" (sources budget {cfg.rag.max_source_tokens or 'the context'} tokens)"),

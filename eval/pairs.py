@@ -86,7 +86,7 @@ def pairs(cfg) -> int:
                             "greedy_wrong": 0, "all_right": 0, "no_wrong_answer": 0, "rejected_equals_chosen": 0,
                             "doc_id_not_in_index": len(unknown), "prompts_cut_to_context": cut}
         for i, qa in enumerate(items):
-            chosen = cited_answer(qa, hits[i]) if cfg.index else qa.answer
+            chosen = cited_answer(qa, hits[i])[0] if cfg.index else qa.answer
             pair, why = choose(qa, [a[i] for a in answers], chosen, cfg.rejected_below)
             if pair is None:
                 counts[why] += 1

@@ -338,6 +338,10 @@ def test_rag_data_cites_the_source_that_holds_the_answer(tmp_path, capsys, tiny_
         assert not (tmp_path / "rd_gpu").exists()
     m = json.loads((tmp_path / "rd" / "manifest.json").read_text())["counts"]
     assert m["samples"] == 3 and m["answer_in_sources"] == 2 and "answer in the sources" in out
+    # h and g cite the source holding their words; x's words are nowhere and its gold document
+    # gamma is not among its sources: no citation
+    assert (m["cited_by_words"], m["cited_by_gold"]) == (2, 0)
+    assert "2 answers cite a source as [n]: 2 the first holding the answer's words, 0 the gold" in " ".join(out.split())
     assert "no doc_id" not in out and "not in the index" not in out
     # items without a doc_id, or naming one the index lacks, are named in the summary ...
     other = tmp_path / "other.jsonl"
@@ -347,7 +351,8 @@ def test_rag_data_cites_the_source_that_holds_the_answer(tmp_path, capsys, tiny_
                              capsys)
     assert code == 0, err
     flat = " ".join(out.split())
-    assert "no doc_id 1 (no gold document" in flat and "doc_id not in the index 1 (left out)" in flat, out
+    assert "no doc_id 1 (no gold document: only a source holding the answer's words is cited" in flat, out
+    assert "doc_id not in the index 1 (left out)" in flat and "1 answers cite a source as [n]: 1 the first" in flat
     # ... and when no item names a document of the index, nothing is written (it was 0 samples, exit 0)
     other.write_text(json.dumps({**rows[1], "doc_id": "nope"}) + "\n")
     code, out, err = run_cli(["eval", "rag-data", "--index", idx, "--model", tiny_hf_model, "--data", other,
