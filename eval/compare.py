@@ -295,7 +295,18 @@ def run(cfg: CompareConfig) -> int:
                         "must keep every test question out of SFT (split by document/symbol)")
     dev, pool = split_dev(train, cfg.qa.dev, cfg.qa.seed)
     shots = max(library.shots or [cfg.prompt.shots])
-    if any(family_of(a)[1] == "few-shot" for a in cfg.approaches) and len(pool) < shots:
+    few_shot = any(family_of(a)[1] == "few-shot" for a in cfg.approaches)
+    if few_shot and len(pool) < shots:  # a small QA set: a smaller dev split rather than no few-shot
+        for n in range(min(cfg.qa.dev, len(train)) - 1, 0, -1):
+            smaller, rest = split_dev(train, n, cfg.qa.seed)
+            if len(rest) >= shots:
+                log.warning("qa.train holds %d questions: the dev split (qa.dev %d, whole documents) would leave "
+                            "%d few-shot examples for up to %d shots, so it takes %d questions (the prompt choice "
+                            "rests on fewer); give more training questions for a %d-question dev split",
+                            len(train), cfg.qa.dev, len(pool), shots, len(smaller), cfg.qa.dev)
+                dev, pool = smaller, rest
+                break
+    if few_shot and len(pool) < shots:
         raise UserError(f"qa.train ({', '.join(cfg.qa.train)}): {len(train)} questions, of which the dev split "
                         f"(qa.dev {cfg.qa.dev}, whole documents) takes {len(dev)}, leaves {len(pool)} few-shot "
                         f"examples for up to {shots} shots; give more training questions, lower --qa.dev, or leave "

@@ -151,6 +151,16 @@ def test_compare_counts_repeated_questions_and_unknown_documents_and_needs_few_s
     code, _, err = run_cli(compare_args(inp, tmp_path / "f", "--qa.train", few, "--approaches", "few-shot"), capsys)
     assert code == 2 and "leaves 0 few-shot examples for up to" in err and "lower --qa.dev" in err, err
     assert not (tmp_path / "f").exists()
+    # a few more: the dev split shrinks (with a warning) so that the largest shot count still fits
+    train = [r for r in map(json.loads, open(inp["train"].rsplit(":", 1)[0])) if r.get("split") == "train"][:7]
+    few.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "source")}) + "\n" for r in train))
+    code, _, err = run_cli(compare_args(inp, tmp_path / "f7", "--qa.train", few, "--approaches", "few-shot",
+                                        "--qa.limit", 2, "--consistency-questions", 0, "--latency-questions", 0),
+                           capsys)
+    assert code == 0, err[-3000:]
+    prompt = json.loads((tmp_path / "f7" / "compare.json").read_text())["prompt_choice"]
+    assert "qa.train holds 7 questions: the dev split (qa.dev 4, whole documents) would leave" in err
+    assert 1 <= prompt["dev_questions"] <= 7 - max(map(int, prompt["shots_scores"])) and prompt["dev_questions"] < 4
 
 
 def test_compare_runs_both_families_with_intervals_and_a_verdict(compare_inputs, capsys):
