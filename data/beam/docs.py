@@ -246,22 +246,17 @@ def valid_candidate(split: np.ndarray, rank: np.ndarray, tokens: np.ndarray, ref
     return out
 
 
-def pick_valid(sizes: list[dict], valid_fraction: float, min_tokens: int) -> tuple[dict[str, int], int | None]:
-    """The blocks' `sizes` summed (estimated tar bytes by split, with the move applied), and the
-    ref of the train document to move to valid (None: no move): when the fraction gave valid
-    fewer than `min_tokens` estimated tokens and train holds at least 2 documents."""
-    total: Counter = Counter()
-    for d in sizes:
-        total.update({k: v for k, v in d.items() if k != "pick"})
-    merged = dict(total)
-    picks = [d["pick"] for d in sizes if "pick" in d]
-    if (valid_fraction <= 0 or min_tokens <= 0 or not picks or merged.get("valid_tokens", 0) >= min_tokens
-            or merged.get("train_documents", 0) < 2):
-        return merged, None
+def pick_valid(sizes: dict[str, int], picks: list[tuple], valid_fraction: float,
+               min_tokens: int) -> tuple[dict[str, int], int | None]:
+    """The blocks' summed `sizes` (estimated tar bytes by split, valid tokens, train documents)
+    with the move applied, and the ref of the train document to move to valid (None: no move),
+    the smallest of the blocks' `picks`: when the fraction gave valid fewer than `min_tokens`
+    estimated tokens and train holds at least 2 documents."""
+    if (valid_fraction <= 0 or min_tokens <= 0 or not picks or sizes.get("valid_tokens", 0) >= min_tokens
+            or sizes.get("train_documents", 0) < 2):
+        return sizes, None
     *_, ref, est = min(picks)
-    merged["train"] = merged.get("train", 0) - est
-    merged["valid"] = merged.get("valid", 0) + est
-    return merged, ref
+    return {**sizes, "train": sizes.get("train", 0) - est, "valid": sizes.get("valid", 0) + est}, ref
 
 
 def split_sums(split: np.ndarray, est: np.ndarray) -> dict[str, int]:

@@ -78,7 +78,9 @@ class Tokenize(beam.DoFn):
                 dropped: list[dict]):
         if self.first is None:  # the same side inputs for every bundle: computed once a worker
             self.first = first_positions(self.plan, units)
-            merged, self.to_valid = pick_valid(sizes, self.cfg.valid_fraction, self.cfg.valid_min_tokens)
+            merged, self.to_valid = pick_valid(merge_counts({k: v for k, v in d.items() if k != "pick"} for d in sizes),
+                                               [d["pick"] for d in sizes if "pick" in d], self.cfg.valid_fraction,
+                                               self.cfg.valid_min_tokens)
             self.n_shards = shard_counts(merged, merge_counts(dropped), self.cfg.shard_bytes)
         block = loads(self.spill.get(blob))
         chunk, refs = block["chunk"], block["refs"]
