@@ -80,7 +80,8 @@ def split_valid(cfg, examples: list, valid_stats: ReadStats, convert=None) -> tu
     ranks = [hash_fraction(ex.key(), cfg.split_seed) for ex in examples]
     held = [r < cfg.valid_fraction for r in ranks]
     if cfg.valid_fraction > 0 and not any(held) and len(set(ranks)) >= 2:
-        held = [r == min(ranks) for r in ranks]
+        first = min(ranks)
+        held = [r == first for r in ranks]
         log.info("--valid-fraction %g held out none of %d records: holding out the one its hash ranks first",
                  cfg.valid_fraction, len(examples))
     return [ex for ex, h in zip(examples, held) if not h], [ex for ex, h in zip(examples, held) if h]

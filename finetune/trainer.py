@@ -174,7 +174,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         init_process_group(backend, init_method=init, rank=self.rank, world_size=self.world,
-                                timeout=timedelta(minutes=30))
+                           timeout=timedelta(minutes=30))
         self._owns_process_group = True
 
     def _build(self, modeling) -> None:

@@ -199,7 +199,7 @@ class Trainer:
         # Under torchrun the rendezvous is in the environment; a plain process makes its own.
         init = "env://" if "WORLD_SIZE" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         init_process_group(backend, init_method=init, rank=self.rank, world_size=world,
-                                timeout=timedelta(minutes=30))
+                           timeout=timedelta(minutes=30))
         self._owns_process_group = True
 
     def _wrap_ddp(self, model, cpu: bool, first: bool = True):
