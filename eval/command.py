@@ -176,11 +176,14 @@ def rag_data(cfg) -> int:
     from domainlm.serve.retrieve import open_retriever
 
     device = device_of(cfg.device, "--device")
+    from domainlm.eval.generate import answer_budget
+
     items = read_qa(cfg.data)
     refuse_test_split(items, "data", "SFT+RAG samples", cfg.data)
-    items = sample(items, cfg.limit, cfg.seed)
     hf = open_hf_dir(cfg.model)
-    room = (hf.max_positions or 2048) - cfg.max_new_tokens - 8
+    budget = answer_budget(hf.tokenizer(), [qa.answer for qa in items], hf.max_positions or 2048, cfg.max_new_tokens)
+    items = sample(items, cfg.limit, cfg.seed)
+    room = (hf.max_positions or 2048) - budget["max_new_tokens"] - 8
     check_budget(cfg.rag.max_source_tokens, hf.max_positions or 2048, "rag.max_source_tokens")
     retriever = open_retriever(cfg.index, device=device)
     items, unknown = known_documents(items, retriever, cfg.data, cfg.index)
@@ -190,8 +193,9 @@ def rag_data(cfg) -> int:
         counts["doc_id_not_in_index"] = len(unknown)
         write_jsonl(out.tmp / "train.jsonl", rows)
         out.commit(make_manifest(stages.EVAL_RAG_DATA, cfg, inputs_rag_data(cfg), counts=counts,
-                                 files={"train": "train.jsonl"}))
+                                 files={"train": "train.jsonl"}, answer_budget=budget, prompt_room=room))
     cited = counts["cited_by_words"] + counts["cited_by_gold"]
+    how = "from the answers: p99" if budget["auto"] else "max_new_tokens; answers p99"
     summary("eval rag-data", [("samples", f"{counts['samples']:,}"),
                               ("gold document retrieved", f"{counts['gold_retrieved']:,}"),
                               ("gold document missed", f"{counts['gold_missed']:,}"),
@@ -205,6 +209,9 @@ def rag_data(cfg) -> int:
                               *([("doc_id not in the index", f"{len(unknown):,} (left out)")] if unknown else []),
                               ("answer in the sources", f"{counts['answer_in_sources']:,} of {counts['samples']:,}"
                                f" (sources budget {cfg.rag.max_source_tokens or 'the context'} tokens)"),
+                              ("answer room", f"{budget['max_new_tokens']} tokens left for the answer ({how} "
+                                              f"{budget['p99_tokens']}, {budget['longer_than_budget']:,} of "
+                                              f"{budget['train_answers']:,} longer); prompts up to {room:,} tokens"),
                               ("written", str(Path(cfg.output) / "train.jsonl"))])
     return 0
 

@@ -244,7 +244,9 @@ class RagDataConfig:
     rag: RagArgs = field(default_factory=RagArgs)
     """Retrieval."""
     max_new_tokens: int = 48
-    """Answer tokens reserved in the context (as at evaluation)."""
+    """Answer tokens reserved in the context, as `compare` reserves them (its gen.max_new_tokens);
+    0: from the answers of --data as `compare` takes them with 0 (ceil(1.2 x their 99th percentile
+    in the model's tokens) + 8), so the prompts learned leave the room the evaluated ones leave."""
     limit: int = 0
     """Only N pairs, a seeded sample spread over the files (0: all)."""
     seed: int = 0
@@ -257,6 +259,8 @@ class RagDataConfig:
 
     def validate(self) -> None:
         check_device(self.device, "--device")
+        if self.max_new_tokens < 0:
+            raise UserError("max_new_tokens must be >= 1 (or 0: from the QA answers' lengths, as compare takes it)")
 
 
 @dataclass(kw_only=True, slots=True)

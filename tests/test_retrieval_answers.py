@@ -370,3 +370,51 @@ def test_rag_data_cites_the_source_that_holds_the_answer(tmp_path, capsys, tiny_
         block = user.split(f"[{n}] ", 1)[1].split("\n\n[", 1)[0]
         assert rows[[r["id"] for r in rows].index(s["id"])]["answer"] in block
         assert block.splitlines()[0] in ("beta > Beta", "alpha > Alpha")    # the header: document > heading
+
+
+def test_rag_data_leaves_long_answers_the_room_compare_leaves(tmp_path, capsys, tiny_hf_model):
+    """max_new_tokens 0: the prompts leave the answer what compare's gen.max_new_tokens 0 leaves
+    (ceil(1.2 x the answers' 99th percentile) + 8 tokens), so a sample whose sources fill the
+    512-token context still fits it with its long answer; the fixed 48 does not."""
+    import math
+
+    from domainlm.pretrain.convert.hfdir import open_hf_dir
+
+    rng = random.Random(3)
+    words = ["river", "stone", "lantern", "copper", "meadow", "signal", "harbour", "vault"]
+    docs, rows = [], []
+    for i in range(10):
+        answer = " ".join(rng.choice(words) for _ in range(40 + 3 * i))        # long answers, known words
+        body = " ".join(rng.choice(words) for _ in range(400))
+        docs.append({"id": f"d{i}", "text": f"# Doc {i}\n\nThe rule of item {i} is: {answer}.\n\n{body}"})
+        rows.append({"id": f"q{i}", "question": f"What is the rule of item {i}?", "answer": answer, "doc_id": f"d{i}"})
+    corpus, qa = tmp_path / "corpus.jsonl", tmp_path / "qa.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(["index", "build", "--input", corpus, "--output", tmp_path / "idx", "--dense.enabled",
+                            "false", "--chunk-tokens", "120"], capsys)
+    assert code == 0, err
+    hf = open_hf_dir(tiny_hf_model)
+    tok, ctx = hf.tokenizer(), hf.max_positions
+    lengths = sorted(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows)
+    budget = math.ceil(1.2 * lengths[math.ceil(0.99 * len(lengths)) - 1]) + 8
+    assert 48 < lengths[-1] + 8 and budget < ctx // 2
+
+    def sample_lengths(out: Path, *extra: str) -> tuple[list[int], dict, str]:
+        code, text, err = run_cli(["eval", "rag-data", "--index", tmp_path / "idx", "--model", tiny_hf_model,
+                                   "--data", qa, "--output", out, "--rag.max-source-tokens", "0", "--rag.mode",
+                                   "bm25", *extra], capsys)
+        assert code == 0, err
+        got = []
+        for line in (out / "train.jsonl").read_text().splitlines():
+            ids = tok.apply_chat_template(json.loads(line)["messages"], tokenize=True)
+            got.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        return got, json.loads((out / "manifest.json").read_text()), text
+
+    fixed, m48, _ = sample_lengths(tmp_path / "rd48")
+    auto, m0, text = sample_lengths(tmp_path / "rd0", "--max-new-tokens", "0")
+    assert m48["answer_budget"]["max_new_tokens"] == 48 and m48["prompt_room"] == ctx - 48 - 8
+    assert sum(n > ctx for n in fixed) >= 5                     # these would be dropped as too_long
+    assert m0["answer_budget"]["max_new_tokens"] == budget and m0["answer_budget"]["auto"]
+    assert m0["prompt_room"] == ctx - budget - 8 and max(auto) <= ctx
+    assert f"answer room {budget} tokens left for the answer (from the answers: p99" in " ".join(text.split())
