@@ -409,8 +409,9 @@ def train(cfg: TokenizerConfig) -> dict:
         metrics = Measurer.for_processor(sp, cfg.output).measure(heldout, ids) if heldout else None
         t_export = time.perf_counter() - t1
         if check and cfg.model_type == "bpe" and (check["id_mismatches"] or check["decode_mismatches"]):
-            log.warning("HF export differs from SentencePiece on %d of %d held-out documents: %s",
-                        check["id_mismatches"], check["documents"], check["first_mismatch"])
+            log.warning("HF export differs from SentencePiece on %d of %d %s documents: %s",
+                        check["id_mismatches"], check["documents"],
+                        "held-out" if measured_on == "heldout" else "training-sample", check["first_mismatch"])
         tok_info = {
             "model_type": cfg.model_type, "vocab_size": sp.get_piece_size(),
             "requested_vocab_size": cfg.vocab_size, "sha256": sha256_file(out.tmp / "tokenizer.model"),
