@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         _refuse_unknown(getattr(ns, "_parser", None) or parser, unknown)
     setup_logging(ns.verbose)
+    from domainlm.manifest import forget_left_out
+
+    forget_left_out()
     cmd: Command | None = getattr(ns, "_command", None)
     if cmd is None:
         (getattr(ns, "_group", None) or parser).print_help(sys.stderr)

@@ -20,8 +20,17 @@ import orjson
 from domainlm.errors import UserError
 from domainlm.manifest import expand_inputs
 
-# File name endings read as corpus files when a directory or glob is given.
-CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt", ".txt.gz")
+# File name endings of corpus files (case-insensitive), and how each is read: JSON lines, Parquet,
+# or one document a file (plain text; Markdown and reStructuredText manuals are plain text too,
+# whose headings the index's structure chunker follows). The Beam shard pipeline reads the same set.
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst")
+CORPUS_KINDS = {
+    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet",
+    **{s: "txt" for s in TEXT_SUFFIXES}, **{s + ".gz": "txt" for s in TEXT_SUFFIXES},
+}
+CORPUS_SUFFIXES = tuple(CORPUS_KINDS)
+FORMATS = ("use .jsonl/.json (JSON lines, optionally .gz), .parquet, .txt/.md/.rst (one document per file, "
+           "optionally .gz) or a saved `datasets` directory")
 
 
 @dataclass(slots=True)
@@ -40,18 +49,22 @@ def corpus_files(patterns: list[str]) -> list[Path]:
     return expand_inputs(patterns, CORPUS_SUFFIXES)
 
 
+def corpus_kind(name: str) -> str | None:
+    """How a file named `name` is read (jsonl, parquet, txt), by its ending; None: not a corpus file."""
+    name = name.lower()
+    for suffix in sorted(CORPUS_KINDS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return CORPUS_KINDS[suffix]
+    return None
+
+
 def kind_of(path: Path) -> str:
-    name = path.name.lower()
     if path.is_dir():
         return "datasets"
-    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"),
-                         (".parquet", "parquet"), (".txt", "txt"), (".txt.gz", "txt")):
-        if name.endswith(suffix):
-            return kind
-    raise UserError(
-        f"{str(path)!r}: unknown corpus format; use .jsonl/.json (JSON lines), .parquet, .txt "
-        "(one document per file) or a saved `datasets` directory"
-    )
+    kind = corpus_kind(path.name)
+    if kind is None:
+        raise UserError(f"{str(path)!r}: unknown corpus format; {FORMATS}")
+    return kind
 
 
 BOM = b"\xef\xbb\xbf"
@@ -67,13 +80,13 @@ def without_bom(raw: bytes, line_no: int) -> bytes:
 def gzip_misnamed(path: Path, gz_read: bool = True) -> str | None:
     """The error for a file not named .gz that holds gzip data (it starts with 1f 8b), else None.
     `gz_read`: whether the reader reads .gz files (then renaming is the fix)."""
-    if path.name.endswith(".gz") or not path.is_file():
+    if path.name.lower().endswith(".gz") or not path.is_file():
         return None
     with open(path, "rb") as f:
         if f.read(2) != GZIP_MAGIC:
             return None
     if gz_read:
-        name = path.name + ".gz" if path.name.endswith(".txt") else (
+        name = path.name + ".gz" if corpus_kind(path.name) == "txt" else (
             path.name.removesuffix(".jsonl").removesuffix(".json") + ".jsonl.gz")
         fix = f"rename it to {name} (read as gzip) or gunzip it"
     else:
@@ -95,7 +108,7 @@ def encoding_error(path: Path, where: str, raw: bytes, gz_read: bool = True) -> 
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
 
 
@@ -112,7 +125,7 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id",
     numbers in the whole file (see `jsonl_ranges`)."""
     try:
         kind = kind_of(path)
-        if byte_range is not None and (kind != "jsonl" or path.name.endswith(".gz")):
+        if byte_range is not None and (kind != "jsonl" or path.name.lower().endswith(".gz")):
             raise ValueError(f"{path}: a byte range is only read from an uncompressed JSON-lines file")
         if kind == "jsonl":
             yield from _read_jsonl(path, text_field, id_field, byte_range)
@@ -141,7 +154,7 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id",
 
 def splittable(path: Path) -> bool:
     """Whether `read_file` can read the file in byte ranges (an uncompressed JSON-lines file)."""
-    return path.is_file() and kind_of(path) == "jsonl" and not path.name.endswith(".gz")
+    return path.is_file() and kind_of(path) == "jsonl" and not path.name.lower().endswith(".gz")
 
 
 def jsonl_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
@@ -163,7 +176,7 @@ def jsonl_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
 def _read_jsonl(path: Path, text_field: str, id_field: str,
                 byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
     start, end = byte_range or (0, None)
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
         line_no = 0
         if start:  # the line numbers of the lines before the range
             remaining = start

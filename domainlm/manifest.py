@@ -85,10 +85,16 @@ def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None, 
                     out.append(p)
                     found = True
                     continue
+                skipped = []
                 for f in sorted(p.rglob("*")):
-                    if f.is_file() and not f.name.startswith(".") and (suffixes is None or f.name.endswith(suffixes)):
+                    if not f.is_file() or hidden_below(str(f), str(p)):
+                        continue
+                    if suffixes is None or f.name.lower().endswith(suffixes):
                         out.append(f)
                         found = True
+                    else:
+                        skipped.append(str(f))
+                left_out(pat, skipped, kind, suffixes)
             elif p.is_file():
                 out.append(p)
                 found = True
@@ -104,6 +110,53 @@ def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None, 
             seen.add(p)
             unique.append(p)
     return unique
+
+
+def hidden_below(path: str, directory: str) -> bool:
+    """Whether `path`, a file found under `directory`, has a hidden part below it (.git/...,
+    .cache/..., .DS_Store): such files are never inputs."""
+    rel = path[len(directory):] if path.startswith(directory) else os.path.basename(path)
+    return any(part.startswith(".") for part in rel.replace("\\", "/").split("/") if part)
+
+
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
+"""What `left_out` said in this command (a stage lists its inputs more than once; `domainlm run`
+says it once for the pipeline); `domainlm.cli.main` clears it."""
+
+
+def forget_left_out() -> None:
+    """A new command: `left_out` warns again."""
+    _WARNED.clear()
+
+
+def left_out(directory: str, paths: list[str], kind: str, suffixes: tuple[str, ...] | None) -> None:
+    """Warn, once for a directory input, about the files in it whose names are not `suffixes`
+    (not read): how many, by ending, the first of them, and the fix. Nothing for none."""
+    if not paths or suffixes is None:
+        return
+    from collections import Counter
+
+    from domainlm.progress import log
+
+    def ending(p: str) -> str:
+        name = os.path.basename(p).lower()
+        parts = name.split(".")
+        return "." + ".".join(parts[-2:]) if len(parts) > 2 and parts[-1] in ("gz", "bz2", "xz", "zst") else (
+            "." + parts[-1] if len(parts) > 1 else "no ending")
+
+    key = (directory, tuple(paths))
+    if key in _WARNED:                       # a stage that lists its inputs twice warns once
+        return
+    _WARNED.add(key)
+    by = sorted(Counter(ending(p) for p in paths).items(), key=lambda x: (-x[1], x[0]))
+    shown = ", ".join(f"{n:,} {e}" for e, n in by[:6]) + (", ..." if len(by) > 6 else "")
+    plain = list(dict.fromkeys(x.removesuffix(".gz") for x in suffixes))
+    gz = " (optionally .gz)" if any(x.endswith(".gz") for x in suffixes) else ""
+    one = len(paths) == 1
+    log.warning("input %r: %s file%s in it %s left out, not %s by %s name%s (%s; e.g. %s); read are %s%s: convert "
+                "or rename the others to include them", directory, f"{len(paths):,}", "" if one else "s",
+                "is" if one else "are", kind, "its" if one else "their", "" if one else "s", shown, paths[0],
+                ", ".join(plain), gz)
 
 
 def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:

@@ -399,6 +399,43 @@ def test_parquet_txt_gzip_and_datasets_inputs(tmp_path, tokenizer_dir, capsys):
     assert next(x for x in dead if x["reason"] == "unreadable_file")["file"] == str(d / "cut.jsonl.gz")
 
 
+def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_path, tokenizer_dir, capsys):
+    """Markdown and reStructuredText files (any case, gzipped too) are plain-text documents to the
+    strict reader (tokenizer, index) and to Beam alike; files of other kinds in the directory are
+    left out with a warning that counts them by ending, and nothing under a hidden directory
+    (.git) is read, even a .json file."""
+    from domainlm.corpus import corpus_files, read_documents
+
+    d = tmp_path / "manual"
+    (d / "sub").mkdir(parents=True)
+    (d / ".git" / "objects").mkdir(parents=True)
+    (d / "guide.md").write_text("# Guide\n\n## Install\n\nRun the installer with the prefix option set.\n")
+    (d / "sub" / "ref.RST").write_text("Reference\n=========\n\nThe --depth option limits the recursion.\n")
+    (d / "notes.txt.gz").write_bytes(gzip.compress(b"Notes kept compressed, long enough to be a document.\n"))
+    (d / "page.html").write_text("<p>not read</p>")
+    (d / "logo.PNG").write_bytes(b"\x89PNG")
+    (d / ".git" / "objects" / "pack.json").write_text(json.dumps({"text": "must never be read"}) + "\n")
+    (d / ".DS_Store").write_bytes(b"\0")
+    want = [d / "guide.md", d / "notes.txt.gz", d / "sub" / "ref.RST"]
+    assert corpus_files([str(d)]) == want
+    assert [doc.key for doc in read_documents([str(d)])] == [str(p) for p in want]
+    out = tmp_path / "out"
+    code, text, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                               "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
+    assert code == 0, err
+    assert {meta["id"] for _, _, _, meta in _samples(out)} == {str(p) for p in want}
+    flat = " ".join(err.split())
+    assert f"input '{d}': 2 files in it are left out, not corpus files by their names (1 .html, 1 .png; e.g." in flat
+    assert "read are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst (optionally .gz)" in flat
+    assert "pack.json" not in err and ".DS_Store" not in err
+    code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
+                           capsys)
+    assert code == 0, err
+    chunks = [json.loads(x) for x in (tmp_path / "idx" / "chunks.jsonl").read_text().splitlines()]
+    assert sorted({c["doc_id"] for c in chunks}) == [str(p) for p in want]
+    assert any(c["doc_id"] == str(d / "guide.md") and "Guide > Install" in c.get("context", "") for c in chunks)
+
+
 def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, tokenizer_dir, capsys):
     """Read as text, every line of it would be dead-lettered as invalid UTF-8 and the cause never
     named: the file is refused before Beam starts, with its name and the rename that fixes it."""

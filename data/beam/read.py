@@ -29,11 +29,9 @@ from typing import Iterator
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
 from domainlm.corpus import MALFORMED, Bad, excerpt, gzip_misnamed, id_str, parse_json_line, without_bom  # noqa: F401
+from domainlm.corpus import CORPUS_SUFFIXES, FORMATS, corpus_kind
+from domainlm.manifest import hidden_below, left_out
 
-SUFFIXES = {
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
-    ".parquet": "parquet", ".txt": "txt", ".txt.gz": "txt",
-}
 DATASET_MARKERS = ("dataset_dict.json", "state.json")
 _READ_BLOCK = 1 << 20
 
@@ -54,7 +52,7 @@ class InputFile:
 
     @property
     def compressed(self) -> bool:
-        return self.path.endswith(".gz")
+        return self.path.lower().endswith(".gz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +104,7 @@ def _is_remote(path: str) -> bool:
 
 
 def _kind(path: str) -> str | None:
-    name = path.lower()
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return SUFFIXES[suffix]
-    return None
+    return corpus_kind(path)
 
 
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
@@ -134,7 +128,7 @@ def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
                 found = _directory(base)
                 if not found and _exists_dir(base):
                     raise UserError(
-                        f"input {pat!r} is a directory with no {'/'.join(sorted(set(SUFFIXES)))} files "
+                        f"input {pat!r} is a directory with no {'/'.join(CORPUS_SUFFIXES)} files "
                         "and no saved `datasets` directory; check the path"
                     )
         if not found:
@@ -148,10 +142,7 @@ def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
             unique.append((path, size))
     for path, size in unique:
         if size >= 0 and _kind(path) is None:
-            raise UserError(
-                f"{path!r}: unknown corpus format; use .jsonl/.json (JSON lines, optionally .gz), "
-                ".parquet, .txt (one document per file) or a saved `datasets` directory"
-            )
+            raise UserError(f"{path!r}: unknown corpus format; {FORMATS}")
     return unique
 
 
@@ -163,7 +154,10 @@ def _directory(base: str) -> list[tuple[str, int]]:
     # a DatasetDict's split folders hold state.json too: its root (with dataset_dict.json) wins
     roots = [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
     inside = lambda path: any(path.startswith(r + "/") for r in roots)  # noqa: E731
-    return [(r, -1) for r in roots] + [p for p in files if _kind(p[0]) and not inside(p[0])]
+    root = base if _is_remote(base) else os.path.expanduser(base)
+    files = [p for p in files if not inside(p[0]) and not hidden_below(p[0], root)]
+    left_out(base, [p for p, _ in files if not _kind(p)], "corpus files", CORPUS_SUFFIXES)
+    return [(r, -1) for r in roots] + [p for p in files if _kind(p[0])]
 
 
 def _match(pattern: str) -> list[tuple[str, int]]:
