@@ -94,6 +94,25 @@ def gzip_misnamed(path: Path, gz_read: bool = True) -> str | None:
     return f"{path}: gzip-compressed data (it starts with the gzip bytes 1f 8b) in a file not named .gz; {fix}"
 
 
+def json_array_file(path: Path) -> str | None:
+    """The error for a .json/.jsonl file that holds one JSON array (`[{...}, {...}]`, what many
+    tools write) where JSON lines are read, else None: read line by line, every line of it would
+    be refused or dead-lettered with no word of the cause."""
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(4096)
+    except (OSError, EOFError):
+        return None
+    head = head[len(BOM):] if head.startswith(BOM) else head
+    head = head.lstrip()
+    if not (head.startswith(b"[") and head[1:].lstrip().startswith(b"{")):   # an array of objects
+        return None
+    stem = path.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+    out = stem + ".jsonl" if stem + ".jsonl" != path.name else stem + ".lines.jsonl"
+    return (f"{path}: one JSON array, not JSON lines; write one object per line (e.g. "
+            f"`jq -c '.[]' {path.name} > {out}`, or pandas `to_json(..., orient='records', lines=True)`)")
+
+
 def encoding_error(path: Path, where: str, raw: bytes, gz_read: bool = True) -> str | None:
     """The error for a JSON line that does not parse because of its bytes (gzip data in a file
     not named .gz, bytes that are not UTF-8), else None."""
@@ -200,6 +219,9 @@ def _read_jsonl(path: Path, text_field: str, id_field: str,
                 misnamed = bad.reason in ("invalid_utf8", "invalid_json") and gzip_misnamed(path)
                 if misnamed:
                     raise UserError(misnamed) from None
+                array = bad.reason in ("invalid_json", "not_an_object") and json_array_file(path)
+                if array:
+                    raise UserError(array) from None
                 raise UserError(f"{path}:{line_no}: {bad.message}{_FIX[bad.reason].format(field=text_field)}") from None
             where = f"{path}:{line_no}"
             yield Document(key if key is not None else where, text, where)

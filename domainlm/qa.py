@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from domainlm.corpus import encoding_error, without_bom
+from domainlm.corpus import encoding_error, json_array_file, without_bom
 from domainlm.errors import UserError
 from domainlm.manifest import expand_inputs
 
@@ -142,10 +142,11 @@ def _read_file(path: Path, split: str | None):
             try:
                 rec = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
-                raise UserError(encoding_error(path, where, raw, gz_read=False)
+                raise UserError(encoding_error(path, where, raw, gz_read=False) or json_array_file(path)
                                 or f"{where}: not valid JSON ({e}); each line must be one JSON object") from None
             if not isinstance(rec, dict):
-                raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object with question and answer")
+                raise UserError(json_array_file(path)
+                                or f"{where}: a JSON {type(rec).__name__}, not an object with question and answer")
             for key in ("question", "answer"):
                 if key not in rec:
                     fields = ", ".join(sorted(map(str, rec))) or "none"

@@ -124,6 +124,10 @@ def _read_file(path: Path, split: str | None, stats: ReadStats, seen_splits: set
         fh = open(path, "rb")
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror}); check the file is readable") from None
+    array = corpus.json_array_file(path)
+    if array:
+        fh.close()
+        raise UserError(f"{what}: {array}")
     with fh:
         for line_no, raw in enumerate(fh, 1):
             if not raw.strip():

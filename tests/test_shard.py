@@ -452,6 +452,22 @@ def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, toke
     assert "Traceback" not in err and not (out / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("pretty", [True, False])
+def test_a_json_array_file_is_refused_with_the_conversion(tmp_path, tokenizer_dir, capsys, pretty):
+    """A corpus written as one JSON array (what many tools write) would have every line
+    dead-lettered as invalid JSON: refused before Beam starts, naming the file and the fix."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rows = [{"id": f"r{i}", "text": f"document number {i}, long enough to keep"} for i in range(5)]
+    (d / "docs.json").write_text(json.dumps(rows, indent=2 if pretty else None) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--beam.direct-num-workers", "1"], capsys)
+    assert code == 2, err
+    assert f"{d / 'docs.json'}: one JSON array, not JSON lines" in err and "jq -c '.[]' docs.json > docs.jsonl" in err
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+
+
 def test_a_50_mb_document_is_dropped_as_too_long_or_kept_when_allowed(tmp_path, tokenizer_dir, capsys):
     import sentencepiece as spm
 

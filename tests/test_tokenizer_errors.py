@@ -9,6 +9,9 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+
+from domainlm.errors import UserError
 
 from tests.conftest import REPO, run_cli
 
@@ -275,3 +278,27 @@ def test_a_bom_is_read_and_gzip_data_or_bad_utf8_are_named(capsys, tmp_path):
     with pytest.raises(UserError, match=r"qa.jsonl:3: not valid UTF-8 at byte 18 \(invalid start byte\); "
                                         r"re-encode the file as UTF-8"):
         read_qa([str(q)])
+
+
+def test_a_json_array_is_refused_where_json_lines_are_read(capsys, tmp_path):
+    """The corpus reader, QA files and fine-tuning records: a file holding one JSON array names
+    itself and the conversion (pretty-printed or on one line; a .jsonl name gets another output)."""
+    from domainlm.finetune.records import ReadStats, read_examples
+    from domainlm.qa import read_qa
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps([{"id": "a", "text": "one"}, {"id": "b", "text": "two"}], indent=1))
+    _fails(capsys, _train(corpus, tmp_path / "o"), f"{corpus}: one JSON array, not JSON lines",
+           "jq -c '.[]' corpus.jsonl > corpus.lines.jsonl")
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "q?", "answer": "a"}]))
+    with pytest.raises(UserError, match=r"qa\.json: one JSON array, not JSON lines.*qa\.json > qa\.jsonl"):
+        read_qa([str(qa)])
+    chats = tmp_path / "chats.json"
+    chats.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}], indent=2))
+    with pytest.raises(UserError, match=r"^data: .*chats\.json: one JSON array, not JSON lines"):
+        read_examples([str(chats)], ReadStats())
+    # JSON lines whose first record starts with a space are still JSON lines
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('  {"question": "q?", "answer": "a"}\n')
+    assert read_qa([str(ok)])[0].answer == "a"

@@ -29,7 +29,7 @@ from typing import Iterator
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
 from domainlm.corpus import MALFORMED, Bad, excerpt, gzip_misnamed, id_str, parse_json_line, without_bom  # noqa: F401
-from domainlm.corpus import CORPUS_SUFFIXES, FORMATS, corpus_kind
+from domainlm.corpus import CORPUS_SUFFIXES, FORMATS, corpus_kind, json_array_file
 from domainlm.manifest import hidden_below, left_out
 
 DATASET_MARKERS = ("dataset_dict.json", "state.json")
@@ -254,10 +254,15 @@ def make_plan(patterns: list[str], chunk_bytes: int, workers: int = 0) -> Plan:
 
 
 def _refuse_misnamed_gzip(f: InputFile) -> None:
-    """UserError for a local JSON-lines or text file not named .gz that holds gzip data: read
-    as text, each of its lines would be dead-lettered as invalid UTF-8 with no word of the cause."""
+    """UserError for a local JSON-lines or text file not named .gz that holds gzip data, or a
+    JSON-lines file that holds one JSON array: read line by line, each of its lines would be
+    dead-lettered (invalid UTF-8, invalid JSON) with no word of the cause."""
     if f.kind in ("jsonl", "txt") and not f.compressed and not _is_remote(f.path):
         err = gzip_misnamed(Path(f.path))
+        if err:
+            raise UserError(err)
+    if f.kind == "jsonl" and not _is_remote(f.path):
+        err = json_array_file(Path(f.path))
         if err:
             raise UserError(err)
 
