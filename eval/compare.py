@@ -315,11 +315,13 @@ def run(cfg: CompareConfig) -> int:
     device = device_of(cfg.gen.device)
     retriever, unknown = None, []
     if any("rag" in family_of(a)[1] for a in cfg.approaches):
-        from domainlm.eval.retrieval import known_documents
+        from domainlm.eval.retrieval import known_documents, with_index_ids
         from domainlm.serve.retrieve import open_retriever
 
         index = cfg.inputs.index or cfg.scratch.index
         retriever = open_retriever(index, device=device)
+        test = with_index_ids(test, retriever)
+        pool = with_index_ids(pool, retriever, say=False)   # few-shot examples avoid the question's document
         _, unknown = known_documents(test, retriever, cfg.qa.test, index,
                                      fate="scored (retrieving or citing their gold document counts as a miss)")
     families = list(dict.fromkeys(family_of(a)[0] for a in cfg.approaches))

@@ -22,11 +22,56 @@ from domainlm.qa import QA
 ANSWER_KS = (1, 2, 4, 8)
 
 
+def path_matches(wanted: list[str], ids: set[str]) -> dict[str, str]:
+    """For each id of `wanted` that is not in `ids`, the one text-file document of `ids` (an id
+    that is a .txt/.md/.rst/... path) whose path it names another way: one ends with the other
+    after a '/' ('guide.md' or 'docs/guide.md' for '/data/docs/guide.md', or the other way round;
+    './' and '..' folded). A text-file document's id is its path as the stages were given it, so
+    QA written with a relative path still finds a corpus given as an absolute one. Ambiguous ends
+    map to nothing."""
+    import posixpath
+
+    from domainlm.corpus import corpus_kind
+
+    missing = {w for w in wanted if w and w not in ids}
+    files = [i for i in ids if "/" in i and corpus_kind(i) == "txt"] if missing else []
+    if not files:
+        return {}
+    by_name: dict[str, list[str]] = {}
+    for i in files:
+        by_name.setdefault(posixpath.basename(i), []).append(i)
+    out = {}
+    for w in missing:
+        norm_w = posixpath.normpath(w)
+        found = [i for i in by_name.get(posixpath.basename(norm_w), [])
+                 if (n := posixpath.normpath(i)) == norm_w or n.endswith("/" + norm_w) or norm_w.endswith("/" + n)]
+        if len(found) == 1:
+            out[w] = found[0]
+    return out
+
+
+def with_index_ids(items: list[QA], retriever, say: bool = True) -> list[QA]:
+    """`items` with each doc_id that names an index document's path another way (`path_matches`)
+    replaced by the index's id, said in one line (`say`)."""
+    from dataclasses import replace
+
+    same = path_matches([qa.doc_id for qa in items if qa.doc_id is not None], {c.doc_id for c in retriever.chunks})
+    if not same:
+        return items
+    if say:
+        log.info("%d QA doc_id(s) name an index document's path another way and take its id (e.g. %r -> %r)",
+                 len(same), *min(same.items()))
+    return [replace(qa, doc_id=same[qa.doc_id]) if qa.doc_id in same else qa for qa in items]
+
+
 def known_documents(items: list[QA], retriever, data: list[str] = (), index: str = "",
                     fate: str = "left out") -> tuple[list[QA], list[QA]]:
     """(items whose doc_id is in the index or absent, items naming a doc_id the index lacks); the
-    second are logged with their ids and `fate`. None kept of some items is a user's mistake (the
-    QA files of `data` are about another corpus than `index`'s): refused."""
+    second are logged with their ids and `fate`. A doc_id that names the path of an index
+    document another way (`path_matches`) takes the index's id, said in one line. None kept of
+    some items is a user's mistake (the QA files of `data` are about another corpus than
+    `index`'s): refused."""
+    items = with_index_ids(items, retriever)
     ids = {c.doc_id for c in retriever.chunks}
     unknown = [qa for qa in items if qa.doc_id is not None and qa.doc_id not in ids]
     if unknown:

@@ -418,3 +418,39 @@ def test_rag_data_leaves_long_answers_the_room_compare_leaves(tmp_path, capsys, 
     assert m0["answer_budget"]["max_new_tokens"] == budget and m0["answer_budget"]["auto"]
     assert m0["prompt_room"] == ctx - budget - 8 and max(auto) <= ctx
     assert f"answer room {budget} tokens left for the answer (from the answers: p99" in " ".join(text.split())
+
+
+def test_qa_doc_ids_may_name_a_text_file_document_by_another_path(tmp_path, capsys, tiny_hf_model):
+    """A folder of manuals given as an absolute path: its documents' ids are absolute paths, the
+    QA names them relative ('guide.md', 'docs/a/ref.md'); each resolves to the one document whose
+    path ends so, an ambiguous end ('ref.md', two of them) resolves to none, and ids that are not
+    text-file paths are never guessed."""
+    from domainlm.eval.retrieval import path_matches
+
+    ids = {"/data/docs/guide.md", "/data/docs/a/ref.md", "/data/docs/b/ref.md", "corpus.jsonl:7", "sec/12"}
+    got = path_matches(["guide.md", "docs/a/ref.md", "./docs/guide.md", "ref.md", "12", "sec/12", "x.md"], ids)
+    assert got == {"guide.md": "/data/docs/guide.md", "docs/a/ref.md": "/data/docs/a/ref.md",
+                   "./docs/guide.md": "/data/docs/guide.md"}
+    assert path_matches(["/elsewhere/data/docs/guide.md"], ids) == {}      # another absolute path: another file
+    assert path_matches(["guide.md"], {"guide.md"}) == {}
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "harbour.md").write_text("# Harbour\n\nThe harbour closes at dusk when the tide is low.\n")
+    (docs / "gate.md").write_text("# Gate\n\nThe gateway opens at dawn for the carts.\n")
+    code, _, err = run_cli(["index", "build", "--input", str(docs.resolve()), "--output", tmp_path / "idx",
+                            "--dense.enabled", "false"], capsys)
+    assert code == 0, err
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "h", "question": "When does the harbour close?", "answer": "at dusk", "doc_id": "harbour.md"},
+        {"id": "g", "question": "When does the gateway open?", "answer": "at dawn", "doc_id": "docs/gate.md"}]))
+    code, out, err = run_cli(["eval", "rag-data", "--index", tmp_path / "idx", "--model", tiny_hf_model, "--data", qa,
+                              "--output", tmp_path / "rd", "--rag.max-source-tokens", "200", "--rag.mode", "bm25"],
+                             capsys)
+    assert code == 0, err
+    assert "2 QA doc_id(s) name an index document's path another way and take its id" in err
+    m = json.loads((tmp_path / "rd" / "manifest.json").read_text())["counts"]
+    assert (m["samples"], m["gold_retrieved"], m["doc_id_not_in_index"]) == (2, 2, 0)
+    rows = [json.loads(x) for x in (tmp_path / "rd" / "train.jsonl").read_text().splitlines()]
+    assert {r["doc_id"] for r in rows} == {str(docs.resolve() / "harbour.md"), str(docs.resolve() / "gate.md")}
