@@ -50,9 +50,11 @@ def qa(cfg) -> int:
     retriever = None
     device = device_of(cfg.gen.device)
     if cfg.mode == "rag":
+        from domainlm.eval.retrieval import with_index_ids
         from domainlm.serve.retrieve import open_retriever
 
         retriever = open_retriever(cfg.index, device=device)     # the embedder where the model runs (--gen.device)
+        items = with_index_ids(items, retriever)
     gen = Generator(cfg.model, cfg.adapter, device=device, dtype=torch_dtype(cfg.gen.dtype, device))
     approach = Approach(mode=cfg.mode, template=cfg.prompt.template, shots=cfg.prompt.shots, top_k=cfg.rag.top_k,
                         retrieval_mode=cfg.rag.mode, max_source_tokens=cfg.rag.max_source_tokens)
