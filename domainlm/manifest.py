@@ -152,11 +152,9 @@ def left_out(directory: str, paths: list[str], kind: str, suffixes: tuple[str, .
     shown = ", ".join(f"{n:,} {e}" for e, n in by[:6]) + (", ..." if len(by) > 6 else "")
     plain = list(dict.fromkeys(x.removesuffix(".gz") for x in suffixes))
     gz = " (optionally .gz)" if any(x.endswith(".gz") for x in suffixes) else ""
-    one = len(paths) == 1
-    log.warning("input %r: %s file%s in it %s left out, not %s by %s name%s (%s; e.g. %s); read are %s%s: convert "
-                "or rename the others to include them", directory, f"{len(paths):,}", "" if one else "s",
-                "is" if one else "are", kind, "its" if one else "their", "" if one else "s", shown, paths[0],
-                ", ".join(plain), gz)
+    log.warning("input %r: left out %s file%s of other kinds (%s; e.g. %s); read as %s are %s%s: convert or rename "
+                "the others to include them", directory, f"{len(paths):,}", "" if len(paths) == 1 else "s", shown,
+                paths[0], kind, ", ".join(plain), gz)
 
 
 def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:

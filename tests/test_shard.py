@@ -425,8 +425,8 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     assert code == 0, err
     assert {meta["id"] for _, _, _, meta in _samples(out)} == {str(p) for p in want}
     flat = " ".join(err.split())
-    assert f"input '{d}': 2 files in it are left out, not corpus files by their names (1 .html, 1 .png; e.g." in flat
-    assert "read are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst (optionally .gz)" in flat
+    assert f"input '{d}': left out 2 files of other kinds (1 .html, 1 .png; e.g." in flat
+    assert "read as corpus files are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst (optionally .gz)" in flat
     assert "pack.json" not in err and ".DS_Store" not in err
     code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
                            capsys)
