@@ -58,10 +58,11 @@ def with_index_ids(items: list[QA], retriever, say: bool = True) -> list[QA]:
     same = path_matches([qa.doc_id for qa in items if qa.doc_id is not None], {c.doc_id for c in retriever.chunks})
     if not same:
         return items
+    out = [replace(qa, doc_id=same[qa.doc_id]) if qa.doc_id in same else qa for qa in items]
     if say:
-        log.info("%d QA doc_id(s) name an index document's path another way and take its id (e.g. %r -> %r)",
-                 len(same), *min(same.items()))
-    return [replace(qa, doc_id=same[qa.doc_id]) if qa.doc_id in same else qa for qa in items]
+        log.info("%d QA item(s) name their document's path another way than the index (%d path(s), e.g. %r for %r) "
+                 "and take the index's id", sum(qa.doc_id in same for qa in items), len(same), *min(same.items()))
+    return out
 
 
 def known_documents(items: list[QA], retriever, data: list[str] = (), index: str = "",

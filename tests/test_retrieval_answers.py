@@ -449,7 +449,7 @@ def test_qa_doc_ids_may_name_a_text_file_document_by_another_path(tmp_path, caps
                               "--output", tmp_path / "rd", "--rag.max-source-tokens", "200", "--rag.mode", "bm25"],
                              capsys)
     assert code == 0, err
-    assert "2 QA doc_id(s) name an index document's path another way and take its id" in err
+    assert "2 QA item(s) name their document's path another way than the index (2 path(s), e.g. 'docs/gate.md' for" in err
     m = json.loads((tmp_path / "rd" / "manifest.json").read_text())["counts"]
     assert (m["samples"], m["gold_retrieved"], m["doc_id_not_in_index"]) == (2, 2, 0)
     rows = [json.loads(x) for x in (tmp_path / "rd" / "train.jsonl").read_text().splitlines()]
