@@ -99,7 +99,7 @@ def json_array_file(path: Path) -> str | None:
     tools write) where JSON lines are read, else None: read line by line, every line of it would
     be refused or dead-lettered with no word of the cause."""
     try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        with _open_raw(path) as f:
             head = f.read(4096)
     except (OSError, EOFError):
         return None
@@ -126,9 +126,13 @@ def encoding_error(path: Path, where: str, raw: bytes, gz_read: bool = True) -> 
     return None
 
 
+def _open_raw(path: Path):
+    """The file's bytes, through gzip when it is named .gz (any case)."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(_open_raw(path), encoding="utf-8", errors="strict", newline="")
 
 
 def read_documents(patterns: list[str], text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
@@ -195,7 +199,7 @@ def jsonl_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
 def _read_jsonl(path: Path, text_field: str, id_field: str,
                 byte_range: tuple[int, int] | None = None) -> Iterator[Document]:
     start, end = byte_range or (0, None)
-    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+    with _open_raw(path) as f:
         line_no = 0
         if start:  # the line numbers of the lines before the range
             remaining = start

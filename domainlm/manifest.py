@@ -115,8 +115,12 @@ def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] | None = None, 
 def hidden_below(path: str, directory: str) -> bool:
     """Whether `path`, a file found under `directory`, has a hidden part below it (.git/...,
     .cache/..., .DS_Store): such files are never inputs."""
-    rel = path[len(directory):] if path.startswith(directory) else os.path.basename(path)
-    return any(part.startswith(".") for part in rel.replace("\\", "/").split("/") if part)
+    top = directory.rstrip("/")
+    if "://" in path:
+        rel = path[len(top) + 1:] if path.startswith(top + "/") else os.path.basename(path)
+    else:
+        rel = os.path.relpath(path, top or "/")
+    return any(part.startswith(".") and part not in (".", "..") for part in rel.replace("\\", "/").split("/"))
 
 
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()

@@ -62,7 +62,7 @@ def read_qa(paths: list[str] | str, split: str | None = None) -> list[QA]:
     for spec in paths:
         path, spec_split = split_spec(spec)
         want = spec_split or split
-        for f in expand_inputs([path], QA_SUFFIXES):
+        for f in expand_inputs([path], QA_SUFFIXES, "QA files"):
             got = list(_read_file(f, want))
             out.extend(got)
     if not out:
@@ -80,7 +80,7 @@ def test_named_files(specs: list[str], suffixes: tuple[str, ...] = QA_SUFFIXES) 
         if Path(path).is_file():
             continue
         base = Path(path) if Path(path).is_dir() else None
-        for f in expand_inputs([path], suffixes):
+        for f in expand_inputs([path], suffixes, "QA files"):
             rel = f.relative_to(base) if base is not None and f.is_relative_to(base) else Path(f.name)
             if "test" in re.split(r"[^a-z0-9]+", str(rel).lower()):
                 out.append((spec, f))

@@ -102,7 +102,7 @@ def read_examples(specs: list[str], stats: ReadStats, what: str = "data", conver
     for spec in specs:
         path, split = split_spec(spec)
         try:
-            files = expand_inputs([path], DATA_SUFFIXES)
+            files = expand_inputs([path], DATA_SUFFIXES, "fine-tuning data files")
         except UserError as e:
             raise UserError(f"{what}: {e}") from None
         for f in files:

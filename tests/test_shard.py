@@ -399,7 +399,8 @@ def test_parquet_txt_gzip_and_datasets_inputs(tmp_path, tokenizer_dir, capsys):
     assert next(x for x in dead if x["reason"] == "unreadable_file")["file"] == str(d / "cut.jsonl.gz")
 
 
-def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_path, tokenizer_dir, capsys):
+def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_path, tokenizer_dir, capsys,
+                                                                           monkeypatch):
     """Markdown and reStructuredText files (any case, gzipped too) are plain-text documents to the
     strict reader (tokenizer, index) and to Beam alike; files of other kinds in the directory are
     left out with a warning that counts them by ending, and nothing under a hidden directory
@@ -418,6 +419,12 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     (d / ".DS_Store").write_bytes(b"\0")
     want = [d / "guide.md", d / "notes.txt.gz", d / "sub" / "ref.RST"]
     assert corpus_files([str(d)]) == want
+    from domainlm.data.beam.read import list_inputs
+
+    monkeypatch.chdir(d)                 # the directory given as '.': .git/ is still below it, and hidden
+    assert corpus_files(["."]) == [p.relative_to(d) for p in want]
+    assert [p for p, _ in list_inputs(["."])] == [f"./{p.relative_to(d)}" for p in want]
+    monkeypatch.chdir(tmp_path)
     assert [doc.key for doc in read_documents([str(d)])] == [str(p) for p in want]
     out = tmp_path / "out"
     code, text, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
