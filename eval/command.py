@@ -171,6 +171,7 @@ def retrieval(cfg) -> int:
 
 
 def rag_data(cfg) -> int:
+    from domainlm.eval.generate import answer_budget
     from domainlm.eval.rag_data import rag_samples, write_jsonl
     from domainlm.serve.prompt import check_budget
     from domainlm.eval.retrieval import known_documents
@@ -178,8 +179,6 @@ def rag_data(cfg) -> int:
     from domainlm.serve.retrieve import open_retriever
 
     device = device_of(cfg.device, "--device")
-    from domainlm.eval.generate import answer_budget
-
     items = read_qa(cfg.data)
     refuse_test_split(items, "data", "SFT+RAG samples", cfg.data)
     hf = open_hf_dir(cfg.model)
