@@ -22,13 +22,13 @@ from domainlm.qa import QA
 ANSWER_KS = (1, 2, 4, 8)
 
 
-def path_matches(wanted: list[str], ids: set[str]) -> dict[str, str]:
+def path_matches(wanted: list[str], ids) -> dict[str, str]:
     """For each id of `wanted` that is not in `ids`, the one text-file document of `ids` (an id
     that is a .txt/.md/.rst/... path) whose path it names another way: one ends with the other
     after a '/' ('guide.md' or 'docs/guide.md' for '/data/docs/guide.md', or the other way round;
     './' and '..' folded). A text-file document's id is its path as the stages were given it, so
     QA written with a relative path still finds a corpus given as an absolute one. Ambiguous ends
-    map to nothing."""
+    map to nothing. `ids`: a set or a dict keyed by id (the retriever's `spans`)."""
     import posixpath
 
     from domainlm.corpus import corpus_kind
@@ -55,7 +55,7 @@ def with_index_ids(items: list[QA], retriever, say: bool = True) -> list[QA]:
     replaced by the index's id, said in one line (`say`)."""
     from dataclasses import replace
 
-    same = path_matches([qa.doc_id for qa in items if qa.doc_id is not None], {c.doc_id for c in retriever.chunks})
+    same = path_matches([qa.doc_id for qa in items if qa.doc_id is not None], retriever.spans)
     if not same:
         return items
     out = [replace(qa, doc_id=same[qa.doc_id]) if qa.doc_id in same else qa for qa in items]
@@ -73,7 +73,7 @@ def known_documents(items: list[QA], retriever, data: list[str] = (), index: str
     some items is a user's mistake (the QA files of `data` are about another corpus than
     `index`'s): refused."""
     items = with_index_ids(items, retriever)
-    ids = {c.doc_id for c in retriever.chunks}
+    ids = retriever.spans                           # the index's documents, keyed by id
     unknown = [qa for qa in items if qa.doc_id is not None and qa.doc_id not in ids]
     if unknown:
         names = ", ".join(f"{qa.id or qa.question[:40]!r} (doc_id {qa.doc_id!r})" for qa in unknown[:5])

@@ -103,8 +103,7 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def _kind(path: str) -> str | None:
-    return corpus_kind(path)
+_kind = corpus_kind     # how a path is read (jsonl, parquet, txt), None: not a corpus file
 
 
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
