@@ -18,19 +18,24 @@ from typing import Iterator
 import orjson
 
 from domainlm.errors import UserError
+from domainlm.html_text import HTML_SUFFIXES, html_to_text
 from domainlm.manifest import expand_inputs
 
 # File name endings of corpus files (case-insensitive), and how each is read: JSON lines, Parquet,
-# or one document a file (plain text; Markdown and reStructuredText manuals are plain text too,
-# whose headings the index's structure chunker follows). The Beam shard pipeline reads the same set.
+# or one document a file: plain text (Markdown and reStructuredText manuals are plain text too,
+# whose headings the index's structure chunker follows) or an HTML page (its content as Markdown,
+# `html_text`). The Beam shard pipeline reads the same set.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst")
 CORPUS_KINDS = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet",
     **{s: "txt" for s in TEXT_SUFFIXES}, **{s + ".gz": "txt" for s in TEXT_SUFFIXES},
+    **{s: "html" for s in HTML_SUFFIXES}, **{s + ".gz": "html" for s in HTML_SUFFIXES},
 }
+FILE_KINDS = ("txt", "html")
+"""The kinds whose file is one document, named by its path."""
 CORPUS_SUFFIXES = tuple(CORPUS_KINDS)
-FORMATS = ("use .jsonl/.json (JSON lines, optionally .gz), .parquet, .txt/.md/.rst (one document per file, "
-           "optionally .gz) or a saved `datasets` directory")
+FORMATS = ("use .jsonl/.json (JSON lines, optionally .gz), .parquet, .txt/.md/.rst/.html (one document "
+           "per file, optionally .gz) or a saved `datasets` directory")
 
 
 @dataclass(slots=True)
@@ -50,7 +55,7 @@ def corpus_files(patterns: list[str]) -> list[Path]:
 
 
 def corpus_kind(name: str) -> str | None:
-    """How a file named `name` is read (jsonl, parquet, txt), by its ending; None: not a corpus file."""
+    """How a file named `name` is read (jsonl, parquet, txt, html), by its ending; None: not a corpus file."""
     name = name.lower()
     for suffix in sorted(CORPUS_KINDS, key=len, reverse=True):
         if name.endswith(suffix):
@@ -86,7 +91,7 @@ def gzip_misnamed(path: Path, gz_read: bool = True) -> str | None:
         if f.read(2) != GZIP_MAGIC:
             return None
     if gz_read:
-        name = path.name + ".gz" if corpus_kind(path.name) == "txt" else (
+        name = path.name + ".gz" if corpus_kind(path.name) in FILE_KINDS else (
             path.name.removesuffix(".jsonl").removesuffix(".json") + ".jsonl.gz")
         fix = f"rename it to {name} (read as gzip) or gunzip it"
     else:
@@ -157,6 +162,12 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id",
         elif kind == "txt":
             with _open_text(path) as f:
                 yield Document(str(path), f.read(), str(path))
+        elif kind == "html":
+            misnamed = gzip_misnamed(path)
+            if misnamed:
+                raise UserError(misnamed)
+            with _open_raw(path) as f:
+                yield Document(str(path), html_to_text(f.read()), str(path))
         else:
             yield from _read_datasets(path, text_field, id_field)
     except UnicodeDecodeError as e:

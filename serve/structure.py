@@ -19,7 +19,10 @@ Units: a unit starts at a line and runs on through
 - lines at its first line's indent directly after one (a paragraph's next line), unless the line
   starts a list item (`-`, `*`, `+`, `1.`, `a)`, ...).
 It ends at a blank line followed by a line no deeper than its start, at a line less indented than
-its start, or at a heading. So `-x, --extract` followed by its indented description is one unit,
+its start, or at a heading. A fenced code block (a line of ``` or ~~~ up to the next such line of
+the same character, at least as long, or the document's end) is never cut and holds no heading:
+a `# comment` in a shell or Python example is code. It joins the unit it is indented under, or is
+a unit of its own. So `-x, --extract` followed by its indented description is one unit,
 and so is `axis : int` followed by its description in a numpy-style parameter list.
 A heading's own lines belong to the unit after it (a chunk starts with its heading).
 """
@@ -33,6 +36,7 @@ _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
 _RULE = re.compile(r"^([=\-~^*+#\"'`:.])\1{2,}[ \t]*$")
 _LIST = re.compile(r"^[ \t]*(?:[-*+\u2022\u2023\u25e6]|\d{1,3}[.)]|\(?[A-Za-z]\)|\(\d{1,3}\)|[ivxIVX]{1,5}\.)[ \t]+\S")
 _CAPS_OK = re.compile(r"^[A-Z0-9][A-Z0-9 ,/&()'_:.-]*$")
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
 MAX_TITLE = 80
 
 
@@ -51,12 +55,36 @@ def _indent(line: str) -> int:
     return len(lead.expandtabs(8))
 
 
-def _headings(lines: list[str]) -> dict[int, tuple[int, tuple, str]]:
+def _fences(lines: list[str]) -> dict[int, int]:
+    """First line -> last line of each fenced code block (the closing fence, or the last line)."""
+    out: dict[int, int] = {}
+    i, n = 0, len(lines)
+    while i < n:
+        m = _FENCE.match(lines[i])
+        if m and not (m.group(1)[0] == "`" and "`" in lines[i][m.end():]):   # ```x``` is inline code
+            mark = m.group(1)
+            j = i + 1
+            while j < n:
+                c = _FENCE.match(lines[j])
+                if c and c.group(1)[0] == mark[0] and len(c.group(1)) >= len(mark) and not lines[j][c.end():].strip():
+                    break
+                j += 1
+            out[i] = min(j, n - 1)
+            i = j + 1
+            continue
+        i += 1
+    return out
+
+
+def _headings(lines: list[str], fences: dict[int, int]) -> dict[int, tuple[int, tuple, str]]:
     """line number -> (lines the heading takes, its style, its title)."""
     out: dict[int, tuple[int, tuple, str]] = {}
     n = len(lines)
     i = 0
     while i < n:
+        if i in fences:
+            i = fences[i] + 1
+            continue
         line = lines[i].rstrip("\r\n")
         s = line.strip()
         m = _ATX.match(line)
@@ -86,7 +114,8 @@ def units(text: str) -> list[Unit]:
     for line in lines:
         starts.append(pos)
         pos += len(line)
-    heads = _headings(lines)
+    fences = _fences(lines)
+    heads = _headings(lines, fences)
     styles: list[tuple] = []           # heading styles in order of first appearance
     path: list[tuple[int, str]] = []   # (level, title)
     out: list[Unit] = []
@@ -131,6 +160,17 @@ def units(text: str) -> list[Unit]:
             i += 1
             continue
         ind = _indent(line)
+        if i in fences:                # a code block: whole, in the unit it is indented under or alone
+            last = fences[i]
+            while last > i and not lines[last].strip():
+                last -= 1
+            if cur is not None and ind > cur[1]:
+                cur[2], cur[3] = last, True
+            else:
+                close()
+                cur = [i, ind, last, True]
+            i = fences[i] + 1
+            continue
         if cur is not None:
             base, last = cur[1], cur[2]
             blank_before = last < i - 1

@@ -128,6 +128,25 @@ def test_structure_chunker_keeps_headings_and_items_whole(kind, emb_tok):
     assert context                                                # (the first lines were readable)
 
 
+def test_a_fenced_code_block_is_one_unit_and_holds_no_heading():
+    """A `# comment` in a shell or Python example is code, not a heading, and a blank line inside
+    the block does not cut it; a block indented under a list item belongs to that item."""
+    from domainlm.serve.structure import units
+
+    text = ("# Guide\n\nInstall it:\n\n```bash\n# install it\npip install widget\n\n# then check\n"
+            "widget --version\n```\n\n## Use\n\n- `-x` extract\n  ~~~\n  # inside the item\n  ~~~\n"
+            "- `-v` verbose\n\nText after.\n\n```\n# never closed\nlast line\n")
+    got = [(text[u.start:u.end], u.path) for u in units(text)]
+    assert got == [
+        ("# Guide\n\nInstall it:", ("Guide",)),
+        ("```bash\n# install it\npip install widget\n\n# then check\nwidget --version\n```", ("Guide",)),
+        ("## Use\n\n- `-x` extract\n  ~~~\n  # inside the item\n  ~~~", ("Guide", "Use")),
+        ("- `-v` verbose", ("Guide", "Use")),
+        ("Text after.", ("Guide", "Use")),
+        ("```\n# never closed\nlast line", ("Guide", "Use")),
+    ]
+
+
 def test_a_unit_longer_than_the_chunk_is_cut_in_windows(emb_tok):
     long_item = "term\n    " + " ".join(f"w{i}" for i in range(300))
     chunks = _chunks("# T\n\n" + long_item + "\n\nnext paragraph here.\n", emb_tok, 48)

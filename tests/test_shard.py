@@ -413,7 +413,7 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     (d / "guide.md").write_text("# Guide\n\n## Install\n\nRun the installer with the prefix option set.\n")
     (d / "sub" / "ref.RST").write_text("Reference\n=========\n\nThe --depth option limits the recursion.\n")
     (d / "notes.txt.gz").write_bytes(gzip.compress(b"Notes kept compressed, long enough to be a document.\n"))
-    (d / "page.html").write_text("<p>not read</p>")
+    (d / "scan.pdf").write_bytes(b"%PDF-1.7 not read")
     (d / "logo.PNG").write_bytes(b"\x89PNG")
     (d / ".git" / "objects" / "pack.json").write_text(json.dumps({"text": "must never be read"}) + "\n")
     (d / ".DS_Store").write_bytes(b"\0")
@@ -432,8 +432,9 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     assert code == 0, err
     assert {meta["id"] for _, _, _, meta in _samples(out)} == {str(p) for p in want}
     flat = " ".join(err.split())
-    assert f"input '{d}': left out 2 files of other kinds (1 .html, 1 .png; e.g." in flat
-    assert "read as corpus files are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst (optionally .gz)" in flat
+    assert f"input '{d}': left out 2 files of other kinds (1 .pdf, 1 .png; e.g." in flat
+    assert ("read as corpus files are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst, .html, .htm, "
+            ".xhtml (optionally .gz)") in flat
     assert "pack.json" not in err and ".DS_Store" not in err
     code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
                            capsys)
@@ -441,6 +442,88 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     chunks = [json.loads(x) for x in (tmp_path / "idx" / "chunks.jsonl").read_text().splitlines()]
     assert sorted({c["doc_id"] for c in chunks}) == [str(p) for p in want]
     assert any(c["doc_id"] == str(d / "guide.md") and "Guide > Install" in c.get("context", "") for c in chunks)
+
+
+DOCS_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Widget manual</title>
+<script>var x = "<p>script text is not text</p>";</script><style>body { color: red }</style></head>
+<body>
+<div class="related" role="navigation"><ul><li><a href="a.html">previous page</a></li></ul></div>
+<nav><a href="/">Home</a> | <a href="/docs">Docs</a></nav>
+<div class="body" role="main">
+<h1>Installing widgets<a class="headerlink" href="#installing" title="Link to this heading">\u00b6</a></h1>
+<p>Run the <b>installer</b> with <code>--prefix</code>&nbsp;set.<br>Then restart the <a href="s.html">service</a>.</p>
+<h2>Options</h2>
+<ul><li><code>-x</code>: extract the archive</li><li><code>-v</code>: be verbose</li></ul>
+<pre><code class="language-bash"># install it
+widget install --prefix /opt
+</code></pre>
+<table><tr><th>flag</th><th>meaning</th></tr><tr><td>-q</td><td>quiet</td></tr></table>
+</div>
+<div class="sphinxsidebar" role="navigation"><h3>Quick search</h3><form><input type="text"></form></div>
+<footer>Copyright 2026 Widget Inc.</footer>
+</body></html>
+"""
+DOCS_PAGE_TEXT = """# Installing widgets
+
+Run the installer with `--prefix` set.
+Then restart the service.
+
+## Options
+
+- `-x`: extract the archive
+- `-v`: be verbose
+
+```
+# install it
+widget install --prefix /opt
+```
+
+| flag | meaning |
+| --- | --- |
+| -q | quiet |
+"""
+
+
+def test_a_manual_as_html_pages_is_read_as_its_content_in_markdown_by_every_stage(tmp_path, tokenizer_dir,
+                                                                                   capsys):
+    """A documentation site's pages (.html, .htm, gzipped too) are one document each to the strict
+    reader and to Beam alike: the main content as Markdown (headings, lists, code kept verbatim,
+    tables), without the site's navigation, sidebars, scripts, footer or permalink marks; a page
+    declared in another charset is decoded as declared; a page without an <h1> takes its <title>.
+    The index cuts by the page's headings, and a `# comment` inside a code block is no heading."""
+    from domainlm.corpus import read_documents
+
+    d = tmp_path / "site"
+    (d / "api").mkdir(parents=True)
+    (d / "index.html").write_text(DOCS_PAGE, encoding="utf-8")
+    (d / "api" / "latin.HTM").write_bytes(
+        b'<html><head><meta charset="iso-8859-1"><title>Caf\xe9 API</title></head>'
+        b"<body><main><p>Cr\xe8me br\xfbl\xe9e is served at the API root.</p></main><p>outside main</p></body></html>")
+    (d / "old.html.gz").write_bytes(gzip.compress(b"<html><body><h1>Old</h1><p>An archived page kept compressed.</p>"
+                                                  b"</body></html>"))
+    want = {str(d / "index.html"): DOCS_PAGE_TEXT,
+            str(d / "api" / "latin.HTM"): "# Caf\u00e9 API\n\nCr\u00e8me br\u00fbl\u00e9e is served at the API root.\n",
+            str(d / "old.html.gz"): "# Old\n\nAn archived page kept compressed.\n"}
+    assert {doc.key: doc.text for doc in read_documents([str(d)])} == want
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
+    assert code == 0, err
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+    tok = load_tokenizer_dir(tokenizer_dir)
+    got = {meta["id"]: list(ids) for _, _, ids, meta in _samples(out)}
+    assert set(got) == set(want)
+    for key, text in want.items():      # Beam tokenized the same text the strict reader gives
+        assert got[key] == tok.encode([text])[0], key
+    code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
+                           capsys)
+    assert code == 0, err
+    chunks = [json.loads(x) for x in (tmp_path / "idx" / "chunks.jsonl").read_text().splitlines()]
+    contexts = {c.get("context", "") for c in chunks if c["doc_id"] == str(d / "index.html")}
+    assert any("Installing widgets > Options" in c for c in contexts), contexts
+    assert not any("install it" in c for c in contexts), contexts
 
 
 def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, tokenizer_dir, capsys):

@@ -29,7 +29,8 @@ from typing import Iterator
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
 from domainlm.corpus import MALFORMED, Bad, excerpt, gzip_misnamed, id_str, parse_json_line, without_bom  # noqa: F401
-from domainlm.corpus import CORPUS_SUFFIXES, FORMATS, corpus_kind, json_array_file
+from domainlm.corpus import CORPUS_SUFFIXES, FILE_KINDS, FORMATS, corpus_kind, json_array_file
+from domainlm.html_text import html_to_text
 from domainlm.manifest import hidden_below, left_out
 
 DATASET_MARKERS = ("dataset_dict.json", "state.json")
@@ -77,7 +78,7 @@ class Plan:
         record at absolute `position` (line for JSONL/txt, row for tables) of `chunk`."""
         f = self.files[self.chunks[chunk].file]
         input_file, (src,) = self.sources(chunk, [position])
-        if f.kind in ("jsonl", "txt"):
+        if f.kind in ("jsonl", *FILE_KINDS):
             return input_file, src, {"file": f.path, "line": position}
         return input_file, src, {"file": f.label, "row": position}
 
@@ -87,12 +88,12 @@ class Plan:
         f = self.files[self.chunks[chunk].file]
         if f.kind == "jsonl":
             return f.path, [f"{f.path}:{p}" for p in positions]
-        if f.kind == "txt":
+        if f.kind in FILE_KINDS:
             return f.path, [f.path] * len(positions)
         return f.origin, [f"{f.label}:row {p}" for p in positions]
 
     def first_position(self, chunk: int) -> int:
-        return 1 if self.files[self.chunks[chunk].file].kind in ("jsonl", "txt") else 0
+        return 1 if self.files[self.chunks[chunk].file].kind in ("jsonl", *FILE_KINDS) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-_kind = corpus_kind     # how a path is read (jsonl, parquet, txt), None: not a corpus file
+_kind = corpus_kind     # how a path is read (jsonl, parquet, txt, html), None: not a corpus file
 
 
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
@@ -256,7 +257,7 @@ def _refuse_misnamed_gzip(f: InputFile) -> None:
     """UserError for a local JSON-lines or text file not named .gz that holds gzip data, or a
     JSON-lines file that holds one JSON array: read line by line, each of its lines would be
     dead-lettered (invalid UTF-8, invalid JSON) with no word of the cause."""
-    if f.kind in ("jsonl", "txt") and not f.compressed and not _is_remote(f.path):
+    if f.kind in ("jsonl", *FILE_KINDS) and not f.compressed and not _is_remote(f.path):
         err = gzip_misnamed(Path(f.path))
         if err:
             raise UserError(err)
@@ -341,7 +342,7 @@ def read_records(f: InputFile, chunk: Chunk, text_field: str, id_field: str, max
     chunk; counts["units"] ends as the chunk's number of lines or rows."""
     if f.kind == "jsonl":
         yield from _jsonl(f, chunk, text_field, id_field, counts)
-    elif f.kind == "txt":
+    elif f.kind in FILE_KINDS:
         yield from _txt(f, max_chars, counts)
     elif f.kind == "parquet":
         yield from _table(_parquet_batches(f, chunk, text_field, id_field), f, text_field, id_field, counts)
@@ -384,13 +385,16 @@ def _jsonl(f: InputFile, chunk: Chunk, text_field: str, id_field: str, counts: d
 
 def _txt(f: InputFile, max_chars: int, counts: dict):
     counts["units"] = 0
-    if max_chars and not f.compressed and f.size > 4 * max_chars:
+    if max_chars and f.kind == "txt" and not f.compressed and f.size > 4 * max_chars:
         # more than max_chars characters for sure (UTF-8 has at most 4 bytes a character):
         # counted as too long without reading it
         yield 0, Bad("too_long", f"{f.size:,} bytes", ""), None
         return
     with _open(f) as fh:
         raw = fh.read()
+    if f.kind == "html":     # an HTML page: its content as Markdown, decoded as the page declares
+        yield 0, html_to_text(raw), None
+        return
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
