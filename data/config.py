@@ -108,7 +108,7 @@ class BeamArgs:
 class ShardConfig:
     """Clean, deduplicate and tokenize a corpus into WebDataset shards, with Apache Beam.
 
-    Reads JSONL, Parquet, .txt/.md/.rst/.html (one document per file) and saved `datasets` directories from
+    Reads JSONL, Parquet, .txt/.md/.rst/.html/.pdf (one document per file) and saved `datasets` directories from
     local paths or any Beam filesystem (gs://, s3://, hdfs://); normalizes text (NFC, control
     characters, line endings); filters; drops exact and near duplicates; tokenizes with the
     tokenizer dir's SentencePiece model; splits train/valid by document hash; writes

@@ -20,21 +20,25 @@ import orjson
 from domainlm.errors import UserError
 from domainlm.html_text import HTML_SUFFIXES, html_to_text
 from domainlm.manifest import expand_inputs
+from domainlm.pdf_text import PDF_SUFFIXES, PdfUnreadable, pdf_to_text
 
 # File name endings of corpus files (case-insensitive), and how each is read: JSON lines, Parquet,
 # or one document a file: plain text (Markdown and reStructuredText manuals are plain text too,
-# whose headings the index's structure chunker follows) or an HTML page (its content as Markdown,
-# `html_text`). The Beam shard pipeline reads the same set.
+# whose headings the index's structure chunker follows), an HTML page (its content as Markdown,
+# `html_text`) or a PDF (its text layer, `pdf_text`). The Beam shard pipeline reads the same set.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst")
 CORPUS_KINDS = {
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet",
     **{s: "txt" for s in TEXT_SUFFIXES}, **{s + ".gz": "txt" for s in TEXT_SUFFIXES},
     **{s: "html" for s in HTML_SUFFIXES}, **{s + ".gz": "html" for s in HTML_SUFFIXES},
+    **{s: "pdf" for s in PDF_SUFFIXES}, **{s + ".gz": "pdf" for s in PDF_SUFFIXES},
 }
-FILE_KINDS = ("txt", "html")
+FILE_KINDS = ("txt", "html", "pdf")
 """The kinds whose file is one document, named by its path."""
+CONVERTERS = {"html": html_to_text, "pdf": pdf_to_text}
+"""The text of a file of these kinds, from its bytes (the strict reader and Beam's both call it)."""
 CORPUS_SUFFIXES = tuple(CORPUS_KINDS)
-FORMATS = ("use .jsonl/.json (JSON lines, optionally .gz), .parquet, .txt/.md/.rst/.html (one document "
+FORMATS = ("use .jsonl/.json (JSON lines, optionally .gz), .parquet, .txt/.md/.rst/.html/.pdf (one document "
            "per file, optionally .gz) or a saved `datasets` directory")
 
 
@@ -55,7 +59,7 @@ def corpus_files(patterns: list[str]) -> list[Path]:
 
 
 def corpus_kind(name: str) -> str | None:
-    """How a file named `name` is read (jsonl, parquet, txt, html), by its ending; None: not a corpus file."""
+    """How a file named `name` is read (jsonl, parquet, txt, html, pdf), by its ending; None: not a corpus file."""
     name = name.lower()
     for suffix in sorted(CORPUS_KINDS, key=len, reverse=True):
         if name.endswith(suffix):
@@ -162,12 +166,17 @@ def read_file(path: Path, text_field: str = "text", id_field: str = "id",
         elif kind == "txt":
             with _open_text(path) as f:
                 yield Document(str(path), f.read(), str(path))
-        elif kind == "html":
+        elif kind in CONVERTERS:
             misnamed = gzip_misnamed(path)
             if misnamed:
                 raise UserError(misnamed)
             with _open_raw(path) as f:
-                yield Document(str(path), html_to_text(f.read()), str(path))
+                raw = f.read()
+            try:
+                text = CONVERTERS[kind](raw)
+            except PdfUnreadable as e:
+                raise UserError(f"{str(path)!r}: {e}") from None
+            yield Document(str(path), text, str(path))
         else:
             yield from _read_datasets(path, text_field, id_field)
     except UnicodeDecodeError as e:

@@ -24,7 +24,7 @@ ANSWER_KS = (1, 2, 4, 8)
 
 def path_matches(wanted: list[str], ids) -> dict[str, str]:
     """For each id of `wanted` that is not in `ids`, the one text-file document of `ids` (an id
-    that is a .txt/.md/.rst/.html/... path) whose path it names another way: one ends with the other
+    that is a .txt/.md/.rst/.html/.pdf/... path) whose path it names another way: one ends with the other
     after a '/' ('guide.md' or 'docs/guide.md' for '/data/docs/guide.md', or the other way round;
     './' and '..' folded). A text-file document's id is its path as the stages were given it, so
     QA written with a relative path still finds a corpus given as an absolute one. Ambiguous ends

@@ -195,7 +195,7 @@ class SFTConfig:
     values a token and layer fewer (24 KiB at the 1B shape in bf16). false: keep them."""
     forgetting_data: list[str] = field(default_factory=list, metadata=INPUT)
     """General or pretraining text for a perplexity before/after: a shards dir (its valid split,
-    tokenized with the model's tokenizer) or text files (JSONL with "text", .txt/.md/.rst/.html, Parquet)."""
+    tokenized with the model's tokenizer) or text files (JSONL with "text", .txt/.md/.rst/.html/.pdf, Parquet)."""
     valid_fraction: float = 0.05
     """Share of --data held out for validation when --valid-data is not given (0: none); at
     least one record when above 0 and --data holds two or more."""

@@ -89,7 +89,7 @@ def forgetting_windows(specs: list[str], hf_tok, model_dir: Path, seq_len: int, 
             mine = load_tokenizer_dir(model_dir).identity
             check_same(shards.tokenizer_id, mine, what=f"forgetting_data {spec!r}",
                        mine_label=f"model {str(model_dir)!r}",
-                       fix="give text files (JSONL, .txt/.md/.rst/.html) instead, which are tokenized with the model's "
+                       fix="give text files (JSONL, .txt/.md/.rst/.html/.pdf) instead, which are tokenized with the model's "
                            "tokenizer")
             for _, arr, _ in shards.documents("valid"):
                 ids.extend(arr.tolist())

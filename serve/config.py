@@ -69,7 +69,7 @@ class DenseArgs:
 class IndexBuildConfig:
     """Build a retrieval index of a corpus: BM25 (bm25s) and dense vectors (sentence-transformers + faiss).
 
-    Reads the corpus with the reader every stage uses (JSONL, Parquet, .txt/.md/.rst/.html, saved `datasets`
+    Reads the corpus with the reader every stage uses (JSONL, Parquet, .txt/.md/.rst/.html/.pdf, saved `datasets`
     dirs), cuts each document into chunks of at most --chunk-tokens embedder tokens by its own
     structure (headings, paragraphs, list and definition items; --chunking window: fixed windows
     with --overlap); every chunk keeps its document's id, its heading path and its source
@@ -80,7 +80,7 @@ class IndexBuildConfig:
     """
 
     input: list[str] = field(metadata=INPUT)
-    """Corpus files, globs or directories: JSONL, Parquet, .txt/.md/.rst/.html (one document per file), or a
+    """Corpus files, globs or directories: JSONL, Parquet, .txt/.md/.rst/.html/.pdf (one document per file), or a
     saved `datasets` directory."""
     output: str = field(metadata=OUTPUT)
     """Index directory to write."""

@@ -413,7 +413,7 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     (d / "guide.md").write_text("# Guide\n\n## Install\n\nRun the installer with the prefix option set.\n")
     (d / "sub" / "ref.RST").write_text("Reference\n=========\n\nThe --depth option limits the recursion.\n")
     (d / "notes.txt.gz").write_bytes(gzip.compress(b"Notes kept compressed, long enough to be a document.\n"))
-    (d / "scan.pdf").write_bytes(b"%PDF-1.7 not read")
+    (d / "notes.docx").write_bytes(b"PK not read")
     (d / "logo.PNG").write_bytes(b"\x89PNG")
     (d / ".git" / "objects" / "pack.json").write_text(json.dumps({"text": "must never be read"}) + "\n")
     (d / ".DS_Store").write_bytes(b"\0")
@@ -432,9 +432,9 @@ def test_a_manual_in_markdown_and_rest_files_is_read_alike_by_every_stage(tmp_pa
     assert code == 0, err
     assert {meta["id"] for _, _, _, meta in _samples(out)} == {str(p) for p in want}
     flat = " ".join(err.split())
-    assert f"input '{d}': left out 2 files of other kinds (1 .pdf, 1 .png; e.g." in flat
+    assert f"input '{d}': left out 2 files of other kinds (1 .docx, 1 .png; e.g." in flat
     assert ("read as corpus files are .jsonl, .json, .parquet, .txt, .text, .md, .markdown, .rst, .html, .htm, "
-            ".xhtml (optionally .gz)") in flat
+            ".xhtml, .pdf (optionally .gz)") in flat
     assert "pack.json" not in err and ".DS_Store" not in err
     code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
                            capsys)
@@ -524,6 +524,96 @@ def test_a_manual_as_html_pages_is_read_as_its_content_in_markdown_by_every_stag
     contexts = {c.get("context", "") for c in chunks if c["doc_id"] == str(d / "index.html")}
     assert any("Installing widgets > Options" in c for c in contexts), contexts
     assert not any("install it" in c for c in contexts), contexts
+
+
+def _make_pdf(pages, outline=(), password=None):
+    """A PDF whose pages hold the given lines (Helvetica, one line each), with an outline of
+    (title, page, parent title or None), made by hand and completed by pypdf."""
+    objs = []
+    def add(body):
+        objs.append(body); return len(objs)
+    font = add(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    page_ids = []
+    pages_id = len(pages) * 2 + 2
+    for lines in pages:
+        ops = b"BT /F1 11 Tf 14 TL 72 740 Td " + b" ".join(
+            b"(" + l.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)").encode("cp1252") + b") Tj T*" for l in lines) + b" ET"
+        content = add(b"<< /Length %d >>\nstream\n" % len(ops) + ops + b"\nendstream")
+        page_ids.append(add(b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
+                            b"/Resources << /Font << /F1 %d 0 R >> >> >>" % (pages_id, content, font)))
+    assert add(b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % i for i in page_ids), len(page_ids))) == pages_id
+    catalog = add(b"<< /Type /Catalog /Pages %d 0 R >>" % pages_id)
+    out = io.BytesIO(); out.write(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objs, 1):
+        offsets.append(out.tell()); out.write(b"%d 0 obj\n" % i + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets))
+    out.write(b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, catalog, xref))
+    raw = out.getvalue()
+    if not outline and password is None:
+        return raw
+    from pypdf import PdfReader, PdfWriter
+    w = PdfWriter(clone_from=PdfReader(io.BytesIO(raw)))
+    items = {}
+    for title, page, parent in outline:
+        items[title] = w.add_outline_item(title=title, page_number=page, parent=items.get(parent))
+    if password:
+        w.encrypt(user_password=password, owner_password="owner", algorithm="RC4-128")
+    buf = io.BytesIO(); w.write(buf); return buf.getvalue()
+
+
+PDF_PAGES = [["Widget Manual", "1 Introduction", "Widgets are small tools for joining files.", "Page 1 of 4"],
+             ["Widget Manual", "1.1 Scope", "This manual covers widget 2 (and later).", "Page 2 of 4"],
+             ["Widget Manual", "2 Installing", "Run the installer with --prefix set.", "Page 3 of 4"],
+             ["Widget Manual", "Restart the service after installing.", "Page 4 of 4"]]
+PDF_TEXT = ("# 1 Introduction\nWidgets are small tools for joining files.\n\n## 1.1 Scope\n"
+            "This manual covers widget 2 (and later).\n\n# 2 Installing\nRun the installer with --prefix set.\n\n"
+            "Restart the service after installing.\n")
+
+
+def test_a_pdf_manual_is_read_as_its_text_with_its_outline_as_headings_by_every_stage(tmp_path, tokenizer_dir,
+                                                                                        capsys):
+    """A PDF is one document to the strict reader and to Beam alike: its pages' text without the
+    running head and foot, its outline entries marked as Markdown headings (numbered lines
+    matched to unnumbered entries), so the index cuts by its sections. An encrypted PDF is named
+    with the fix (the strict reader stops; Beam dead-letters it as unreadable and goes on); a PDF
+    with no text layer is an empty document."""
+    from domainlm.corpus import read_documents
+    from domainlm.errors import UserError
+
+    d = tmp_path / "pdfs"
+    d.mkdir()
+    (d / "manual.PDF").write_bytes(_make_pdf(PDF_PAGES, [("Introduction", 0, None), ("Scope", 1, "Introduction"),
+                                                         ("Installing", 2, None)]))
+    (d / "scanned.pdf").write_bytes(_make_pdf([[]]))
+    assert {doc.key: doc.text for doc in read_documents([str(d)])} == {
+        str(d / "manual.PDF"): PDF_TEXT, str(d / "scanned.pdf"): ""}
+    (d / "locked.pdf").write_bytes(_make_pdf([["a secret page of text"]], password="pw"))
+    with pytest.raises(UserError) as e:
+        list(read_documents([str(d / "locked.pdf")]))
+    assert str(e.value).startswith(f"{str(d / 'locked.pdf')!r}: an encrypted PDF that needs a password")
+    assert "qpdf --decrypt" in str(e.value)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
+                            "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
+    assert code == 0, err
+    from domainlm.tokenizer.tokdir import load_tokenizer_dir
+
+    got = {meta["id"]: list(ids) for _, _, ids, meta in _samples(out)}
+    assert got == {str(d / "manual.PDF"): load_tokenizer_dir(tokenizer_dir).encode([PDF_TEXT])[0]}
+    dead = [json.loads(x) for x in (out / "dead_letter.jsonl").read_text().splitlines()]
+    assert [(x["reason"], x["file"]) for x in dead] == [("unreadable_file", str(d / "locked.pdf"))]
+    assert "an encrypted PDF that needs a password" in dead[0]["message"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dropped"]["empty"] == 1 and m["counts"]["unreadable_files"] == 1, m
+    (d / "locked.pdf").unlink()
+    code, _, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false"],
+                           capsys)
+    assert code == 0, err
+    chunks = [json.loads(x) for x in (tmp_path / "idx" / "chunks.jsonl").read_text().splitlines()]
+    install = next(c for c in chunks if "--prefix" in c["text"])
+    assert install["text"].startswith("# 2 Installing") and install.get("context", "") == "2 Installing", install
 
 
 def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, tokenizer_dir, capsys):

@@ -37,7 +37,7 @@ class TokenizerConfig:
     """
 
     input: list[str] = field(metadata=INPUT)
-    """Corpus files, globs or directories: JSONL, Parquet, .txt/.md/.rst/.html (one document per file), or a
+    """Corpus files, globs or directories: JSONL, Parquet, .txt/.md/.rst/.html/.pdf (one document per file), or a
     saved `datasets` directory."""
     output: str = field(metadata=OUTPUT)
     """Tokenizer directory to write."""

@@ -29,8 +29,7 @@ from typing import Iterator
 from domainlm.errors import UserError
 # The record-level JSON rules are the strict reader's: one parser, two ways to report.
 from domainlm.corpus import MALFORMED, Bad, excerpt, gzip_misnamed, id_str, parse_json_line, without_bom  # noqa: F401
-from domainlm.corpus import CORPUS_SUFFIXES, FILE_KINDS, FORMATS, corpus_kind, json_array_file
-from domainlm.html_text import html_to_text
+from domainlm.corpus import CONVERTERS, CORPUS_SUFFIXES, FILE_KINDS, FORMATS, corpus_kind, json_array_file
 from domainlm.manifest import hidden_below, left_out
 
 DATASET_MARKERS = ("dataset_dict.json", "state.json")
@@ -104,7 +103,7 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-_kind = corpus_kind     # how a path is read (jsonl, parquet, txt, html), None: not a corpus file
+_kind = corpus_kind     # how a path is read (jsonl, parquet, txt, html, pdf), None: not a corpus file
 
 
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
@@ -392,8 +391,8 @@ def _txt(f: InputFile, max_chars: int, counts: dict):
         return
     with _open(f) as fh:
         raw = fh.read()
-    if f.kind == "html":     # an HTML page: its content as Markdown, decoded as the page declares
-        yield 0, html_to_text(raw), None
+    if f.kind in CONVERTERS:    # HTML, PDF; PdfUnreadable (an OSError) reports the file as unreadable
+        yield 0, CONVERTERS[f.kind](raw), None
         return
     try:
         text = raw.decode("utf-8")
