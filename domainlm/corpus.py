@@ -58,13 +58,22 @@ def corpus_files(patterns: list[str]) -> list[Path]:
     return expand_inputs(patterns, CORPUS_SUFFIXES)
 
 
+def corpus_suffix(name: str) -> str | None:
+    """The corpus file ending `name` has ('.md', '.html.gz', ...; lower case), None for none."""
+    name = name.lower()
+    for suffix in _BY_LENGTH:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+_BY_LENGTH = sorted(CORPUS_KINDS, key=len, reverse=True)
+
+
 def corpus_kind(name: str) -> str | None:
     """How a file named `name` is read (jsonl, parquet, txt, html, pdf), by its ending; None: not a corpus file."""
-    name = name.lower()
-    for suffix in sorted(CORPUS_KINDS, key=len, reverse=True):
-        if name.endswith(suffix):
-            return CORPUS_KINDS[suffix]
-    return None
+    suffix = corpus_suffix(name)
+    return CORPUS_KINDS[suffix] if suffix else None
 
 
 def kind_of(path: Path) -> str:

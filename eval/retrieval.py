@@ -23,30 +23,35 @@ ANSWER_KS = (1, 2, 4, 8)
 
 
 def path_matches(wanted: list[str], ids) -> dict[str, str]:
-    """For each id of `wanted` that is not in `ids`, the one text-file document of `ids` (an id
-    that is a .txt/.md/.rst/.html/.pdf/... path) whose path it names another way: one ends with the other
-    after a '/' ('guide.md' or 'docs/guide.md' for '/data/docs/guide.md', or the other way round;
-    './' and '..' folded). A text-file document's id is its path as the stages were given it, so
-    QA written with a relative path still finds a corpus given as an absolute one. Ambiguous ends
-    map to nothing. `ids`: a set or a dict keyed by id (the retriever's `spans`)."""
+    """For each id of `wanted` that is not in `ids`, the one document of `ids` that is a file (an
+    id that is a .txt/.md/.rst/.html/.pdf/... path) whose path it names another way: one ends with
+    the other after a '/' ('guide.md' or 'docs/guide.md' for '/data/docs/guide.md', or the other
+    way round; './' and '..' folded), or, for an id with no file ending, the same without the
+    file's ending ('guide' or 'docs/guide' for '/data/docs/guide.md'). A file document's id is its
+    path as the stages were given it, so QA written with a relative path or a page's name still
+    finds a corpus given as an absolute one. Ambiguous ends (two 'ref.md', or 'guide.md' beside
+    'guide.html' for 'guide') map to nothing. `ids`: a set or a dict keyed by id (the retriever's
+    `spans`)."""
     import posixpath
 
-    from domainlm.corpus import FILE_KINDS, corpus_kind
+    from domainlm.corpus import FILE_KINDS, corpus_kind, corpus_suffix
 
     missing = {w for w in wanted if w and w not in ids}
     files = [i for i in ids if "/" in i and corpus_kind(i) in FILE_KINDS] if missing else []
     if not files:
         return {}
-    by_name: dict[str, list[str]] = {}
+    by_name: dict[str, list[tuple[str, str]]] = {}     # last part -> [(path form, id)]
     for i in files:
-        by_name.setdefault(posixpath.basename(i), []).append(i)
+        stem = i[: -len(corpus_suffix(i))]
+        for form in (i, stem):
+            by_name.setdefault(posixpath.basename(form), []).append((form, i))
     out = {}
     for w in missing:
         norm_w = posixpath.normpath(w)
-        found = [i for i in by_name.get(posixpath.basename(norm_w), [])
-                 if (n := posixpath.normpath(i)) == norm_w or n.endswith("/" + norm_w) or norm_w.endswith("/" + n)]
+        found = {i for form, i in by_name.get(posixpath.basename(norm_w), [])
+                 if (n := posixpath.normpath(form)) == norm_w or n.endswith("/" + norm_w) or norm_w.endswith("/" + n)}
         if len(found) == 1:
-            out[w] = found[0]
+            out[w] = found.pop()
     return out
 
 

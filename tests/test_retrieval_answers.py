@@ -441,9 +441,10 @@ def test_rag_data_leaves_long_answers_the_room_compare_leaves(tmp_path, capsys, 
 
 def test_qa_doc_ids_may_name_a_text_file_document_by_another_path(tmp_path, capsys, tiny_hf_model):
     """A folder of manuals given as an absolute path: its documents' ids are absolute paths, the
-    QA names them relative ('guide.md', 'docs/a/ref.md'); each resolves to the one document whose
-    path ends so, an ambiguous end ('ref.md', two of them) resolves to none, and ids that are not
-    text-file paths are never guessed."""
+    QA names them relative ('guide.md', 'docs/a/ref.md') or by the page's name without its ending
+    ('join' for site/join.html); each resolves to the one document whose path ends so, an
+    ambiguous end ('ref.md', two of them; 'ls' for ls.html and ls.md) resolves to none, and ids
+    that are not file paths are never guessed."""
     from domainlm.eval.retrieval import path_matches
 
     ids = {"/data/docs/guide.md", "/data/docs/a/ref.md", "/data/docs/b/ref.md", "corpus.jsonl:7", "sec/12"}
@@ -452,6 +453,11 @@ def test_qa_doc_ids_may_name_a_text_file_document_by_another_path(tmp_path, caps
                    "./docs/guide.md": "/data/docs/guide.md"}
     assert path_matches(["/elsewhere/data/docs/guide.md"], ids) == {}      # another absolute path: another file
     assert path_matches(["guide.md"], {"guide.md"}) == {}
+    pages = ids | {"/data/site/join.html", "/data/site/api/Join.PDF", "/data/site/ls.html", "/data/site/ls.md"}
+    got = path_matches(["join", "site/join", "api/Join", "ls", "guide", "docs/a/ref", "ref", "join.md", "sec"], pages)
+    assert got == {"join": "/data/site/join.html", "site/join": "/data/site/join.html",      # a page by its name
+                   "api/Join": "/data/site/api/Join.PDF", "guide": "/data/docs/guide.md",
+                   "docs/a/ref": "/data/docs/a/ref.md"}        # 'ls': .html and .md; 'ref': two; 'join.md': none
 
     docs = tmp_path / "docs"
     docs.mkdir()
