@@ -23,6 +23,7 @@ content has no `<h1>`, the page's `<title>` is its first heading.
 from __future__ import annotations
 
 import re
+import warnings
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 
@@ -63,11 +64,14 @@ def _content(soup):
 def html_to_text(raw: bytes | str) -> str:
     """The text of one HTML page as Markdown (see the module's doc); '' for a page with none."""
     global _CONVERTER
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning, XMLParsedAsHTMLWarning
 
     if _CONVERTER is None:
         _CONVERTER = _converter()
-    soup = BeautifulSoup(raw, "lxml")
+    with warnings.catch_warnings():   # a page that is only a word reads as that word, XHTML as HTML
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
+        soup = BeautifulSoup(raw, "lxml")
     title = soup.title.get_text(" ", strip=True) if soup.title else ""
     for el in soup.find_all(_DROP):
         el.decompose()
