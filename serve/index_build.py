@@ -20,6 +20,32 @@ HEADER_TOKENS = 32
 """Embedder tokens kept for a chunk's header line (document id and heading path)."""
 
 
+REPEATED_MIN_TOKENS = 16
+"""Chunks shorter than this ("Example:", a lone fence) may repeat without meaning a copied page."""
+REPEATED_WARN = 0.1
+"""Warn when this share of the chunks repeats an earlier chunk's text."""
+
+
+def repeated_chunks(chunks) -> "Counter[str]":
+    """Document id -> how many of its chunks (of at least REPEATED_MIN_TOKENS) repeat, whitespace
+    aside, the text of an earlier chunk (in corpus order): the copies a page that gathers others or
+    a second copy of the sources puts in the index."""
+    import hashlib
+    from collections import Counter
+
+    seen: set[bytes] = set()
+    out: Counter[str] = Counter()
+    for c in chunks:
+        if c.tokens < REPEATED_MIN_TOKENS:
+            continue
+        h = hashlib.blake2b(" ".join(c.text.split()).encode("utf-8"), digest_size=16).digest()
+        if h in seen:
+            out[c.doc_id] += 1
+        else:
+            seen.add(h)
+    return out
+
+
 def inputs(cfg: IndexBuildConfig) -> list[dict]:
     """The corpus files with their sha256 (what `domainlm run` compares)."""
     return describe_inputs(corpus_files(cfg.input))
@@ -60,6 +86,14 @@ def build(cfg: IndexBuildConfig) -> dict:
             raise UserError(f"the corpus ({', '.join(cfg.input)}) has no text to index ({empty} empty documents); "
                             f"check --input and --text-field {cfg.text_field!r}")
         t_chunk = time.perf_counter() - t0
+        repeated = repeated_chunks(chunks)
+        n_repeated = sum(repeated.values())
+        if n_repeated >= REPEATED_WARN * len(chunks):
+            top = ", ".join(f"{d} ({n:,})" for d, n in repeated.most_common(3))
+            log.warning("index: %s of %s chunks repeat an earlier chunk's text word for word, most in %s: a page that "
+                        "gathers others (a site's all-in-one or print page) or a second copy of the sources "
+                        "(Sphinx's _sources/); leave such files out of --input, or retrieval spends its hits on copies",
+                        f"{n_repeated:,}", f"{len(chunks):,}", top)
         texts = [index_text(c) if cfg.header else c.text for c in chunks]
         t1 = time.perf_counter()
         reused = 0
@@ -82,7 +116,7 @@ def build(cfg: IndexBuildConfig) -> dict:
         write_chunks(out.tmp / CHUNKS, chunks)
         t_index = time.perf_counter() - t2
         counts = {"documents": len(per_doc) + dup_ids, "chunks": len(chunks), "tokens": sum(c.tokens for c in chunks),
-                  "empty_documents": empty, "duplicate_ids": dup_ids}
+                  "empty_documents": empty, "duplicate_ids": dup_ids, "repeated_chunks": n_repeated}
         timing = {"chunk_s": round(t_chunk, 2), "embed_s": round(t_embed, 2), "index_s": round(t_index, 2),
                   "reused_chunks": reused,
                   "chunks_per_s": round((len(chunks) - reused) / t_embed, 1) if t_embed > 0.01 else None}
@@ -104,7 +138,9 @@ def build(cfg: IndexBuildConfig) -> dict:
                           + (f", {dup_ids} with a repeated id" if dup_ids else "") + ")"),
             ("chunks", f"{human_count(len(chunks))} by {cfg.chunking}, <= {window} tokens"
                        + (f", overlap {manifest['chunking']['overlap']}" if cfg.chunking == "window" else "")
-                       + (" (capped at the embedder's window)" if window < cfg.chunk_tokens else "")),
+                       + (" (capped at the embedder's window)" if window < cfg.chunk_tokens else "")
+                       + (f"; {human_count(n_repeated)} repeat an earlier chunk's text, most in "
+                          f"{repeated.most_common(1)[0][0]}" if n_repeated else "")),
             ("dense", f"{dense_info['dense']} ({dense_info['dim']}-d, cosine)" if cfg.dense.enabled
              else "none (--dense.enabled false: BM25 only)"),
             ("bm25", f"bm25s, {bm25_info['bm25_vocab']:,} terms"),

@@ -107,6 +107,32 @@ def test_txt_documents_get_file_line_sources(embedder, tmp_path):
         assert c.source == f"{f}:{line}" and c.text.startswith(f"line {line} ")
 
 
+def test_chunks_that_repeat_another_pages_text_are_counted_and_named(tmp_path, capsys):
+    """A page that gathers others (a site's all-in-one page) puts every chunk in the index twice:
+    the build counts the chunks that repeat an earlier chunk's text word for word (whitespace
+    aside, short ones not), names the document most of them are in, and warns past 10%."""
+    d = tmp_path / "site"
+    d.mkdir()
+    pages = {f"ch{i}.md": f"# Chapter {i}\n\n" + "\n\n".join(
+        f"Paragraph {p} of chapter {i} tells how the widget number {p} is set up and cleaned after use."
+        for p in range(3)) + "\n\nExample:\n" for i in range(2)}
+    for name, text in pages.items():
+        (d / name).write_text(text)
+    (d / "print.md").write_text("\n\n".join(pages.values()).replace("tells how", "tells\n  how"))
+    code, out, err = run_cli(["index", "build", "--input", d, "--output", tmp_path / "idx", "--dense.enabled", "false",
+                              "--chunk-tokens", "40", "--overlap", "0"], capsys)
+    assert code == 0, err
+    chunks = [json.loads(x) for x in (tmp_path / "idx" / "chunks.jsonl").read_text().splitlines()]
+    long_in_print = [c for c in chunks if c["doc_id"].endswith("print.md") and c["tokens"] >= 16]
+    assert len(long_in_print) >= 4
+    m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert m["counts"]["repeated_chunks"] == len(long_in_print)
+    flat = " ".join(err.split())
+    assert f"index: {len(long_in_print)} of {len(chunks)} chunks repeat an earlier chunk's text word for word, " \
+           f"most in {d / 'print.md'} ({len(long_in_print)})" in flat
+    assert f"{len(long_in_print)} repeat an earlier chunk's text, most in {d / 'print.md'}" in " ".join((out + err).split())
+
+
 def test_index_build_manifest_and_query(pydoc_index, pydoc_corpus, capsys):
     from domainlm.corpus import read_documents
     from domainlm.manifest import sha256_file
