@@ -1,10 +1,16 @@
-"""PDF files as corpus documents: their text layer, through pypdf.
+"""PDF files as corpus documents: their text layer, through pdfminer.six and pypdf.
 
 A manual, a regulation, a guideline or a datasheet is often a PDF; each file is one document to
-every stage, as a Markdown or HTML file is. pypdf extracts each page's text (ours is only what
-follows). Then:
+every stage, as a Markdown or HTML file is. pdfminer.six lays out each page's characters into
+words and lines (it places the spaces from the gaps between characters, where pypdf's text
+extraction runs words together in PDFs that position each word instead of writing spaces:
+groff's, for one), in reading order top to bottom; pypdf reads the outline and tells an
+encrypted file. Ours is only what follows:
 
-- running heads and feet are dropped: a line among the first or last two of a page that recurs,
+- the Latin ligatures of typesetting (U+FB00-FB06: "ﬁ", "ﬂ", ...) are written as their letters,
+  the minus sign (U+2212, what troff and TeX set for a `-` in an option or a number) as `-`,
+  runs of spaces (justified lines) as one, and no line ends in spaces;
+- running heads and feet are dropped: a line among the first or last three of a page that recurs,
   its digits aside ("Page 3 of 40", "Chapter 2  Installation  17"), at the same end of at least
   half the pages (of four or more), the book's title repeated over every page among them;
 - the document's outline (its bookmarks) marks the headings: a line of the outline entry's page
@@ -26,11 +32,16 @@ from collections import Counter
 
 PDF_SUFFIXES = (".pdf",)
 
-EDGE_LINES = 2
-"""How many lines at each end of a page may be a running head or foot."""
+EDGE_LINES = 3
+"""How many lines at each end of a page may be a running head or foot (a head laid out as three
+boxes, "JOIN(1)", "User Commands", "JOIN(1)", is three lines)."""
 MIN_PAGES = 4
 _DIGITS = re.compile(r"\d+")
 _NUMBER = re.compile(r"(?:\d+|[A-Z])(?:\.\d+)*\.?")
+_SPACES = re.compile(r"[ \t\xa0]{2,}")
+_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
+                            "\ufb05": "st", "\ufb06": "st", "\u2212": "-"})
+_LINE_END = re.compile(r"[ \t]+\n")
 
 
 class PdfUnreadable(OSError):
@@ -107,6 +118,18 @@ def mark_headings(pages: list[str], outline: list[tuple[int, str, int]]) -> list
     return ["\n".join(lines) for lines in split]
 
 
+def _pages(raw: bytes) -> list[str]:
+    """Each page's text, laid out by pdfminer.six: its text boxes top to bottom, lines in order."""
+    from pdfminer.high_level import extract_pages
+    from pdfminer.layout import LAParams, LTTextContainer
+
+    out = []
+    for page in extract_pages(io.BytesIO(raw), laparams=LAParams(boxes_flow=None)):
+        text = "".join(el.get_text() for el in page if isinstance(el, LTTextContainer))
+        out.append(_LINE_END.sub("\n", _SPACES.sub(" ", text.translate(_LIGATURES))))
+    return out
+
+
 def pdf_to_text(raw: bytes) -> str:
     """The text of one PDF file (see the module's doc); '' for one with no text layer."""
     from pypdf import PdfReader
@@ -116,8 +139,8 @@ def pdf_to_text(raw: bytes) -> str:
         if reader.is_encrypted and not _opens(reader):
             raise PdfUnreadable("an encrypted PDF that needs a password; decrypt it first "
                                 "(e.g. `qpdf --decrypt --password=PASSWORD in.pdf out.pdf`)")
-        pages = [page.extract_text() or "" for page in reader.pages]
         outline = _outline(reader)
+        pages = _pages(raw)
     except PdfUnreadable:
         raise
     except Exception as e:      # pypdf's many errors of a damaged file, or one that is not a PDF

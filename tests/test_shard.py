@@ -616,6 +616,28 @@ def test_a_pdf_manual_is_read_as_its_text_with_its_outline_as_headings_by_every_
     assert install["text"].startswith("# 2 Installing") and install.get("context", "") == "2 Installing", install
 
 
+def test_a_typeset_pdf_reads_with_its_spaces_letters_and_dashes():
+    """tests/data/widget.pdf is tests/data/widget.1 typeset by groff and ps2pdf
+    (`groff -man -Tps -rHY=0 widget.1 | ps2pdf - widget.pdf`), a PDF that places each word
+    instead of writing spaces, sets "fi" as a ligature and `\\-` as a minus sign. pypdf's own
+    text extraction runs words together there ("Foreach", "evenifall"); the reader gives the words
+    as written, the ligatures as letters, the minus signs as `-`, and keeps the short page's head
+    and foot (a running line is one of four pages or more)."""
+    from pypdf import PdfReader
+
+    from domainlm.pdf_text import pdf_to_text
+
+    raw = (Path(__file__).parent / "data" / "widget.pdf").read_bytes()
+    assert "evenifall" in PdfReader(io.BytesIO(raw)).pages[0].extract_text()      # the problem, as pypdf has it
+    assert pdf_to_text(raw) == (
+        "WIDGET(1)\nUser Commands\nWIDGET(1)\nNAME\nwidget - join the files of a project on a common field\n"
+        "SYNOPSIS\nwidget [OPTION]... FILE1 FILE2\nDESCRIPTION\nFor each pair of input lines with identical join "
+        "fields, write a line to standard output. The default join field\nis the first, delimited by blanks.\n"
+        "-e STRING\nreplace missing (empty) input fields with STRING\n--check-order\ncheck that the input is "
+        "correctly sorted, even if all input lines are pairable\n-o FORMAT\nobey FORMAT while constructing output "
+        "line\nwidget 2.0\nDecember 2026\n1\n")
+
+
 def test_gzip_data_in_a_file_not_named_gz_is_refused_with_the_fix(tmp_path, tokenizer_dir, capsys):
     """Read as text, every line of it would be dead-lettered as invalid UTF-8 and the cause never
     named: the file is refused before Beam starts, with its name and the rename that fixes it."""
