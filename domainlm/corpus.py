@@ -58,6 +58,9 @@ def corpus_files(patterns: list[str]) -> list[Path]:
     return expand_inputs(patterns, CORPUS_SUFFIXES)
 
 
+_BY_LENGTH = sorted(CORPUS_KINDS, key=len, reverse=True)   # '.jsonl.gz' before '.gz'-less endings
+
+
 def corpus_suffix(name: str) -> str | None:
     """The corpus file ending `name` has ('.md', '.html.gz', ...; lower case), None for none."""
     name = name.lower()
@@ -65,9 +68,6 @@ def corpus_suffix(name: str) -> str | None:
         if name.endswith(suffix):
             return suffix
     return None
-
-
-_BY_LENGTH = sorted(CORPUS_KINDS, key=len, reverse=True)
 
 
 def corpus_kind(name: str) -> str | None:

@@ -39,7 +39,7 @@ MIN_PAGES = 4
 _DIGITS = re.compile(r"\d+")
 _NUMBER = re.compile(r"(?:\d+|[A-Z])(?:\.\d+)*\.?")
 _SPACES = re.compile(r"[ \t\xa0]{2,}")
-_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
+_TYPESET = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl",
                             "\ufb05": "st", "\ufb06": "st", "\u2212": "-"})
 _LINE_END = re.compile(r"[ \t]+\n")
 
@@ -126,7 +126,7 @@ def _pages(raw: bytes) -> list[str]:
     out = []
     for page in extract_pages(io.BytesIO(raw), laparams=LAParams(boxes_flow=None)):
         text = "".join(el.get_text() for el in page if isinstance(el, LTTextContainer))
-        out.append(_LINE_END.sub("\n", _SPACES.sub(" ", text.translate(_LIGATURES))))
+        out.append(_LINE_END.sub("\n", _SPACES.sub(" ", text.translate(_TYPESET))))
     return out
 
 
