@@ -594,6 +594,11 @@ def test_a_pdf_manual_is_read_as_its_text_with_its_outline_as_headings_by_every_
         list(read_documents([str(d / "locked.pdf")]))
     assert str(e.value).startswith(f"{str(d / 'locked.pdf')!r}: an encrypted PDF that needs a password")
     assert "qpdf --decrypt" in str(e.value)
+    (tmp_path / "cut.pdf").write_bytes(_make_pdf(PDF_PAGES)[:300])       # a damaged (cut short) PDF
+    with pytest.raises(UserError) as e:
+        list(read_documents([str(tmp_path / "cut.pdf")]))
+    assert str(e.value).startswith(f"{str(tmp_path / 'cut.pdf')!r}: not a readable PDF (")
+    assert "check the file is complete" in str(e.value)
     out = tmp_path / "out"
     code, _, err = run_cli(["data", "shard", "--input", d, "--tokenizer", tokenizer_dir, "--output", out,
                             "--valid-fraction", "0", "--beam.direct-num-workers", "1"], capsys)
