@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 SECTION = re.compile(r"^[A-Z][A-Z0-9 ,/&()'_:.-]*$")
@@ -96,7 +95,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.output)
     manual = out / "manual"
-    manual.mkdir(parents=True, exist_ok=False)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.html:
+        manual.mkdir()                # (write_site makes OUTPUT/site the same way: never over an old one)
     texts: dict[str, str] = {}
     with open(args.corpus, encoding="utf-8") as f:
         for line in f:
@@ -105,13 +106,13 @@ def main() -> None:
             if "/" in doc_id or doc_id.startswith("."):
                 raise SystemExit(f"{args.corpus}: id {doc_id!r} cannot be a file name")
             texts[doc_id] = to_markdown(doc_id, rec["text"])
-            (manual / f"{doc_id}.md").write_text(texts[doc_id], encoding="utf-8")
+            if not args.html:
+                (manual / f"{doc_id}.md").write_text(texts[doc_id], encoding="utf-8")
     folder, ext = ("site", "html") if args.html else ("manual", "md")
     if args.html:
         from domainlm.html_text import html_to_text
 
         site = write_site(out, texts)
-        shutil.rmtree(manual)
         read_back = {i: html_to_text((site / f"{i}.html").read_bytes()) for i in texts}
     n_qa, kept = 0, 0
     for qa_file in args.qa:

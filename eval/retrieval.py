@@ -34,15 +34,16 @@ def path_matches(wanted: list[str], ids) -> dict[str, str]:
     `spans`)."""
     import posixpath
 
-    from domainlm.corpus import FILE_KINDS, corpus_kind, corpus_suffix
+    from domainlm.corpus import CORPUS_KINDS, FILE_KINDS, corpus_suffix
 
     missing = {w for w in wanted if w and w not in ids}
-    files = [i for i in ids if "/" in i and corpus_kind(i) in FILE_KINDS] if missing else []
+    suffixes = {i: corpus_suffix(i) for i in ids if "/" in i} if missing else {}
+    files = {i: suf for i, suf in suffixes.items() if suf and CORPUS_KINDS[suf] in FILE_KINDS}
     if not files:
         return {}
     by_name: dict[str, list[tuple[str, str]]] = {}     # last part -> [(path form, id)]
-    for i in files:
-        stem = i[: -len(corpus_suffix(i))]
+    for i, suf in files.items():
+        stem = i[: -len(suf)]
         for form in (i, stem):
             by_name.setdefault(posixpath.basename(form), []).append((form, i))
     out = {}

@@ -253,7 +253,7 @@ def make_plan(patterns: list[str], chunk_bytes: int, workers: int = 0) -> Plan:
 
 
 def _refuse_misnamed_gzip(f: InputFile) -> None:
-    """UserError for a local JSON-lines or text file not named .gz that holds gzip data, or a
+    """UserError for a local JSON-lines or one-document file (text, HTML, PDF) not named .gz that holds gzip data, or a
     JSON-lines file that holds one JSON array: read line by line, each of its lines would be
     dead-lettered (invalid UTF-8, invalid JSON) with no word of the cause."""
     if f.kind in ("jsonl", *FILE_KINDS) and not f.compressed and not _is_remote(f.path):
